@@ -1,0 +1,216 @@
+"""The on-disk dataset: HDF5 token shards plus manifest.json. The one module that knows the layout.
+
+A shard holds three datasets (contiguous, uncompressed: random 512-token windows read in ~11 us):
+  tokens  uint16 [T]   token ids of all samples back to back, no special tokens
+  npmi    float16 [T]  NPMI of each token's k-mer, NaN where the k-mer has no score
+  offsets int64 [S+1]  sample i is tokens[offsets[i]:offsets[i+1]]
+and attributes format_version, k, vocab_size, npmi_table_sha256, source_sha256, seed, split.
+
+manifest.json is written last, atomically: a directory without it (or whose manifest lists files
+that are missing or differ) is not a dataset.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from cmgems.errors import InputError
+from cmgems.tokens import vocab_size as _vocab_size
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "valid")
+
+
+class ShardError(InputError):
+    """A shard or manifest that is missing, truncated, corrupt or does not fit the run."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets: np.ndarray,
+                **attrs) -> dict:
+    """Write one shard atomically; return its manifest entry (path relative to its directory)."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
+    npmi = np.ascontiguousarray(npmi, dtype=np.float16)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if len(tokens) != len(npmi) or offsets[0] != 0 or offsets[-1] != len(tokens):
+        raise ValueError(f"{path}: tokens ({len(tokens)}), npmi ({len(npmi)}) and offsets "
+                         f"(last {offsets[-1]}) disagree")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("tokens", data=tokens)
+            f.create_dataset("npmi", data=npmi)
+            f.create_dataset("offsets", data=offsets)
+            f.attrs["format_version"] = FORMAT_VERSION
+            for key, value in attrs.items():
+                f.attrs[key] = value
+    return {"path": path.name, "split": attrs.get("split", "train"), "samples": len(offsets) - 1,
+            "tokens": int(len(tokens)), "sha256": sha256_file(path)}
+
+
+class ShardReader:
+    """Random access to the samples of one shard; reads only what a sample needs.
+
+    Picklable: the HDF5 handle is opened lazily in whichever process first reads (h5py objects
+    cannot cross a fork/spawn), so DataLoader workers each open their own.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = None
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.offsets = f["offsets"][:]
+                self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+                n_tok, n_npmi = f["tokens"].shape[0], f["npmi"].shape[0]
+        except (OSError, KeyError) as e:
+            raise ShardError(f"{self.path}: not a readable cmgems shard ({e})") from None
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise ShardError(f"{self.path}: shard format version {self.attrs.get('format_version')}, "
+                             f"this cmgems reads version {FORMAT_VERSION}")
+        if n_tok != n_npmi or self.offsets[-1] != n_tok:
+            raise ShardError(f"{self.path}: tokens ({n_tok}), npmi ({n_npmi}) and offsets "
+                             f"(end {self.offsets[-1]}) disagree")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self._file["tokens"][lo:hi], self._file["npmi"][lo:hi]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what a dataset directory holds and exactly how it was made."""
+    k: int
+    vocab_size: int
+    source: dict                 # {"name": file name, "sha256": ...}
+    params: dict                 # every preprocessing parameter
+    npmi_table_sha256: str
+    shards: list[dict]           # {path, split, samples, tokens, sha256}
+    stats: dict = field(default_factory=dict)   # closing summary of the build
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.vocab_size != _vocab_size(self.k):
+            raise ValueError(f"vocab_size {self.vocab_size} does not match k={self.k}")
+        for s in self.shards:
+            if s["split"] not in SPLITS:
+                raise ValueError(f"shard {s['path']}: split {s['split']!r} not in {SPLITS}")
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ShardError(f"{path}: no manifest: {directory} is not a finished cmgems dataset "
+                             f"(build it with `python -m preprocessing build GENOME {directory}`)")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format version {data.get('format_version')}, "
+                                 f"this cmgems reads version {FORMAT_VERSION}")
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ShardError(f"{path}: not a valid cmgems manifest ({e})") from None
+
+    def checksum(self) -> str:
+        """Identity of the dataset: sha256 over the manifest's content (logged with each run)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def split_shards(self, split: str) -> list[dict]:
+        return [s for s in self.shards if s["split"] == split]
+
+
+def verify(directory: str | Path, manifest: Manifest | None = None, checksums: bool = True) -> None:
+    """Raise ShardError naming the first shard that is missing, truncated or altered."""
+    directory = Path(directory)
+    manifest = manifest or Manifest.load(directory)
+    for entry in manifest.shards:
+        path = directory / entry["path"]
+        if not path.is_file():
+            raise ShardError(f"{path}: listed in {directory / MANIFEST_NAME} but missing")
+        if checksums and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from the manifest (truncated or corrupted; "
+                             f"rebuild the dataset, or pass --skip-verify at your own risk)")
+
+
+class ShardSet:
+    """All samples of one split of a dataset, indexed 0..len-1 across its shards."""
+
+    def __init__(self, directory: str | Path, split: str = "train", manifest: Manifest | None = None):
+        self.directory = Path(directory)
+        self.manifest = manifest or Manifest.load(self.directory)
+        entries = self.manifest.split_shards(split)
+        if not entries:
+            raise ShardError(f"{self.directory / MANIFEST_NAME}: no {split!r} shards")
+        self.readers = [ShardReader(self.directory / e["path"]) for e in entries]
+        for r in self.readers:
+            if r.attrs.get("k") != self.manifest.k or r.attrs.get("vocab_size") != self.manifest.vocab_size:
+                raise ShardError(f"{r.path}: k={r.attrs.get('k')}, vocab {r.attrs.get('vocab_size')} "
+                                 f"differ from the manifest's k={self.manifest.k}")
+        self.cum = np.cumsum([0] + [len(r) for r in self.readers])
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([r.lengths for r in self.readers])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        s = int(np.searchsorted(self.cum, i, side="right")) - 1
+        return self.readers[s][i - int(self.cum[s])]

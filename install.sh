@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up everything cmgems needs in ./.venv. With --test, also the Debian packages the tests use
+# (Slurm and munge for the multi-node tests). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+with_test=0
+[ "${1:-}" = "--test" ] && with_test=1
+
+if [ "$with_test" = 1 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip
+# A CPU-only machine takes the CPU wheel of torch; with a GPU, pip's default CUDA build.
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  $py -m pip install -q torch
+else
+  $py -m pip install -q torch==2.13.0
+fi
+$py -m pip install -q -c constraints.txt -e ".[test]"
+echo "cmgems installed in $(pwd)/.venv"
