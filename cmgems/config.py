@@ -1,0 +1,179 @@
+"""Pretraining configuration: one dataclass, loaded from YAML/JSON, overridden from the command line.
+
+Every field is typed and documented here; `launchers/pretrain.py --help` is generated from these
+docs. Defaults are the GeneMask / CM-GEMS reference hyperparameters; launchers/configs/quick.yaml
+shrinks them to a run that finishes in minutes on a laptop CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmgems.errors import InputError
+
+MODELS = ("logo", "dnabert")
+STRATEGIES = ("random", "genemask", "global")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PretrainConfig:
+    # --- data -------------------------------------------------------------------------------
+    data_dir: str = _f("data/ecoli_k12_mg1655", "Dataset directory (manifest.json + HDF5 shards) "
+                       "written by `python -m preprocessing build`.")
+    genome: str = _f("data/ecoli_k12_mg1655.fa.gz", "FASTA to preprocess into data_dir when "
+                     "data_dir holds no dataset yet (the bundled E. coli K-12 genome by default).")
+    min_count: int = _f(101, "Minimum k-mer count for an NPMI score when data_dir is built here.")
+    max_length: int = _f(512, "Block size in tokens, [CLS] and [SEP] included; longer samples are "
+                         "cut to their first max_length-2 tokens.")
+    num_workers: int = _f(2, "DataLoader worker processes per rank (each opens the HDF5 shards "
+                          "itself); 0 reads in the training process.")
+    verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
+                           "(--no-verify-data skips it, at your own risk).")
+    # --- model ------------------------------------------------------------------------------
+    model: str = _f("logo", f"Architecture: one of {MODELS} (DESIGN.md 'Models').")
+    init_from: str = _f("", "HF/DNABERT model directory to initialise from (e.g. an export); "
+                        "empty trains from scratch.")
+    # --- masking curriculum -----------------------------------------------------------------
+    mode: str = _f("cm_gems", "Masking schedule: cm_gems, cm_step, or fixed:<strategy> with "
+                   f"strategy in {STRATEGIES}.")
+    threshold: float = _f(1.0, "cm_gems: switch genemask -> global once validation perplexity "
+                          "drops by less than this between consecutive evaluations.")
+    patience: int = _f(1, "cm_gems: consecutive evaluations below the threshold before switching.")
+    min_switch_step: int = _f(0, "cm_gems: never switch before this step.")
+    p_random: float = _f(0.025, "Centre probability of random (DNABERT) masking.")
+    p_genemask: float = _f(0.0176, "Centre probability of GeneMask masking.")
+    p_global: float = _f(0.0136, "Fraction of positions taken as global top-NPMI centres.")
+    eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
+                            "curriculum watches); empty = the schedule's first stage.")
+    # --- optimisation -----------------------------------------------------------------------
+    max_steps: int = _f(10_000, "Optimizer steps to train for.")
+    micro_batch_size: int = _f(10, "Samples per rank per forward pass.")
+    grad_accum: int = _f(25, "Micro-batches accumulated per optimizer step.")
+    lr: float = _f(8e-4, "Peak learning rate (AdamW).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.98, "AdamW beta2.")
+    eps: float = _f(1e-6, "AdamW epsilon.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    warmup_steps: int = _f(500, "Linear warmup steps, then linear decay to 0 at max_steps.")
+    grad_clip: float = _f(1.0, "Gradient norm clipping (0 disables).")
+    seed: int = _f(42, "Seed of everything random: init, data order, masking, dropout.")
+    # --- engine -----------------------------------------------------------------------------
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0..3; picks ds_configs/zero<stage>.json.")
+    ds_config: str = _f("", "DeepSpeed JSON config to use instead (e.g. ds_configs/"
+                        "zero2-offload.json); 'auto' values are filled from this config.")
+    precision: str = _f("auto", f"One of {PRECISIONS}; auto = bf16 on a GPU that has it, else fp32.")
+    # --- evaluation, logging, checkpoints -----------------------------------------------------
+    eval_interval: int = _f(500, "Steps between validation evaluations (and curriculum decisions).")
+    eval_batches: int = _f(0, "Validation batches per rank per evaluation; 0 = the whole split.")
+    log_interval: int = _f(10, "Steps between metric logs.")
+    save_interval: int = _f(1000, "Steps between checkpoints (one is always written at the end).")
+    keep_checkpoints: int = _f(2, "Newest complete checkpoints kept; older ones are deleted.")
+    output_dir: str = _f("", "Run directory (checkpoints, export, plots); default "
+                         "runs/<run_name>.")
+    run_name: str = _f("", "Run name (MLflow run name too); default <model>-<mode>-<time>.")
+    experiment: str = _f("cmgems", "MLflow experiment name.")
+
+    def __post_init__(self):
+        errors = []
+        if self.model not in MODELS:
+            errors.append(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.mode not in ("cm_gems", "cm_step") and not (
+                self.mode.startswith("fixed:") and self.mode[6:] in STRATEGIES):
+            errors.append(f"mode must be cm_gems, cm_step or fixed:<{'|'.join(STRATEGIES)}>, "
+                          f"got {self.mode!r}")
+        if self.eval_strategy and self.eval_strategy not in STRATEGIES:
+            errors.append(f"eval_strategy must be empty or one of {STRATEGIES}")
+        if self.precision not in PRECISIONS:
+            errors.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            errors.append(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if not 8 <= self.max_length <= 512:
+            errors.append(f"max_length must be in 8..512 (BERT positions), got {self.max_length}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_interval",
+                     "log_interval", "save_interval", "keep_checkpoints", "patience"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_batches", "num_workers", "min_switch_step", "grad_clip"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("p_random", "p_genemask", "p_global"):
+            if not 0 < getattr(self, name) < 1:
+                errors.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not self.lr > 0:
+            errors.append(f"lr must be > 0, got {self.lr}")
+        if errors:
+            raise InputError("invalid config: " + "; ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def first_strategy(self) -> str:
+        return {"cm_gems": "genemask", "cm_step": "random"}.get(self.mode, self.mode[6:])
+
+
+def _coerce(name: str, typ: type, value: Any, where: str):
+    """Type-check a value from YAML/JSON (strict: 3 for a float is fine, '3' for an int is not)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool) or not isinstance(value, typ):
+        raise InputError(f"{where}: field {name!r} must be {typ.__name__}, "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+               for f in dataclasses.fields(PretrainConfig)}
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") \
+            from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config is a mapping of field: value, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELD_TYPES))
+    if unknown:
+        raise InputError(f"{path}: unknown config field(s) {unknown}; see --help for the fields")
+    return {k: _coerce(k, FIELD_TYPES[k], v, str(path)) for k, v in data.items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --option per field, its help taken from the field's documentation."""
+    group = parser.add_argument_group("config fields (override --config)")
+    for f in dataclasses.fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = FIELD_TYPES[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=typ, default=None, metavar=typ.__name__.upper(),
+                               help=help_text)
+
+
+def from_sources(config_file: str | None, args: argparse.Namespace) -> PretrainConfig:
+    """Defaults <- config file <- command-line options."""
+    values = load_file(config_file) if config_file else {}
+    values.update({k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None})
+    return PretrainConfig(**values)

@@ -1,0 +1,64 @@
+"""Process group set-up for every way cmgems is launched: plain python, the deepspeed launcher,
+torchrun, or srun (whose job script exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `python launchers/pretrain.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if os.environ.get("LOCAL_SIZE") == "":  # DeepSpeed's init dies on int("")
+        del os.environ["LOCAL_SIZE"]
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                    device)
+
+
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    torch.distributed.barrier()

@@ -1,0 +1,74 @@
+"""The two architectures of DESIGN.md, both transformers.BertForMaskedLM, and the HF export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from cmgems.errors import InputError
+from cmgems.tokens import PAD_ID, k_from_vocab_size, vocab_size, write_vocab
+
+ARCHITECTURES = {
+    # BERT-base, as DNABERT.
+    "dnabert": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                    intermediate_size=3072, hidden_dropout_prob=0.1,
+                    attention_probs_dropout_prob=0.1),
+    # GeneMask's LOGO configuration.
+    "logo": dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=8,
+                 intermediate_size=3072, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+}
+
+
+def bert_config(name: str, k: int) -> BertConfig:
+    return BertConfig(vocab_size=vocab_size(k), max_position_embeddings=512, pad_token_id=PAD_ID,
+                      type_vocab_size=2, **ARCHITECTURES[name])
+
+
+def build_model(name: str, k: int, init_from: str = "") -> BertForMaskedLM:
+    """A fresh model (initialised under the caller's seeded RNG), or one loaded from an HF dir."""
+    if not init_from:
+        return BertForMaskedLM(bert_config(name, k))
+    path = Path(init_from)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model directory (no config.json)")
+    model = BertForMaskedLM.from_pretrained(path)
+    if model.config.vocab_size != vocab_size(k):
+        raise InputError(f"{path}: vocab size {model.config.vocab_size} is not the k={k} vocabulary "
+                         f"({vocab_size(k)}) of the dataset")
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config: BertConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters) plus attention scores, the usual
+    estimate (forward 2, backward 4 per multiply-accumulate)."""
+    h, layers, ff = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    dense = layers * (4 * h * h + 2 * h * ff) + h * h + h * config.vocab_size  # + MLM head
+    attention = layers * 2 * seq_len * h
+    return 6.0 * (dense + attention)
+
+
+def export(state_dict: dict[str, torch.Tensor], config: BertConfig, out_dir: str | Path,
+           extra: dict | None = None) -> Path:
+    """save_pretrained + vocab.txt (+ cmgems.json): loadable by AutoModelForMaskedLM and
+    AutoModelForSequenceClassification, and by DNABERT finetune scripts."""
+    out_dir = Path(out_dir)
+    model = BertForMaskedLM(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # The decoder weight is tied to the word embeddings and may be absent from a state dict.
+    missing = [m for m in missing if m != "cls.predictions.decoder.weight"]
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    model.save_pretrained(out_dir)
+    k = k_from_vocab_size(config.vocab_size)
+    write_vocab(out_dir / "vocab.txt", k)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 512}))
+    (out_dir / "cmgems.json").write_text(json.dumps({"k": k, **(extra or {})}, indent=2))
+    return out_dir

@@ -1,0 +1,141 @@
+"""MLflow logging from rank 0 that never stops training.
+
+Metrics go to a buffer and are sent in batches; if the store is unreachable the batch stays buffered
+and is retried at the next flush (up to `max_buffered` values, beyond which the oldest are dropped
+and counted as lost). Every other call (params, tags, artifacts) is tried once and, on failure,
+counted and warned about. `summary()` says what was sent, retried and lost.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+# A dead server must cost seconds, not MLflow's default minutes of retries with backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+log = logging.getLogger("cmgems.tracking")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """One MLflow run; `enabled=False` (ranks other than 0) makes every call a no-op."""
+
+    def __init__(self, enabled: bool, tracking_uri: str = "", experiment: str = "cmgems",
+                 run_name: str = "", run_id: str | None = None, max_buffered: int = 1_000_000):
+        self.enabled = enabled
+        self.run_id = run_id
+        self.pending: deque = deque()
+        self.max_buffered = max_buffered
+        self.sent = self.lost = self.failed_calls = 0
+        self.logged_until: dict[str, int] = {}  # on resume: steps already in the store, per key
+        self._down_since: float | None = None
+        if not enabled:
+            return
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        try:
+            if run_id is None:
+                exp = self.client.get_experiment_by_name(experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            else:
+                self.client.update_run(run_id, status="RUNNING")
+        except Exception as e:  # noqa: BLE001 - any store failure must not stop training
+            self._failed("start the run", e)
+
+    def _failed(self, what: str, err: Exception) -> None:
+        self.failed_calls += 1
+        if self._down_since is None:
+            self._down_since = time.time()
+            log.warning("MLflow: could not %s (%s: %s); training goes on, metrics are buffered "
+                        "and retried", what, type(err).__name__, str(err)[:200])
+
+    def _call(self, what: str, fn, *args, **kw) -> bool:
+        if not self.enabled or self.run_id is None:
+            return False
+        try:
+            fn(*args, **kw)
+            if self._down_since is not None:
+                log.warning("MLflow: reachable again after %.0f s", time.time() - self._down_since)
+                self._down_since = None
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._failed(what, e)
+            return False
+
+    def ensure_run(self, experiment: str, run_name: str) -> None:
+        """Create the run late if the store was down at start-up."""
+        if self.enabled and self.run_id is None:
+            self.__init__(True, self.tracking_uri, experiment, run_name, None, self.max_buffered)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if step > self.logged_until.get(k, -1):
+                self.pending.append(Metric(k, float(v), now, step))
+        while len(self.pending) > self.max_buffered:
+            self.pending.popleft()
+            self.lost += 1
+
+    def flush(self) -> None:
+        if not self.enabled or not self.pending or self.run_id is None:
+            return
+        batch = list(self.pending)
+        for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+            chunk = batch[i:i + 1000]
+            if not self._call("log metrics", self.client.log_batch, self.run_id, metrics=chunk):
+                return  # stays pending, retried at the next flush
+            for _ in chunk:
+                self.pending.popleft()
+            self.sent += len(chunk)
+
+    def skip_logged_steps(self) -> None:
+        """A resumed run recomputes, bit for bit, the steps between its checkpoint and the crash;
+        those already in the store are not logged twice."""
+        def read():
+            run = self.client.get_run(self.run_id)
+            for key in run.data.metrics:
+                hist = self.client.get_metric_history(self.run_id, key)
+                self.logged_until[key] = max((m.step for m in hist), default=-1)
+        self._call("read the run's metric history", read)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self._call("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self._call(f"set tag {key}", lambda: self.client.set_tag(self.run_id, key, str(value)))
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        if Path(path).exists():
+            self._call(f"log artifact {path}",
+                       lambda: self.client.log_artifact(self.run_id, str(path), subdir))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self._call("end the run", lambda: self.client.set_terminated(self.run_id, status))
+
+    def summary(self) -> dict[str, int]:
+        return {"metrics_sent": self.sent, "metrics_pending": len(self.pending),
+                "metrics_lost": self.lost, "failed_calls": self.failed_calls}

@@ -1,0 +1,78 @@
+"""Pretrain a DNA language model with a masking curriculum on DeepSpeed.
+
+    deepspeed launchers/pretrain.py                     # quick CM-GEMS run on the bundled genome
+    deepspeed --num_gpus 8 launchers/pretrain.py --config launchers/configs/reference.yaml \\
+        --data-dir data/grch38
+    python launchers/pretrain.py --output-dir runs/x --resume
+
+Fields come from defaults <- --config file <- command-line options; every field is listed below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `deepspeed launchers/pretrain.py` from a checkout, uninstalled
+
+from cmgems.config import add_arguments, from_sources  # noqa: E402
+from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
+from cmgems.shards import MANIFEST_NAME  # noqa: E402
+
+QUICK = ROOT / "launchers" / "configs" / "quick.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML or JSON file of config fields (default: "
+                   f"{QUICK.relative_to(ROOT)} when no --config is given)")
+    p.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from its "
+                   "latest complete checkpoint (same MLflow run); starts fresh if it has none.")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def ensure_dataset(cfg) -> None:
+    """Build data_dir from cfg.genome when it holds no dataset yet (local rank 0 builds, the other
+    ranks of the node wait for the manifest)."""
+    if (Path(cfg.data_dir) / MANIFEST_NAME).is_file():
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"{cfg.data_dir}: no dataset yet; building it from {cfg.genome}", file=sys.stderr)
+        res = subprocess.run([sys.executable, "-m", "preprocessing", "build", cfg.genome,
+                              cfg.data_dir, "--min-count", str(cfg.min_count)], cwd=ROOT)
+        if res.returncode != 0:
+            raise InputError(f"{cfg.genome}: preprocessing into {cfg.data_dir} failed "
+                             f"(exit {res.returncode}, see above)")
+    else:
+        while not (Path(cfg.data_dir) / MANIFEST_NAME).is_file():
+            time.sleep(2)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = from_sources(args.config or str(QUICK), args)
+        ensure_dataset(cfg)
+        from cmgems.trainer import Trainer
+        result = Trainer(cfg, resume=args.resume).train()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: result[k] for k in ("output_dir", "step", "stage", "stopped_by",
+                                                 "mlflow_run_id")} | {"events": result["events"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

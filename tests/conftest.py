@@ -1,0 +1,41 @@
+"""Shared fixtures: small real datasets on disk, built once per test session."""
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+LAMBDA = SHARED / "genomes" / "lambda_phage.fa.gz"
+ECOLI = ROOT / "data" / "ecoli_k12_mg1655.fa.gz"
+
+
+def run_module(*args, cwd=ROOT, env=None, timeout=600, check=True):
+    """Run `python -m ...`/a script in a subprocess with the test interpreter; return the result."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    res = subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
+                         text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{args} exited {res.returncode}\nstdout:\n{res.stdout[-4000:]}\n"
+                             f"stderr:\n{res.stderr[-4000:]}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def lambda_fasta() -> Path:
+    return LAMBDA
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Shards of the lambda phage genome (48 kbp, k=6, min count 5): a real dataset in seconds."""
+    out = tmp_path_factory.mktemp("data") / "lambda"
+    run_module("-m", "preprocessing", "build", str(LAMBDA), str(out), "--min-count", "5",
+               "--valid-fraction", "0.1", "--seed", "0", "--shard-tokens", "20000")
+    return out
