@@ -62,3 +62,21 @@ def broadcast_object(obj, src: int = 0):
 
 def barrier() -> None:
     torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Leave no process group and none of DeepSpeed's shared-memory allreduce buffers (66 MB per
+    rank in /dev/shm, which DeepSpeed never removes)."""
+    import glob
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    local = os.environ.get("LOCAL_RANK", "0")
+    if addr and port:
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

@@ -32,6 +32,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside it, not in ./mlruns of whatever the cwd was; a
+    server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 class Tracker:
     """One MLflow run; `enabled=False` (ranks other than 0) makes every call a no-op."""
 
@@ -52,7 +60,8 @@ class Tracker:
         try:
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                    experiment, artifact_location=_artifact_location(tracking_uri))
                 self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             else:
                 self.client.update_run(run_id, status="RUNNING")

@@ -57,6 +57,11 @@ class MaskedLM(torch.nn.Module):
         return loss_sum / n.clamp(min=1), loss_sum.detach(), n
 
 
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
 @dataclass
 class RunState:
     """What a checkpoint carries besides the engine (DeepSpeed's client_state)."""
@@ -240,13 +245,15 @@ class Trainer:
             step_stats: list[dict] = []
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             n_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps
+            grad_norm = None
             for micro in range(cfg.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(stream)
                 gen = generator(cfg.seed, step * cfg.grad_accum + micro, dist.rank, "mask")
                 strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
                 inputs, labels, selected = self._mask(batch, strategies, gen)
-                if micro == 0 and step % cfg.log_interval == 0:
+                if micro == 0 and log_now:
                     step_stats.append(mask_stats(selected, batch["npmi"], batch["attention_mask"],
                                                  strategies))
                 inputs, labels = inputs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
@@ -256,6 +263,8 @@ class Trainer:
                                               "dropout"))
                 loss, ls, n = self.engine(inputs, attn, labels)
                 self.engine.backward(loss)
+                if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
+                    grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
                 self.engine.step()
                 loss_sum += ls.double()
                 n_sum += n.double()
@@ -268,7 +277,7 @@ class Trainer:
             if flags.item() > 0:
                 stopped_by = self.stop.requested or "signal on another rank"
 
-            if st.step % cfg.log_interval == 0 or st.step == cfg.max_steps:
+            if log_now:
                 totals = torch.stack([loss_sum, n_sum])
                 torch.distributed.all_reduce(totals)
                 train_loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -282,7 +291,7 @@ class Trainer:
                     "perf/data_share": data_time / elapsed,
                     "curriculum/stage": self.schedule.stage_index,
                 }
-                grad_norm = self.engine.get_global_grad_norm()
+                grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 tflops = flops_per_token(self.bert_config, cfg.max_length) \
@@ -297,7 +306,8 @@ class Trainer:
                 self.tracker.log_metrics(metrics, st.step)
                 self.tracker.flush()
                 if progress is not None:
-                    progress.set_postfix(loss=f"{train_loss:.3f}", ppl=f"{last_ppl:.1f}",
+                    progress.set_postfix(loss=f"{train_loss:.3f}",
+                                         ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
                                          stage=self.schedule.stage,
                                          sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
                 t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
@@ -380,5 +390,5 @@ class Trainer:
             result["tracking"] = self.tracker.summary()
             log.info("run %s: step %d, stage %s, tracking %s", self.run_name, st.step,
                      self.schedule.stage, result["tracking"])
-        distributed.barrier()
+        distributed.shutdown()
         return result

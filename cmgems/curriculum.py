@@ -1,0 +1,182 @@
+"""Masking curricula: which strategy each sample of a training step is masked with.
+
+- fixed:<strategy>: one strategy throughout (random, genemask or global).
+- cm_step (CM-Step baseline): training is cut into 100 equal blocks of max_steps; a sample in
+  block b (0..99, b = step * 100 // max_steps) uses global with probability b / 100, else random.
+- cm_gems (CM-GEMS): genemask until the drop in validation perplexity between two consecutive
+  evaluations falls below `threshold` for `patience` consecutive evaluations (and not before
+  `min_steps`), then global for the rest of training; it never switches back.
+
+The trainer all-reduces the validation perplexity before observe(), so a schedule is a pure
+function of its inputs and every rank holds the same one. Steps are 0-based global steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cmgems.errors import InputError
+from cmgems.masking import STRATEGIES
+
+CM_STEP_BLOCKS = 100
+
+
+@dataclass
+class ScheduleConfig:
+    mode: str
+    """fixed:random | fixed:genemask | fixed:global | cm_step | cm_gems."""
+    max_steps: int
+    """Total training steps; cm_step's blocks are max_steps / 100 long."""
+    threshold: float = 1.0
+    """cm_gems: switch once the perplexity drop between consecutive evaluations is below this."""
+    patience: int = 1
+    """cm_gems: consecutive evaluations below the threshold needed for the switch."""
+    min_steps: int = 0
+    """cm_gems: no switch at an evaluation before this step."""
+
+    def __post_init__(self):
+        if not isinstance(self.mode, str) or not (self.mode in ("cm_step", "cm_gems") or (
+                self.mode.startswith("fixed:") and self.mode[len("fixed:"):] in STRATEGIES)):
+            raise InputError(f"curriculum: unknown mode {self.mode!r} (expected "
+                             f"fixed:{'|'.join(STRATEGIES)}, cm_step or cm_gems)")
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise InputError(f"curriculum max_steps: must be a positive integer, "
+                             f"got {self.max_steps!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise InputError(f"curriculum threshold: must be finite and >= 0, "
+                             f"got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise InputError(f"curriculum patience: must be an integer >= 1, got {self.patience!r}")
+        if not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise InputError(f"curriculum min_steps: must be an integer >= 0, "
+                             f"got {self.min_steps!r}")
+
+
+@dataclass
+class _Schedule:
+    config: ScheduleConfig
+    history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation perplexity) of every observed evaluation."""
+    events: list[dict] = field(default_factory=list)
+    """Stage switches: {step, from, to, perplexity_history}."""
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def stage(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def stage_index(self) -> int:
+        return 0
+
+    @property
+    def first_strategy(self) -> str:
+        """The strategy the frozen validation masking uses."""
+        raise NotImplementedError
+
+    def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
+        return [self.stage] * batch_size
+
+    def observe(self, step: int, perplexity: float) -> dict | None:
+        """Record a validation perplexity; returns the switch event if the stage changes."""
+        self.history.append((int(step), float(perplexity)))
+        return None
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "history": [list(h) for h in self.history],
+                "events": [dict(e) for e in self.events]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise InputError(f"curriculum: checkpoint was trained with mode {state.get('mode')!r}, "
+                             f"the configuration says {self.mode!r}")
+        self.history = [(int(s), float(p)) for s, p in state["history"]]
+        self.events = [dict(e) for e in state["events"]]
+
+
+class FixedSchedule(_Schedule):
+    @property
+    def stage(self) -> str:
+        return self.mode[len("fixed:"):]
+
+    @property
+    def first_strategy(self) -> str:
+        return self.stage
+
+
+class CMStepSchedule(_Schedule):
+    @property
+    def stage(self) -> str:
+        return "cm_step"
+
+    @property
+    def first_strategy(self) -> str:
+        return "random"
+
+    def global_probability(self, step: int) -> float:
+        block = min(CM_STEP_BLOCKS - 1, max(0, step) * CM_STEP_BLOCKS // self.config.max_steps)
+        return block / CM_STEP_BLOCKS
+
+    def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
+        draws = torch.rand(batch_size, generator=generator, device=generator.device)
+        use_global = (draws < self.global_probability(step)).tolist()
+        return ["global" if g else "random" for g in use_global]
+
+
+class CMGemsSchedule(_Schedule):
+    STAGES = ("genemask", "global")
+
+    def __init__(self, config: ScheduleConfig):
+        super().__init__(config)
+        self.below = 0  # consecutive evaluations whose drop fell below the threshold
+
+    @property
+    def stage(self) -> str:
+        return self.STAGES[self.stage_index]
+
+    @property
+    def stage_index(self) -> int:
+        return 1 if self.events else 0
+
+    @property
+    def first_strategy(self) -> str:
+        return self.STAGES[0]
+
+    def observe(self, step: int, perplexity: float) -> dict | None:
+        previous = self.history[-1][1] if self.history else None
+        super().observe(step, perplexity)
+        if self.events or previous is None:
+            return None
+        drop = previous - float(perplexity)
+        # A non-finite drop (a diverged or overflowing perplexity) is no sign of a plateau.
+        self.below = self.below + 1 if math.isfinite(drop) and drop < self.config.threshold else 0
+        if self.below < self.config.patience or step < self.config.min_steps:
+            return None
+        event = {"step": int(step), "from": self.STAGES[0], "to": self.STAGES[1],
+                 "perplexity_history": [p for _, p in self.history]}
+        self.events.append(event)
+        return dict(event)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "below": self.below}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.below = int(state.get("below", 0))
+
+
+def make_schedule(mode: str, max_steps: int, threshold: float = 1.0, patience: int = 1,
+                  min_steps: int = 0) -> _Schedule:
+    config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps)
+    if mode == "cm_step":
+        return CMStepSchedule(config)
+    if mode == "cm_gems":
+        return CMGemsSchedule(config)
+    return FixedSchedule(config)
