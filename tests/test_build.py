@@ -1,0 +1,292 @@
+"""End-to-end dataset builds: shards, manifest, split, idempotence, refusals, interruption."""
+from __future__ import annotations
+
+import gzip
+import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cmgems import npmi_table
+from cmgems.shards import Manifest, ShardError, ShardSet, verify
+from cmgems.tokens import vocab
+from conftest import ECOLI, ROOT, run_module
+from preprocessing import samples
+from preprocessing.build import BuildConfig, build
+
+GENEMASK = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
+
+
+def _synthetic(path: Path, lengths: list[int], seed: int = 0, n_every: int = 0,
+               width: int = 70) -> dict[str, str]:
+    """Random records; with n_every, runs of N and single IUPAC symbols every ~n_every bases."""
+    rng = np.random.default_rng(seed)
+    records = {}
+    for i, length in enumerate(lengths):
+        seq = rng.choice(np.frombuffer(b"ACGTacgt", np.uint8), length,
+                         p=[.22, .22, .22, .22, .03, .03, .03, .03])
+        if n_every:
+            for at in rng.integers(0, length, length // n_every):
+                seq[at:at + int(rng.integers(1, 30))] = ord("N") if rng.random() < .7 else ord("R")
+        records[f"rec{i}"] = seq.tobytes().decode()
+    with open(path, "w") as f:
+        for name, s in records.items():
+            f.write(f">{name} synthetic\n")
+            f.write("\n".join(s[j:j + width] for j in range(0, len(s), width)) + "\n")
+    return records
+
+
+def _decode(ids: np.ndarray, k: int) -> str:
+    """Nucleotides covered by consecutive tokens (checking each overlaps the previous one)."""
+    words = vocab(k)
+    kms = [words[i] for i in ids]
+    for a, b in zip(kms, kms[1:]):
+        assert a[1:] == b[:-1], "consecutive tokens do not overlap: sample is not contiguous"
+    return kms[0] + "".join(w[-1] for w in kms[1:])
+
+
+def _all_samples(out: Path):
+    m = Manifest.load(out)
+    for split in ("train", "valid"):
+        if m.split_shards(split):
+            ss = ShardSet(out, split)
+            for i in range(len(ss)):
+                yield split, ss[i]
+
+
+def test_tiny_dataset_layout(tiny_dataset, lambda_fasta):
+    m = Manifest.load(tiny_dataset)
+    verify(tiny_dataset, m)
+    assert m.k == 6 and m.vocab_size == 4101
+    assert m.source["name"] == "lambda_phage.fa.gz" and len(m.source["sha256"]) == 64
+    assert m.params["min_count"] == 5 and m.params["valid_fraction"] == 0.1
+    assert m.params["shard_tokens"] == 20000 and m.params["seed"] == 0
+    train, valid = m.split_shards("train"), m.split_shards("valid")
+    assert len(train) >= 2 and len(valid) >= 1
+    assert all(s["tokens"] <= 20000 + samples.MAX_TOKENS for s in m.shards)
+    total = sum(s["tokens"] for s in m.shards)
+    assert total + m.stats["tokens_dropped"] == 48502 - 5     # every 6-mer of lambda, once
+    n_valid = sum(s["samples"] for s in valid) / sum(s["samples"] for s in m.shards)
+    assert 0.02 < n_valid < 0.25
+    table = npmi_table.load_table(tiny_dataset / "npmi.tsv", 6)
+    with h5py.File(tiny_dataset / train[0]["path"]) as f:
+        assert f["tokens"].dtype == np.uint16 and f["npmi"].dtype == np.float16
+        assert f["offsets"].dtype == np.int64
+        assert f.attrs["k"] == 6 and f.attrs["vocab_size"] == 4101
+        assert f.attrs["npmi_table_sha256"] == m.npmi_table_sha256
+        assert f.attrs["source_sha256"] == m.source["sha256"] and f.attrs["seed"] == 0
+        assert f.attrs["split"] == "train"
+    genome = "".join(l.strip() for l in gzip.open(lambda_fasta, "rt") if not l.startswith(">"))
+    for split, (ids, npmi) in _all_samples(tiny_dataset):
+        assert ids.min() >= 5 and samples.MIN_TOKENS <= len(ids) <= samples.MAX_TOKENS
+        assert _decode(ids, 6) in genome
+        want = npmi_table.npmi_of_ids(table, ids).astype(np.float16)
+        assert np.array_equal(npmi, want, equal_nan=True)
+
+
+def test_samples_never_span_a_break_and_cover_every_kmer(tmp_path):
+    genome = tmp_path / "g.fa"
+    records = _synthetic(genome, [40_000, 7, 0, 25_000, 9_000], seed=3, n_every=900)
+    out = tmp_path / "out"
+    # small pieces: runs are also cut at piece boundaries, which must lose no k-mer either
+    m = build(BuildConfig(genome=genome, out_dir=out, k=5, min_count=3, valid_fraction=0.2,
+                          shard_tokens=8000, piece_bases=3000), out=io.StringIO())
+    runs = [r for s in records.values() for r in
+            "".join(c if c in "ACGT" else " " for c in s.upper()).split()]
+    seen = 0
+    for split, (ids, _) in _all_samples(out):
+        text = _decode(ids, 5)
+        assert any(text in r for r in runs), "sample spans a non-ACGT symbol or record boundary"
+        seen += len(ids)
+    all_kmers = sum(max(0, len(r) - 4) for r in runs if len(r) >= 5 + 4)
+    assert seen + m.stats["tokens_dropped"] == all_kmers
+    assert m.stats["records"] == 5 and m.stats["empty_records"] == 1
+    assert m.stats["short_records"] == 1
+    assert m.stats["bases_non_acgt"] == sum(
+        sum(c not in "ACGTacgt" for c in s) for s in records.values() if len(s) >= 9)
+
+
+def test_sample_length_distribution(tmp_path):
+    genome = tmp_path / "g.fa"
+    _synthetic(genome, [1_500_000], seed=1, width=500)
+    out = tmp_path / "out"
+    build(BuildConfig(genome=genome, out_dir=out, valid_fraction=0.0, min_count=2),
+          out=io.StringIO())
+    lengths = ShardSet(out, "train").lengths
+    full = lengths == samples.MAX_TOKENS
+    assert len(lengths) > 3000
+    # half at 510 (plus the uniform draws that hit 510), the rest uniform on 5..510
+    assert 0.47 < full.mean() < 0.54
+    rest = lengths[~full]
+    assert rest.min() >= samples.MIN_TOKENS
+    assert abs(rest.mean() - 257) < 12
+    hist = np.histogram(rest, bins=5, range=(5, 510))[0] / len(rest)
+    assert np.all(np.abs(hist - 0.2) < 0.04)
+
+
+def test_workers_do_not_change_the_output(tmp_path):
+    genome = tmp_path / "g.fa"
+    _synthetic(genome, [300_000, 120_000], seed=5, n_every=5000)
+    outs = []
+    for w in (1, 2):
+        out = tmp_path / f"w{w}"
+        build(BuildConfig(genome=genome, out_dir=out, min_count=3, workers=w, shard_tokens=50_000,
+                          piece_bases=40_000), out=io.StringIO())
+        outs.append(out)
+    a, b = Manifest.load(outs[0]), Manifest.load(outs[1])
+    assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+    assert (outs[0] / "npmi.tsv").read_bytes() == (outs[1] / "npmi.tsv").read_bytes()
+    assert {**a.stats, "seconds": 0} == {**b.stats, "seconds": 0}
+
+
+def test_rebuild_is_up_to_date_and_other_params_are_refused(tmp_path, lambda_fasta):
+    out = tmp_path / "out"
+    args = ["-m", "preprocessing", "build", str(lambda_fasta), str(out), "--min-count", "5",
+            "--shard-tokens", "10000"]
+    run_module(*args)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run_module(*args)
+    assert "up to date" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    refused = run_module(*args[:-1], "20000", check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and str(out) in refused.stderr
+    assert "shard_tokens" in refused.stderr and "--overwrite" in refused.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    run_module(*args[:-1], "20000", "--overwrite")
+    m = Manifest.load(out)
+    assert m.params["shard_tokens"] == 20000
+    assert sorted(p.name for p in out.glob("*.h5")) == sorted(s["path"] for s in m.shards)
+    verify(out, m)
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_valid_records_and_external_table(tmp_path):
+    if not GENEMASK.exists():
+        pytest.skip("GeneMask table not present")
+    genome = tmp_path / "g.fa.gz"
+    plain = tmp_path / "plain.fa"
+    _synthetic(plain, [30_000, 10_000, 8_000], seed=9)
+    genome.write_bytes(gzip.compress(plain.read_bytes()))
+    out = tmp_path / "out"
+    m = build(BuildConfig(genome=genome, out_dir=out, valid_records=("rec1", "rec2"),
+                          npmi_table=GENEMASK), out=io.StringIO())
+    assert m.params["valid_fraction"] == 0.0 and m.params["npmi_table"]["name"] == GENEMASK.name
+    valid_tokens = sum(s["tokens"] for s in m.split_shards("valid"))
+    # every 6-mer of rec1 and rec2 but a last fragment under MIN_TOKENS at each record's end
+    assert (10_000 - 5) + (8_000 - 5) - 2 * 4 <= valid_tokens <= (10_000 - 5) + (8_000 - 5)
+    assert m.stats["samples"]["train"] > 0
+    table = npmi_table.load_table(GENEMASK, 6)
+    ids, npmi = ShardSet(out, "train")[0]
+    assert np.array_equal(npmi, table[ids - 5].astype(np.float16))
+    assert np.array_equal(npmi_table.load_table(out / "npmi.tsv", 6), table)
+
+    with pytest.raises(Exception, match="--valid-records: nope not found"):
+        build(BuildConfig(genome=genome, out_dir=tmp_path / "o2", valid_records=("nope",),
+                          npmi_table=GENEMASK), out=io.StringIO())
+    assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2.partial-*"))
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"this is not a genome\n", ":1: not FASTA"),
+    (b"", "empty file"),
+    ("truncated", "truncated gzip"),
+])
+def test_bad_genome_exits_2_and_leaves_nothing(tmp_path, content, fragment):
+    genome = tmp_path / "bad.fa"
+    if content == "truncated":
+        seq = np.random.default_rng(0).choice(np.frombuffer(b"ACGT", np.uint8), 200_000).tobytes()
+        genome = tmp_path / "bad.fa.gz"
+        genome.write_bytes(gzip.compress(b">a\n" + seq + b"\n")[:-500])
+    else:
+        genome.write_bytes(content)
+    out = tmp_path / "out"
+    res = run_module("-m", "preprocessing", "build", str(genome), str(out), check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {genome}")
+    assert fragment in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [genome.name]
+
+
+def test_bad_options_exit_2(tmp_path, lambda_fasta):
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(tmp_path / "o"),
+                     "--valid-fraction", "1.5", check=False)
+    assert res.returncode == 2 and "--valid-fraction" in res.stderr
+    res = run_module("-m", "preprocessing", "build", str(tmp_path / "missing.fa"),
+                     str(tmp_path / "o"), check=False)
+    assert res.returncode == 2 and "missing.fa" in res.stderr and "cannot read" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_every_option_with_defaults():
+    text = run_module("-m", "preprocessing", "build", "--help").stdout
+    for opt in ("--k", "--min-count", "--valid-fraction", "--valid-records", "--seed", "--workers",
+                "--npmi-table", "--shard-tokens", "--overwrite"):
+        assert opt in text
+    assert "default: 101" in text and "default: 4000000" in text
+    assert "--min-count" in run_module("-m", "preprocessing", "npmi", "--help").stdout
+
+
+def test_npmi_command_writes_the_build_table(tmp_path, tiny_dataset, lambda_fasta):
+    out = tmp_path / "t.tsv"
+    run_module("-m", "preprocessing", "npmi", str(lambda_fasta), str(out), "--min-count", "5")
+    assert out.read_text() == (tiny_dataset / "npmi.tsv").read_text()
+
+
+def test_ecoli_default_build(tmp_path):
+    out = tmp_path / "ecoli"
+    res = run_module("-m", "preprocessing", "build", str(ECOLI), str(out), "--workers", "2")
+    assert "Mbp/s" in res.stdout
+    m = Manifest.load(out)
+    assert 2 <= len(m.split_shards("train")) <= 4 and len(m.split_shards("valid")) == 1
+    assert m.stats["bases"] == 4_639_675 and m.stats["bases_non_acgt"] == 0
+    assert 0.5 * 4096 < m.stats["npmi_scored"] <= 4096
+    ss = ShardSet(out, "valid")
+    assert 0.01 < len(ss) / (len(ss) + len(ShardSet(out, "train"))) < 0.03
+
+
+def _wait_for(pred, proc, what):
+    while not pred():
+        if proc.poll() is not None:
+            pytest.fail(f"build exited ({proc.returncode}) before {what}:\n{proc.stderr.read()}")
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, workers", [(signal.SIGKILL, 1), (signal.SIGINT, 2)])
+def test_interrupted_build_leaves_nothing_loadable(tmp_path, sig, workers):
+    genome = tmp_path / "big.fa"
+    _synthetic(genome, [12_000_000] * 4, seed=2, width=1000)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocessing", "build", str(genome), str(out),
+                             "--min-count", "2", "--shard-tokens", "200000",
+                             "--workers", str(workers)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # kill once shards are being written into the hidden working directory
+        _wait_for(lambda: any(p.glob("train-*.h5") for p in tmp_path.glob(".out.partial-*")),
+                  proc, "writing shards")
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(ShardError):
+        Manifest.load(out)
+    with pytest.raises(ShardError):
+        ShardSet(out, "train")
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and not list(tmp_path.glob(".out.partial-*"))
+    # the next build cleans up whatever the killed one left and succeeds
+    run_module("-m", "preprocessing", "build", str(genome), str(out), "--min-count", "2",
+               "--shard-tokens", "2000000")
+    verify(out)
+    assert not list(tmp_path.glob(".out.partial-*"))

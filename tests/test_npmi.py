@@ -1,0 +1,167 @@
+"""n-gram counts, PMI/NPMI against brute force, and NPMI table files (ours and GeneMask's)."""
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmgems import npmi_table
+from cmgems.tokens import NUM_SPECIAL
+from preprocessing import kmers, npmi
+from preprocessing.fasta import FastaReader
+
+GENEMASK = Path(__file__).resolve().parents[2] / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
+
+
+def _code(s: str) -> int:
+    c = 0
+    for ch in s:
+        c = c * 4 + "ATCG".index(ch)
+    return c
+
+
+def _brute_counts(seqs: list[str], k: int) -> list[Counter]:
+    out = [Counter() for _ in range(k + 1)]
+    for seq in seqs:
+        for run in "".join(ch if ch in "ACGT" else " " for ch in seq.upper()).split():
+            for n in range(1, k + 1):
+                out[n].update(run[i:i + n] for i in range(len(run) - n + 1))
+    return out
+
+
+def _genome(tmp_path: Path, seed: int = 0) -> tuple[Path, list[str]]:
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for length in (3000, 45, 1777):
+        # a biased alphabet so PMI values vary; N and lower case break / keep windows
+        s = rng.choice(list("AACGTTTacgN"), length)
+        seqs.append("".join(s))
+    path = tmp_path / "g.fa"
+    path.write_text("".join(f">r{i}\n" + "\n".join(s[j:j + 61] for j in range(0, len(s), 61)) + "\n"
+                            for i, s in enumerate(seqs)))
+    return path, seqs
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_counts_over_pieces_equal_brute_force(tmp_path, k):
+    path, seqs = _genome(tmp_path, k)
+    # small pieces: many cuts with overlaps, each must count every n-gram exactly once
+    table = sum(kmers.count_table(p.seq, k, p.overlap)[0]
+                for p in FastaReader(path, piece_bases=97, overlap=k - 1, min_bases=1))
+    counts = kmers.ngram_counts(table, k)
+    want = _brute_counts(seqs, k)
+    for n in range(1, k + 1):
+        expect = np.zeros(4 ** n, dtype=np.int64)
+        for w, c in want[n].items():
+            expect[_code(w)] = c
+        assert np.array_equal(counts[n], expect), n
+
+
+def _brute_pmi(counts, k):
+    """min over every segmentation into >= 2 parts, enumerated with itertools."""
+    logp = {n: np.log(counts[n] / counts[n].sum()) for n in range(1, k + 1)}
+    out = np.empty(4 ** k)
+    for c, w in enumerate("".join(p) for p in itertools.product("ATCG", repeat=k)):
+        best = math.inf
+        for r in range(1, k):
+            for cuts in itertools.combinations(range(1, k), r):
+                bounds = (0,) + cuts + (k,)
+                parts = sum(logp[b - a][_code(w[a:b])] for a, b in zip(bounds, bounds[1:]))
+                best = min(best, logp[k][c] - parts)
+        out[c] = best
+    return out
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_pmi_equals_brute_force_segmentations(tmp_path, k):
+    path, _ = _genome(tmp_path, 7)
+    table = sum(kmers.count_table(p.seq, k, p.overlap)[0] for p in FastaReader(path, 1000, k - 1, 1))
+    counts = kmers.ngram_counts(table, k)
+    assert (counts[k] > 0).all()     # every k-mer seen: PMI defined everywhere
+    with np.errstate(divide="ignore"):
+        want = _brute_pmi(counts, k)
+    got = npmi.pmi(counts, k)
+    assert np.allclose(got, want, rtol=0, atol=1e-12)
+
+    c = 20
+    p, n = npmi.npmi(counts, k, c)
+    f = counts[k]
+    assert np.isnan(n[f < c]).all() and not np.isnan(n[f >= c]).any()
+    sel = f >= c
+    assert np.allclose(n[sel], want[sel] * np.log(f[sel]) / (np.log(c) + np.log(f[sel])))
+
+
+def test_unseen_kmers_have_no_score():
+    k = 3
+    counts = kmers.ngram_counts(kmers.count_table(b"AAAAAAAACCCCCCCACACACA", k, 0)[0], k)
+    p, n = npmi.npmi(counts, k, 1)
+    assert np.isnan(n[_code("GGG")]) and np.isnan(p[_code("GGG")])
+    assert not np.isnan(n[_code("AAA")])
+
+
+def test_table_round_trip_and_ranks(tmp_path):
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=4 ** 4)
+    values[[3, 50, 200]] = np.nan
+    counts = rng.integers(0, 1000, 4 ** 4)
+    path = npmi_table.write_table(tmp_path / "t.tsv", values, counts, values * 2, {"min_count": 7})
+    text = path.read_text().splitlines()
+    assert "# min_count: 7" in text and "kmer\tcount\tpmi\tnpmi\trank" in text
+    rows = [ln.split("\t") for ln in text if not ln.startswith("#")][1:]
+    assert [r[0] for r in rows] == npmi_table.kmers(4)
+    assert rows[3][2:] == ["", "", ""]
+    best = int(np.nanargmax(values))
+    assert rows[best][4] == "1"
+    loaded = npmi_table.load_table(path, 4)
+    assert loaded.dtype == np.float32
+    assert np.array_equal(np.isnan(loaded), np.isnan(values))
+    assert np.allclose(loaded[~np.isnan(values)], values[~np.isnan(values)].astype(np.float32))
+
+
+def test_genemask_csv_loads():
+    if not GENEMASK.exists():
+        pytest.skip("GeneMask table not present")
+    table = npmi_table.load_table(GENEMASK, 6)
+    assert table.shape == (4096,) and not np.isnan(table).any()
+    assert table[_code("CCTCCC")] == pytest.approx(2.1030761926846298)
+    assert int(np.argmax(table)) == _code("CCTCCC")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("a,b\nAAA,1\n", ":1: unknown NPMI table columns"),
+    ("kmer\tnpmi\nAAA\t0.5\nAAAA\t0.1\n", ":3: k-mer 'AAAA' has length 4, expected k=3"),
+    ("kmer\tnpmi\nAAN\t0.5\n", ":2: unknown k-mer 'AAN'"),
+    ("kmer\tnpmi\nAAA\t0.5\nAAA\t0.1\n", ":3: k-mer 'AAA' listed twice"),
+    ("# k: 3\nkmer\tnpmi\nAAA\tx\n", ":3: column 'npmi': 'x' is not a number"),
+    ("", "empty NPMI table"),
+])
+def test_bad_tables_name_file_and_line(tmp_path, content, fragment):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(npmi_table.TableError) as e:
+        npmi_table.load_table(path, 3)
+    assert str(path) in str(e.value) and fragment in str(e.value)
+
+
+def test_genemask_csv_with_wrong_k_names_line(tmp_path):
+    if not GENEMASK.exists():
+        pytest.skip("GeneMask table not present")
+    with pytest.raises(npmi_table.TableError, match=r"hg38_6mer_npmi_genemask.csv:2: .*expected k=4"):
+        npmi_table.load_table(GENEMASK, 4)
+
+
+def test_npmi_of_ids_numpy_and_torch():
+    table = np.arange(64, dtype=np.float32)
+    table[7] = np.nan
+    ids = np.array([[2, 5, 6, 12, 68, 4, 69, 0]])
+    got = npmi_table.npmi_of_ids(table, ids)
+    want = np.array([[np.nan, 0, 1, np.nan, 63, np.nan, np.nan, np.nan]], dtype=np.float32)
+    assert got.shape == ids.shape and np.array_equal(got, want, equal_nan=True)
+    torch = pytest.importorskip("torch")
+    t = npmi_table.npmi_of_ids(torch.from_numpy(table), torch.from_numpy(ids))
+    assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), want, equal_nan=True)
+    assert NUM_SPECIAL == 5
