@@ -83,6 +83,7 @@ class PretrainConfig:
                          "runs/<run_name>.")
     run_name: str = _f("", "Run name (MLflow run name too); default <model>-<mode>-<time>.")
     experiment: str = _f("cmgems", "MLflow experiment name.")
+    parent_run_id: str = _f("", "MLflow run to nest this run under (a comparison's parent run).")
 
     def __post_init__(self):
         errors = []

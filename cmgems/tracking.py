@@ -44,13 +44,19 @@ class Tracker:
     """One MLflow run; `enabled=False` (ranks other than 0) makes every call a no-op."""
 
     def __init__(self, enabled: bool, tracking_uri: str = "", experiment: str = "cmgems",
-                 run_name: str = "", run_id: str | None = None, max_buffered: int = 1_000_000):
+                 run_name: str = "", run_id: str | None = None, max_buffered: int = 1_000_000,
+                 parent_run_id: str = ""):
         self.enabled = enabled
         self.run_id = run_id
+        self.experiment, self.run_name = experiment, run_name
+        self.parent_run_id = parent_run_id
         self.pending: deque = deque()
         self.max_buffered = max_buffered
         self.sent = self.lost = self.failed_calls = 0
-        self.logged_until: dict[str, int] = {}  # on resume: steps already in the store, per key
+        self.retried = 0       # metrics sent after at least one failed attempt
+        self._deferred = 0     # pending metrics (the oldest) that already failed once
+        self.started_late = False
+        self.logged_until: dict[str, int] | None = {}  # on resume: steps in the store, per key
         self._down_since: float | None = None
         if not enabled:
             return
@@ -59,14 +65,19 @@ class Tracker:
         self.tracking_uri = tracking_uri
         try:
             if run_id is None:
-                exp = self.client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                    experiment, artifact_location=_artifact_location(tracking_uri))
-                self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+                self._create_run()
             else:
                 self.client.update_run(run_id, status="RUNNING")
         except Exception as e:  # noqa: BLE001 - any store failure must not stop training
             self._failed("start the run", e)
+
+    def _create_run(self) -> None:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.experiment, artifact_location=_artifact_location(self.tracking_uri))
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
+        self.run_id = self.client.create_run(exp_id, run_name=self.run_name,
+                                             tags=tags).info.run_id
 
     def _failed(self, what: str, err: Exception) -> None:
         self.failed_calls += 1
@@ -88,10 +99,20 @@ class Tracker:
             self._failed(what, e)
             return False
 
-    def ensure_run(self, experiment: str, run_name: str) -> None:
-        """Create the run late if the store was down at start-up."""
-        if self.enabled and self.run_id is None:
-            self.__init__(True, self.tracking_uri, experiment, run_name, None, self.max_buffered)
+    def ensure_run(self) -> bool:
+        """Create the run late if the store was down at start-up (called by every flush); the
+        buffered metrics then go to it. Params, tags and artifacts of the outage stay lost."""
+        if not self.enabled or self.run_id is not None:
+            return self.enabled
+        try:
+            self._create_run()
+        except Exception as e:  # noqa: BLE001
+            self._failed("start the run", e)
+            return False
+        self.started_late = True
+        log.warning("MLflow: run %s created late, after the store came back", self.run_id)
+        self._down_since = None
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -99,33 +120,52 @@ class Tracker:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         for k, v in metrics.items():
-            if step > self.logged_until.get(k, -1):
-                self.pending.append(Metric(k, float(v), now, step))
+            self.pending.append(Metric(k, float(v), now, step))
         while len(self.pending) > self.max_buffered:
             self.pending.popleft()
             self.lost += 1
+            self._deferred = max(0, self._deferred - 1)
 
     def flush(self) -> None:
-        if not self.enabled or not self.pending or self.run_id is None:
+        if not self.enabled or not self.pending or not self.ensure_run():
             return
+        if self.logged_until is None:  # the resumed run's history could not be read yet
+            self.skip_logged_steps()
+            if self.logged_until is None:
+                self._deferred = len(self.pending)
+                return
+        if self.logged_until:
+            # steps a resumed run recomputed after its checkpoint are in the store already
+            kept = deque(m for m in self.pending if m.step > self.logged_until.get(m.key, -1))
+            self._deferred = max(0, self._deferred - (len(self.pending) - len(kept)))
+            self.pending = kept
         batch = list(self.pending)
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
             chunk = batch[i:i + 1000]
             if not self._call("log metrics", self.client.log_batch, self.run_id, metrics=chunk):
-                return  # stays pending, retried at the next flush
+                self._deferred = len(self.pending)  # stays pending, retried at the next flush
+                return
             for _ in chunk:
                 self.pending.popleft()
             self.sent += len(chunk)
+            again = min(len(chunk), self._deferred)
+            self.retried += again
+            self._deferred -= again
 
     def skip_logged_steps(self) -> None:
         """A resumed run recomputes, bit for bit, the steps between its checkpoint and the crash;
-        those already in the store are not logged twice."""
+        those already in the store are not logged twice. If the store cannot be read now, metrics
+        wait in the buffer until it can (flush retries the read)."""
+        if not self.enabled or self.run_id is None:
+            return
+        found: dict[str, int] = {}
+
         def read():
             run = self.client.get_run(self.run_id)
             for key in run.data.metrics:
                 hist = self.client.get_metric_history(self.run_id, key)
-                self.logged_until[key] = max((m.step for m in hist), default=-1)
-        self._call("read the run's metric history", read)
+                found[key] = max((m.step for m in hist), default=-1)
+        self.logged_until = found if self._call("read the run's metric history", read) else None
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -145,6 +185,8 @@ class Tracker:
         self.flush()
         self._call("end the run", lambda: self.client.set_terminated(self.run_id, status))
 
-    def summary(self) -> dict[str, int]:
-        return {"metrics_sent": self.sent, "metrics_pending": len(self.pending),
-                "metrics_lost": self.lost, "failed_calls": self.failed_calls}
+    def summary(self) -> dict:
+        """metrics_pending after finish(): values never sent (the store was down at the end)."""
+        return {"metrics_sent": self.sent, "metrics_retried": self.retried,
+                "metrics_pending": len(self.pending), "metrics_lost": self.lost,
+                "failed_calls": self.failed_calls, "run_started_late": self.started_late}

@@ -105,6 +105,7 @@ class Trainer:
         self.schedule = make_schedule(cfg.mode, cfg.max_steps, threshold=cfg.threshold,
                                       patience=cfg.patience, min_steps=cfg.min_switch_step)
         self.state = RunState()
+        self.timings: list[tuple[float, float]] = []  # per step: (seconds, data + masking seconds)
         client = checkpoint.load(self.engine, self.ckpt_dir) if resume else None
         if client is not None:
             self.state = RunState(**client["run"])
@@ -160,7 +161,7 @@ class Trainer:
         cfg = self.cfg
         uri = resolve_tracking_uri(self.out.parent)
         self.tracker = Tracker(self.dist.is_main, uri, cfg.experiment, self.run_name,
-                               run_id=self.state.mlflow_run_id)
+                               run_id=self.state.mlflow_run_id, parent_run_id=cfg.parent_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
         if not self.dist.is_main:
             return
@@ -245,6 +246,7 @@ class Trainer:
             step_stats: list[dict] = []
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             n_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            t_step, step_data = time.perf_counter(), 0.0
             log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps
             grad_norm = None
             for micro in range(cfg.grad_accum):
@@ -258,7 +260,7 @@ class Trainer:
                                                  strategies))
                 inputs, labels = inputs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
                 attn = batch["attention_mask"].to(dev, non_blocking=True)
-                data_time += time.perf_counter() - t0
+                step_data += time.perf_counter() - t0
                 torch.manual_seed(derive_seed(cfg.seed, step * cfg.grad_accum + micro, dist.rank,
                                               "dropout"))
                 loss, ls, n = self.engine(inputs, attn, labels)
@@ -271,6 +273,7 @@ class Trainer:
                 samples_since += inputs.shape[0]
                 tokens_since += int(attn.sum())
             st.step += 1
+            data_time += step_data
 
             flags = torch.tensor([float(self.stop.requested is not None)], device=dev)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -312,11 +315,13 @@ class Trainer:
                                          sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
                 t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
 
+            self.timings.append((time.perf_counter() - t_step, step_data))
+            pause = time.perf_counter()  # evaluation and checkpoints stay out of throughput
             if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
                 last_ppl = self._evaluate_and_observe(eval_strategy)
-
             if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
                 self._save()
+            t_last += time.perf_counter() - pause
             if progress is not None:
                 progress.update(1)
             if stopped_by:
@@ -353,6 +358,8 @@ class Trainer:
         self.tracker.log_artifact(path)
 
     def _save(self) -> None:
+        if self.dist.is_main:  # the MLflow run may have been created late (store down at start)
+            self.state.mlflow_run_id = self.tracker.run_id
         client = {"run": vars(self.state), "curriculum": self.schedule.state_dict(),
                   "config": self.cfg.to_dict(), "bert_config": self.bert_config.to_dict()}
         checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.dist.is_main,
@@ -385,9 +392,10 @@ class Trainer:
                 self.tracker.log_artifact(plot)
             self._write_events()
             self.tracker.log_artifact(out / "export" / "config.json", "export")
-            (out / "result.json").write_text(json.dumps(result, indent=2))
             self.tracker.finish("FINISHED" if stopped_by is None else "KILLED")
+            result["mlflow_run_id"] = self.tracker.run_id
             result["tracking"] = self.tracker.summary()
+            (out / "result.json").write_text(json.dumps(result, indent=2))
             log.info("run %s: step %d, stage %s, tracking %s", self.run_name, st.step,
                      self.schedule.stage, result["tracking"])
         distributed.shutdown()

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "latest complete checkpoint (same MLflow run); starts fresh if it has none.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
+    p.add_argument("--skip-verify", dest="verify_data", action="store_false", default=None,
+                   help="Same as --no-verify-data: start without hashing the shards.")
     add_arguments(p)
     return p.parse_args(argv)
 
