@@ -102,8 +102,12 @@ class TrainBatches:
 
 def eval_loader(dataset: SampleDataset, batch_size: int, rank: int, world_size: int,
                 num_workers: int) -> DataLoader:
-    """Fixed order, rank-disjoint; a rank with fewer samples simply contributes fewer tokens
-    (the loss is all-reduced as sums, so the perplexity is exact)."""
-    idx = np.arange(len(dataset))[rank::world_size].tolist()
+    """Fixed order, rank-disjoint, the same number of batches on every rank (ZeRO-3 gathers
+    parameters collectively in every forward). The loss is all-reduced as sums, so the perplexity
+    is exact over the samples used: all but the last len % world_size."""
+    usable = len(dataset) - len(dataset) % world_size
+    if usable == 0:
+        raise ValueError(f"{len(dataset)} validation samples cannot be split over {world_size} ranks")
+    idx = np.arange(usable)[rank::world_size].tolist()
     return DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, shuffle=False,
                       collate_fn=collate, num_workers=num_workers)

@@ -25,6 +25,7 @@ from cmgems.config import PretrainConfig
 from cmgems.curriculum import make_schedule
 from cmgems.data import SampleDataset, TrainBatches, eval_loader
 from cmgems.engine import build_ds_config, resolve_precision
+from cmgems.errors import InputError
 from cmgems.masking import mask_batch, mask_stats
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.plots import perplexity_plot
@@ -116,7 +117,6 @@ class Trainer:
     def _check_output_dir(self, resume: bool) -> None:
         exists = checkpoint.latest_tag(self.ckpt_dir) is not None
         if exists and not resume:
-            from cmgems.errors import InputError
             raise InputError(f"{self.out}: holds checkpoints of an earlier run; pass --resume to "
                              f"continue it, or choose another --output-dir")
         if self.dist.is_main:
@@ -140,8 +140,14 @@ class Trainer:
         self.k = self.manifest.k
         self.train_set = SampleDataset(ShardSet(cfg.data_dir, "train", self.manifest), cfg.max_length)
         self.valid_set = SampleDataset(ShardSet(cfg.data_dir, "valid", self.manifest), cfg.max_length)
-        self.batches = TrainBatches(self.train_set, cfg.micro_batch_size, self.dist.rank,
-                                    self.dist.world_size, cfg.seed, cfg.num_workers)
+        try:
+            self.batches = TrainBatches(self.train_set, cfg.micro_batch_size, self.dist.rank,
+                                        self.dist.world_size, cfg.seed, cfg.num_workers)
+        except ValueError as e:
+            raise InputError(f"{cfg.data_dir}: {e}") from None
+        if len(self.valid_set) < self.dist.world_size:
+            raise InputError(f"{cfg.data_dir}: {len(self.valid_set)} validation samples for "
+                             f"{self.dist.world_size} ranks")
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -214,13 +220,13 @@ class Trainer:
         for i, batch in enumerate(loader):
             if cfg.eval_batches and i >= cfg.eval_batches:
                 break
+            batch = {k: v.to(dev) for k, v in batch.items()}
             gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
             inputs, labels, _ = mask_batch(batch["input_ids"], batch["npmi"],
                                            batch["attention_mask"], strategy,
                                            self.manifest.vocab_size, gen, k=self.k,
                                            probabilities=probs)
-            _, loss_sum, n = self.engine(inputs.to(dev), batch["attention_mask"].to(dev),
-                                         labels.to(dev))
+            _, loss_sum, n = self.engine(inputs, batch["attention_mask"], labels)
             totals += torch.stack([loss_sum.double(), n.double()])
         self.engine.train()
         torch.distributed.all_reduce(totals)
@@ -251,15 +257,15 @@ class Trainer:
             grad_norm = None
             for micro in range(cfg.grad_accum):
                 t0 = time.perf_counter()
-                batch = next(stream)
+                # Masking runs on the training device; its random numbers come from a CPU
+                # generator, so a GPU run masks exactly as a CPU run of the same seed.
+                batch = {k: v.to(dev, non_blocking=True) for k, v in next(stream).items()}
                 gen = generator(cfg.seed, step * cfg.grad_accum + micro, dist.rank, "mask")
                 strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
                 inputs, labels, selected = self._mask(batch, strategies, gen)
+                attn = batch["attention_mask"]
                 if micro == 0 and log_now:
-                    step_stats.append(mask_stats(selected, batch["npmi"], batch["attention_mask"],
-                                                 strategies))
-                inputs, labels = inputs.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-                attn = batch["attention_mask"].to(dev, non_blocking=True)
+                    step_stats.append(mask_stats(selected, batch["npmi"], attn, strategies))
                 step_data += time.perf_counter() - t0
                 torch.manual_seed(derive_seed(cfg.seed, step * cfg.grad_accum + micro, dist.rank,
                                               "dropout"))
