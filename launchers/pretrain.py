@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = from_sources(args.config or str(QUICK), args)
+        if args.resume and not (cfg.output_dir or cfg.run_name):
+            raise InputError("--resume needs the run to continue: --output-dir DIR or --run-name "
+                             "NAME (the default run name carries the start time)")
         ensure_dataset(cfg)
         from cmgems.trainer import Trainer
         result = Trainer(cfg, resume=args.resume).train()
