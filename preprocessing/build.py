@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -188,14 +189,17 @@ class PieceCache:
 
 
 def count_ngrams(genome: Path, k: int, runner: PieceRunner, summary: Summary,
-                 piece_bases: int = PIECE_BASES, cache: PieceCache | None = None
-                 ) -> list[np.ndarray]:
-    """n-gram counts, n = 1..k (list index n), of the records long enough for one sample."""
+                 piece_bases: int = PIECE_BASES, cache: PieceCache | None = None,
+                 pieces: Callable[[int], bool] | None = None) -> list[np.ndarray]:
+    """n-gram counts, n = 1..k (list index n), of the records long enough for one sample
+    (only of the pieces whose number in the file `pieces` accepts, when given)."""
     reader = FastaReader(genome, piece_bases, k - 1, samples.MIN_TOKENS + k - 1)
     table = np.zeros((k + 1) * 4 ** k, dtype=np.int64)
 
     def tasks():
-        for p in reader:
+        for i, p in enumerate(reader):
+            if pieces is not None and not pieces(i):
+                continue
             if cache is not None:
                 cache.add(p)
             yield p, ()
@@ -367,21 +371,32 @@ def _publish(work: Path, out: Path, entries: list[dict]) -> None:
     shutil.rmtree(work)
 
 
-def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceCache | None,
-                external: np.ndarray | None, params: dict, source_sha: str,
-                table_sha: str | None, summary: Summary, start: float) -> Manifest:
-    """Both passes into the working directory, manifest last; returns the manifest."""
+def write_npmi_table(path: Path, cfg: BuildConfig, source_sha: str,
+                     counts: list[np.ndarray] | None, external: np.ndarray | None = None,
+                     table_sha: str | None = None) -> np.ndarray:
+    """npmi.tsv from whole-genome n-gram counts, or the external table; returns the NPMI per
+    k-mer code. Shared by `build` and the job array's `table` stage, so both write the same bytes."""
     table_params = {"source": cfg.genome.name, "source_sha256": source_sha}
     if external is None:
-        counts = count_ngrams(cfg.genome, cfg.k, runner, summary, cfg.piece_bases, cache)
         pmi, table = npmi.npmi(counts, cfg.k, cfg.min_count)
-        write_table(work / TABLE_NAME, table, counts[cfg.k], pmi,
+        write_table(path, table, counts[cfg.k], pmi,
                     {**table_params, "min_count": cfg.min_count,
                      "scored": int((~np.isnan(table)).sum())})
     else:
         table = external
-        write_table(work / TABLE_NAME, table, params={
+        write_table(path, table, params={
             **table_params, "from": f"{cfg.npmi_table} (sha256 {table_sha})"})
+    return table
+
+
+def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceCache | None,
+                external: np.ndarray | None, params: dict, source_sha: str,
+                table_sha: str | None, summary: Summary, start: float) -> Manifest:
+    """Both passes into the working directory, manifest last; returns the manifest."""
+    counts = None
+    if external is None:
+        counts = count_ngrams(cfg.genome, cfg.k, runner, summary, cfg.piece_bases, cache)
+    table = write_npmi_table(work / TABLE_NAME, cfg, source_sha, counts, external, table_sha)
     table_sha256 = sha256_file(work / TABLE_NAME)
     attrs = {"k": cfg.k, "vocab_size": vocab_size(cfg.k), "npmi_table_sha256": table_sha256,
              "source_sha256": source_sha, "seed": cfg.seed}
