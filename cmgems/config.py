@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") \
-            from None
+        reason = " ".join(str(e).split())  # YAML's message spans lines; an error is one line
+        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                         f"({reason})") from None
     data = data or {}
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config is a mapping of field: value, got {type(data).__name__}")
@@ -176,5 +178,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_sources(config_file: str | None, args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- config file <- command-line options."""
     values = load_file(config_file) if config_file else {}
-    values.update({k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None})
-    return PretrainConfig(**values)
+    cli = {k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None}
+    try:
+        return PretrainConfig(**{**values, **cli})
+    except InputError as e:
+        # Say where the refused values came from: the file, unless options overrode them all.
+        from_file = [k for k in values if k not in cli and re.search(rf"\b{k}\b", str(e))]
+        raise InputError(f"{config_file if from_file else 'command line'}: {e}") from None

@@ -57,7 +57,8 @@ def build_ds_config(cfg: PretrainConfig, world_size: int, device: torch.device) 
     if not cfg.ds_config:
         zero["stage"] = cfg.zero_stage
     for key, want in (("train_micro_batch_size_per_gpu", cfg.micro_batch_size),
-                      ("gradient_accumulation_steps", cfg.grad_accum)):
+                      ("gradient_accumulation_steps", cfg.grad_accum),
+                      ("train_batch_size", cfg.micro_batch_size * cfg.grad_accum * world_size)):
         if ds.get(key, want) != want:
             raise InputError(f"{path}: {key}={ds[key]} contradicts the run config ({want}); "
                              f"set it to \"auto\"")

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -55,6 +56,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _os_reason(err: BaseException) -> str:
+    """The operating system's words for a failed write, also when HDF5 wraps them."""
+    for e in (err, err.__context__, err.__cause__):
+        if isinstance(e, OSError) and e.errno:
+            return f"{os.strerror(e.errno)} (errno {e.errno})"
+        found = e is not None and re.search(r"errno = (\d+)", str(e))
+        if found and int(found.group(1)):
+            n = int(found.group(1))
+            return f"{os.strerror(n)} (errno {n})"
+    return str(err).splitlines()[0][:200]
+
+
 def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets: np.ndarray,
                 **attrs) -> dict:
     """Write one shard atomically; return its manifest entry (path relative to its directory)."""
@@ -65,14 +78,19 @@ def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets:
     if len(tokens) != len(npmi) or offsets[0] != 0 or offsets[-1] != len(tokens):
         raise ValueError(f"{path}: tokens ({len(tokens)}), npmi ({len(npmi)}) and offsets "
                          f"(last {offsets[-1]}) disagree")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("tokens", data=tokens)
-            f.create_dataset("npmi", data=npmi)
-            f.create_dataset("offsets", data=offsets)
-            f.attrs["format_version"] = FORMAT_VERSION
-            for key, value in attrs.items():
-                f.attrs[key] = value
+    try:
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("tokens", data=tokens)
+                f.create_dataset("npmi", data=npmi)
+                f.create_dataset("offsets", data=offsets)
+                f.attrs["format_version"] = FORMAT_VERSION
+                for key, value in attrs.items():
+                    f.attrs[key] = value
+    except (OSError, RuntimeError) as e:
+        # HDF5 reports a full disk (ENOSPC) or a file size limit (EFBIG) as OSError on write or
+        # RuntimeError on close; atomic_path has removed the temporary file either way.
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}") from None
     return {"path": path.name, "split": attrs.get("split", "train"), "samples": len(offsets) - 1,
             "tokens": int(len(tokens)), "sha256": sha256_file(path)}
 
@@ -112,7 +130,14 @@ class ShardReader:
         if self._file is None:
             self._file = h5py.File(self.path, "r")
         lo, hi = self.offsets[i], self.offsets[i + 1]
-        return self._file["tokens"][lo:hi], self._file["npmi"][lo:hi]
+        tokens = self._file["tokens"][lo:hi]
+        # Only a shard altered after its checksum was taken (a run with --skip-verify) gets here
+        # with ids outside the vocabulary; the embedding lookup would fail with a bare IndexError.
+        if hi > lo and int(tokens.max()) >= self.attrs.get("vocab_size", 1 << 16):
+            raise ShardError(f"{self.path}: sample {i} holds token id {int(tokens.max())} outside "
+                             f"the vocabulary ({self.attrs['vocab_size']} ids): the shard is "
+                             f"corrupt; rebuild it (its sha256 check was skipped)")
+        return tokens, self._file["npmi"][lo:hi]
 
     def __getstate__(self):
         state = dict(self.__dict__)
