@@ -43,6 +43,10 @@ def init() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The deepspeed launcher leaves every rank on all cores: N ranks x all threads thrash.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     deepspeed.init_distributed(dist_backend=backend)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
                     device)

@@ -247,93 +247,95 @@ class Trainer:
         t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
         stopped_by = None
         last_ppl = float("nan")
-        while st.step < cfg.max_steps:
-            step = st.step
-            step_stats: list[dict] = []
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            n_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            t_step, step_data = time.perf_counter(), 0.0
-            log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps
-            grad_norm = None
-            for micro in range(cfg.grad_accum):
-                t0 = time.perf_counter()
-                # Masking runs on the training device; its random numbers come from a CPU
-                # generator, so a GPU run masks exactly as a CPU run of the same seed.
-                batch = {k: v.to(dev, non_blocking=True) for k, v in next(stream).items()}
-                gen = generator(cfg.seed, step * cfg.grad_accum + micro, dist.rank, "mask")
-                strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
-                inputs, labels, selected = self._mask(batch, strategies, gen)
-                attn = batch["attention_mask"]
-                if micro == 0 and log_now:
-                    step_stats.append(mask_stats(selected, batch["npmi"], attn, strategies))
-                step_data += time.perf_counter() - t0
-                torch.manual_seed(derive_seed(cfg.seed, step * cfg.grad_accum + micro, dist.rank,
-                                              "dropout"))
-                loss, ls, n = self.engine(inputs, attn, labels)
-                self.engine.backward(loss)
-                if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
-                    grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
-                self.engine.step()
-                loss_sum += ls.double()
-                n_sum += n.double()
-                samples_since += inputs.shape[0]
-                tokens_since += int(attn.sum())
-            st.step += 1
-            data_time += step_data
+        try:
+            while st.step < cfg.max_steps:
+                step = st.step
+                step_stats: list[dict] = []
+                loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+                n_sum = torch.zeros((), dtype=torch.float64, device=dev)
+                t_step, step_data = time.perf_counter(), 0.0
+                log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps
+                grad_norm = None
+                for micro in range(cfg.grad_accum):
+                    t0 = time.perf_counter()
+                    # Masking runs on the training device; its random numbers come from a CPU
+                    # generator, so a GPU run masks exactly as a CPU run of the same seed.
+                    batch = {k: v.to(dev, non_blocking=True) for k, v in next(stream).items()}
+                    gen = generator(cfg.seed, step * cfg.grad_accum + micro, dist.rank, "mask")
+                    strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
+                    inputs, labels, selected = self._mask(batch, strategies, gen)
+                    attn = batch["attention_mask"]
+                    if micro == 0 and log_now:
+                        step_stats.append(mask_stats(selected, batch["npmi"], attn, strategies))
+                    step_data += time.perf_counter() - t0
+                    torch.manual_seed(derive_seed(cfg.seed, step * cfg.grad_accum + micro, dist.rank,
+                                                  "dropout"))
+                    loss, ls, n = self.engine(inputs, attn, labels)
+                    self.engine.backward(loss)
+                    if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
+                        grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
+                    self.engine.step()
+                    loss_sum += ls.double()
+                    n_sum += n.double()
+                    samples_since += inputs.shape[0]
+                    tokens_since += int(attn.sum())
+                st.step += 1
+                data_time += step_data
 
-            flags = torch.tensor([float(self.stop.requested is not None)], device=dev)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            if flags.item() > 0:
-                stopped_by = self.stop.requested or "signal on another rank"
+                flags = torch.tensor([float(self.stop.requested is not None)], device=dev)
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                if flags.item() > 0:
+                    stopped_by = self.stop.requested or "signal on another rank"
 
-            if log_now:
-                totals = torch.stack([loss_sum, n_sum])
-                torch.distributed.all_reduce(totals)
-                train_loss = (totals[0] / totals[1].clamp(min=1)).item()
-                elapsed = time.perf_counter() - t_last
-                world = dist.world_size
-                metrics = {
-                    "train/loss": train_loss,
-                    "train/lr": self.engine.optimizer.param_groups[0]["lr"],
-                    "perf/samples_per_s": samples_since * world / elapsed,
-                    "perf/tokens_per_s": tokens_since * world / elapsed,
-                    "perf/data_share": data_time / elapsed,
-                    "curriculum/stage": self.schedule.stage_index,
-                }
-                grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                tflops = flops_per_token(self.bert_config, cfg.max_length) \
-                    * metrics["perf/tokens_per_s"] / world / 1e12
-                metrics["perf/tflops_per_device"] = tflops
-                peak = next((v for k, v in PEAK_TFLOPS.items()
-                             if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
-                if peak and self.precision in ("bf16", "fp16"):
-                    metrics["perf/mfu"] = tflops / peak
-                for s in step_stats:
-                    metrics.update({f"mask/{k}": v for k, v in s.items()})
-                self.tracker.log_metrics(metrics, st.step)
-                self.tracker.flush()
+                if log_now:
+                    totals = torch.stack([loss_sum, n_sum])
+                    torch.distributed.all_reduce(totals)
+                    train_loss = (totals[0] / totals[1].clamp(min=1)).item()
+                    elapsed = time.perf_counter() - t_last
+                    world = dist.world_size
+                    metrics = {
+                        "train/loss": train_loss,
+                        "train/lr": self.engine.optimizer.param_groups[0]["lr"],
+                        "perf/samples_per_s": samples_since * world / elapsed,
+                        "perf/tokens_per_s": tokens_since * world / elapsed,
+                        "perf/data_share": data_time / elapsed,
+                        "curriculum/stage": self.schedule.stage_index,
+                    }
+                    grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+                    if grad_norm is not None:
+                        metrics["train/grad_norm"] = float(grad_norm)
+                    tflops = flops_per_token(self.bert_config, cfg.max_length) \
+                        * metrics["perf/tokens_per_s"] / world / 1e12
+                    metrics["perf/tflops_per_device"] = tflops
+                    peak = next((v for k, v in PEAK_TFLOPS.items()
+                                 if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
+                    if peak and self.precision in ("bf16", "fp16"):
+                        metrics["perf/mfu"] = tflops / peak
+                    for s in step_stats:
+                        metrics.update({f"mask/{k}": v for k, v in s.items()})
+                    self.tracker.log_metrics(metrics, st.step)
+                    self.tracker.flush()
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{train_loss:.3f}",
+                                             ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
+                                             stage=self.schedule.stage,
+                                             sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
+                    t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
+
+                self.timings.append((time.perf_counter() - t_step, step_data))
+                pause = time.perf_counter()  # evaluation and checkpoints stay out of throughput
+                if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
+                    last_ppl = self._evaluate_and_observe(eval_strategy)
+                if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
+                    self._save()
+                t_last += time.perf_counter() - pause
                 if progress is not None:
-                    progress.set_postfix(loss=f"{train_loss:.3f}",
-                                         ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
-                                         stage=self.schedule.stage,
-                                         sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
-                t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
-
-            self.timings.append((time.perf_counter() - t_step, step_data))
-            pause = time.perf_counter()  # evaluation and checkpoints stay out of throughput
-            if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
-                last_ppl = self._evaluate_and_observe(eval_strategy)
-            if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
-                self._save()
-            t_last += time.perf_counter() - pause
+                    progress.update(1)
+                if stopped_by:
+                    break
+        finally:  # an error mid-run must not print onto the progress bar's line
             if progress is not None:
-                progress.update(1)
-            if stopped_by:
-                break
-        if progress is not None:
-            progress.close()
+                progress.close()
         return self._finish(stopped_by)
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:

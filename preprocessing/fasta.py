@@ -117,11 +117,18 @@ class FastaReader:
         st.records += 1
         words = bytes(header[1:]).split()
         name = words[0].decode("utf-8", "replace") if words else f"record{st.records}"
+        if name in self._seen:
+            # --valid-records and the per-record statistics name records: two of one name are
+            # ambiguous (often the same file concatenated twice).
+            raise FastaError(f"{self.path}: duplicate record name {name!r} (records "
+                             f"{self._seen[name]} and {st.records}); record names must be unique")
+        self._seen[name] = st.records
         st.names.append(name)
         return name
 
     def __iter__(self) -> Iterator[Piece]:
         self.stats = st = ReadStats()
+        self._seen: dict[str, int] = {}
         path, piece, overlap = self.path, self.piece_bases, self.overlap
         name: str | None = None
         header = bytearray()

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Every test and every process it starts on one thread: the suite runs several processes at once
+# on small CI machines, where N processes x all cores each is many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 LAMBDA = SHARED / "genomes" / "lambda_phage.fa.gz"

@@ -225,8 +225,6 @@ def test_bad_input_exits_2_naming_the_file(case, tiny_dataset, tmp_path):
     _check(case, tmp_path, tiny_dataset)
 
 
-@pytest.mark.xfail(strict=True, reason="preprocessing accepts two records of the same name; "
-                   "--valid-records and per-record statistics then cannot tell them apart")
 def test_duplicate_record_names_are_refused(tiny_dataset, tmp_path):
     _check(DUPLICATE, tmp_path, tiny_dataset)
 
