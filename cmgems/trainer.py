@@ -109,6 +109,7 @@ class Trainer:
         self.timings: list[tuple[float, float]] = []  # per step: (seconds, data + masking seconds)
         client = checkpoint.load(self.engine, self.ckpt_dir) if resume else None
         if client is not None:
+            self._check_resumable(client.get("config", {}))
             self.state = RunState(**client["run"])
             self.schedule.load_state_dict(client["curriculum"])
         self._start_tracking(resumed=client is not None)
@@ -122,6 +123,19 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
+
+    # A resumed run equals an uninterrupted one only if these are what the checkpoint was made with.
+    RESUME_FIELDS = ("model", "mode", "seed", "micro_batch_size", "grad_accum", "max_length",
+                     "max_steps", "lr", "warmup_steps", "threshold", "patience", "p_random",
+                     "p_genemask", "p_global")
+
+    def _check_resumable(self, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in self.RESUME_FIELDS
+                if k in saved and saved[k] != now[k]]
+        if diff:
+            raise InputError(f"{self.ckpt_dir}: the checkpoint was made with another config ("
+                             + "; ".join(diff) + "); resume with the original settings")
 
     def _load_data(self) -> None:
         cfg = self.cfg

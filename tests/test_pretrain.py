@@ -179,6 +179,9 @@ def test_existing_run_needs_resume(stage0_run, tiny_dataset):
     res = run_module(*tiny_args(tiny_dataset, stage0_run), check=False)
     assert res.returncode == 2
     assert "--resume" in res.stderr and str(stage0_run) in res.stderr
+    res = run_module(*tiny_args(tiny_dataset, stage0_run, "--resume", "--seed", "7"), check=False)
+    assert res.returncode == 2
+    assert "another config" in res.stderr and "seed: 42 -> 7" in res.stderr
 
 
 @pytest.mark.slow
