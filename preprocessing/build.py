@@ -385,7 +385,7 @@ def write_npmi_table(path: Path, cfg: BuildConfig, source_sha: str,
     else:
         table = external
         write_table(path, table, params={
-            **table_params, "from": f"{cfg.npmi_table} (sha256 {table_sha})"})
+            **table_params, "from": f"{Path(cfg.npmi_table).name} (sha256 {table_sha})"})
     return table
 
 
