@@ -12,6 +12,8 @@ function of its inputs and every rank holds the same one. Steps are 0-based glob
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass, field
 
@@ -57,7 +59,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class _Schedule:
+class _Schedule(abc.ABC):
     config: ScheduleConfig
     history: list[tuple[int, float]] = field(default_factory=list)
     """(step, validation perplexity) of every observed evaluation."""
@@ -69,17 +71,18 @@ class _Schedule:
         return self.config.mode
 
     @property
+    @abc.abstractmethod
     def stage(self) -> str:
-        raise NotImplementedError
+        """Name of the current stage."""
 
     @property
     def stage_index(self) -> int:
         return 0
 
     @property
+    @abc.abstractmethod
     def first_strategy(self) -> str:
         """The strategy the frozen validation masking uses."""
-        raise NotImplementedError
 
     def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
         return [self.stage] * batch_size
