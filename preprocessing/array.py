@@ -40,8 +40,8 @@ from cmgems.shards import atomic_path, sha256_file, write_shard
 from cmgems.tokens import vocab_size
 from preprocessing import samples
 from preprocessing.build import (PARTIAL_TAG, TABLE_NAME, _INTERRUPTS, BuildConfig, Manifest,
-                                 PieceCache, Summary, _describe_difference, _publish, _reader_stats,
-                                 _stale_partials, _up_to_date, count_ngrams, params_of,
+                                 PieceCache, Summary, _publish, _reader_stats,
+                                 _stale_partials, check_target, count_ngrams, params_of,
                                  write_npmi_table)
 from preprocessing.fasta import FastaReader
 from preprocessing.parallel import PieceRunner
@@ -491,13 +491,8 @@ def finish_stage(work: Path, out_dir: Path, keep_work: bool = False, out=sys.std
                              f"`shard` task")
     source_sha = job["genome"]["sha256"]
     params = params_of(cfg, job["npmi_table_sha256"])
-    if (m := _up_to_date(cfg, params, source_sha)) is not None:
-        print(f"{cfg.out_dir}: up to date ({len(m.shards)} shards, nothing rewritten)", file=out)
+    if (m := check_target(cfg, params, source_sha, out, "--overwrite (to `count`)")) is not None:
         return m
-    if cfg.out_dir.is_dir() and any(cfg.out_dir.iterdir()) and not cfg.overwrite:
-        raise InputError(f"{cfg.out_dir}: refusing to write: "
-                         f"{_describe_difference(cfg.out_dir, params, source_sha)}; "
-                         f"pass --overwrite (to `count`) to replace it")
     counts = [_load_part(counts_path(work, i), digest) for i in range(n)]
     summary = Summary(**json.loads(str(counts[0]["reader"])))
     for part in parts:

@@ -411,6 +411,20 @@ def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceC
     return manifest
 
 
+def check_target(cfg: BuildConfig, params: dict, source_sha: str, out=sys.stdout,
+                 overwrite_flag: str = "--overwrite") -> Manifest | None:
+    """The finished dataset if OUT_DIR already holds exactly this one ("up to date"), None if it
+    may be written; refuses a non-empty OUT_DIR holding anything else unless --overwrite."""
+    if (m := _up_to_date(cfg, params, source_sha)) is not None:
+        print(f"{cfg.out_dir}: up to date ({len(m.shards)} shards, nothing rewritten)", file=out)
+        return m
+    if cfg.out_dir.is_dir() and any(cfg.out_dir.iterdir()) and not cfg.overwrite:
+        raise InputError(f"{cfg.out_dir}: refusing to write: "
+                         f"{_describe_difference(cfg.out_dir, params, source_sha)}; "
+                         f"pass {overwrite_flag} to replace it")
+    return None
+
+
 def build(cfg: BuildConfig, out=sys.stdout) -> Manifest:
     """Build (or confirm up to date) the dataset cfg describes; return its manifest."""
     start = time.perf_counter()
@@ -425,13 +439,8 @@ def build(cfg: BuildConfig, out=sys.stdout) -> Manifest:
         table_sha = sha256_file(cfg.npmi_table)
     params = params_of(cfg, table_sha)
 
-    if (m := _up_to_date(cfg, params, source_sha)) is not None:
-        print(f"{cfg.out_dir}: up to date ({len(m.shards)} shards, nothing rewritten)", file=out)
+    if (m := check_target(cfg, params, source_sha, out)) is not None:
         return m
-    if cfg.out_dir.is_dir() and any(cfg.out_dir.iterdir()) and not cfg.overwrite:
-        raise InputError(f"{cfg.out_dir}: refusing to write: "
-                         f"{_describe_difference(cfg.out_dir, params, source_sha)}; "
-                         f"pass --overwrite to replace it")
 
     out_dir = cfg.out_dir.resolve()     # "." or "x/" still has a parent and a name
     for stale in _stale_partials(out_dir):

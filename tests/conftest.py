@@ -1,7 +1,6 @@
 """Shared fixtures: small real datasets on disk, built once per test session."""
 from __future__ import annotations
 
-import gzip
 import os
 import subprocess
 import sys
@@ -43,3 +42,22 @@ def tiny_dataset(tmp_path_factory) -> Path:
     run_module("-m", "preprocessing", "build", str(LAMBDA), str(out), "--min-count", "5",
                "--valid-fraction", "0.1", "--seed", "0", "--shard-tokens", "20000")
     return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real Slurm on this host (nodes n1 and n2, 2 CPUs each), for the module's tests."""
+    from slurm_cluster import SlurmCluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(reason=f"slurm packages not installed: no {', '.join(missing)} "
+                    "(apt-get install slurmctld slurmd slurm-client munge, or ./install.sh --test)")
+    if os.geteuid() != 0:
+        pytest.skip(reason="the test cluster runs slurmd as root (SlurmdUser=root); run as root")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"), cpus=2)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

@@ -171,7 +171,7 @@ def test_rebuild_is_up_to_date_and_other_params_are_refused(tmp_path, lambda_fas
 
 def test_valid_records_and_external_table(tmp_path):
     if not GENEMASK.exists():
-        pytest.skip("GeneMask table not present")
+        pytest.skip(reason="GeneMask table not present")
     genome = tmp_path / "g.fa.gz"
     plain = tmp_path / "plain.fa"
     _synthetic(plain, [30_000, 10_000, 8_000], seed=9)

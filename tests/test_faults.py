@@ -456,7 +456,7 @@ def test_disk_full_while_writing_shards(how, tmp_path):
     pre = None
     if how == "tmpfs":
         if not _tmpfs(parent, "2m"):
-            pytest.skip("mounting a tmpfs is not permitted here (the rlimit case covers it)")
+            pytest.skip(reason="mounting a tmpfs is not permitted here (the rlimit case covers it)")
     else:
         parent.mkdir()
         pre = _limit_file_size(2 << 20)

@@ -124,7 +124,7 @@ def test_table_round_trip_and_ranks(tmp_path):
 
 def test_genemask_csv_loads():
     if not GENEMASK.exists():
-        pytest.skip("GeneMask table not present")
+        pytest.skip(reason="GeneMask table not present")
     table = npmi_table.load_table(GENEMASK, 6)
     assert table.shape == (4096,) and not np.isnan(table).any()
     assert table[_code("CCTCCC")] == pytest.approx(2.1030761926846298)
@@ -149,7 +149,7 @@ def test_bad_tables_name_file_and_line(tmp_path, content, fragment):
 
 def test_genemask_csv_with_wrong_k_names_line(tmp_path):
     if not GENEMASK.exists():
-        pytest.skip("GeneMask table not present")
+        pytest.skip(reason="GeneMask table not present")
     with pytest.raises(npmi_table.TableError, match=r"hg38_6mer_npmi_genemask.csv:2: .*expected k=4"):
         npmi_table.load_table(GENEMASK, 4)
 

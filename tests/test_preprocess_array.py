@@ -4,7 +4,6 @@ single `build` gives (same shard bytes, same npmi.tsv, same manifest but for the
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -158,24 +157,6 @@ def test_missing_or_foreign_parts_are_refused(tmp_path):
 
 
 # ---- on a real Slurm ----
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from slurm_cluster import SlurmCluster, missing_binaries
-
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"slurm packages not installed: no {', '.join(missing)} "
-                    "(apt-get install slurmctld slurmd slurm-client munge, or ./install.sh --test)")
-    if os.geteuid() != 0:
-        pytest.skip("the test cluster runs slurmd as root (SlurmdUser=root); run as root")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"), cpus=2)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
-
 
 @pytest.mark.slow
 def test_slurm_job_array_builds_the_build_dataset(cluster, tmp_path):

@@ -3,7 +3,6 @@ a one-node two-task job, a two-node job, and a time-limit warning that checkpoin
 resumes the same MLflow run."""
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -13,27 +12,11 @@ import pytest
 
 from launch_checks import ROOT, check_two_rank_run, clean_env, mlflow_runs, remove_shm_buffers, \
     trainer_args
-from slurm_cluster import SlurmCluster, missing_binaries
+from slurm_cluster import SlurmCluster
 
 SBATCH = ROOT / "launchers" / "slurm" / "pretrain.sbatch"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"slurm packages not installed: no {', '.join(missing)} "
-                    "(apt-get install slurmctld slurmd slurm-client munge, or ./install.sh --test)")
-    if os.geteuid() != 0:
-        pytest.skip("the test cluster runs slurmd as root (SlurmdUser=root); run as root")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"), cpus=2)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(autouse=True)
