@@ -99,7 +99,14 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tiny_datas
     while cluster.job(job).get("Restarts") != "1":
         assert time.monotonic() < deadline, f"not requeued\n{job_log(tmp_path, job)[-4000:]}"
         time.sleep(0.25)
-    # Slurm holds a requeued job back for a couple of minutes (its BeginTime); release it now.
+    # Slurm holds a requeued job back for a couple of minutes (its BeginTime); release it now, but
+    # only once the first instance has left its node: started on a node still completing it, the
+    # second instance fails to launch.
+    deadline = time.monotonic() + 120
+    while any(state != "idle" for state in
+              cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()):
+        assert time.monotonic() < deadline, "nodes still busy after the requeue"
+        time.sleep(0.25)
     if cluster.job(job).get("JobState") == "PENDING":
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     log = finish(cluster, tmp_path, job)
