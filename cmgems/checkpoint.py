@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cmgems import distributed
-from cmgems.shards import atomic_path
+from cmgems.io import atomic_path
 
 POINTER = "latest_complete"
 FAULT_PAUSE_ENV = "CMGEMS_FAULT_PAUSE_CHECKPOINT"

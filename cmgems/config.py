@@ -1,8 +1,13 @@
-"""Pretraining configuration: one dataclass, loaded from YAML/JSON, overridden from the command line.
+"""Configs as dataclasses, and the one way they meet a command line or a config file.
 
-Every field is typed and documented here; `launchers/pretrain.py --help` is generated from these
-docs. Defaults are the GeneMask / CM-GEMS reference hyperparameters; launchers/configs/quick.yaml
-shrinks them to a run that finishes in minutes on a laptop CPU.
+Every config (PretrainConfig here, FinetuneConfig, BuildConfig) declares its fields with `option`:
+default, help text and whether the field decides a run's outcome (`resume=True`: a resumed run
+must use the checkpoint's value). `add_arguments(parser, Cls)` makes one --option per field with
+that help; `from_args(Cls, args, base)` builds the config from defaults <- base <- options given.
+Validation lives in each config's __post_init__.
+
+Pretraining defaults are the GeneMask / CM-GEMS reference hyperparameters;
+launchers/configs/quick.yaml shrinks them to a run that finishes in minutes on a laptop CPU.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +29,80 @@ STRATEGIES = ("random", "genemask", "global")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def option(default, help: str, *, resume: bool = False, flag: str | None = None,
+           choices: tuple | None = None, cli: bool = True):
+    """A config field: its default, its --help text, and
+    resume: the field shapes what a run computes, so a resume must keep the checkpoint's value;
+    flag: the command-line spelling when it is not --field-name; choices: allowed values;
+    cli: False keeps the field off the command line (set by code or tests only)."""
+    return field(default=default, metadata={"help": help, "resume": resume, "flag": flag,
+                                            "choices": choices, "cli": cli})
+
+
+_f = option  # the field declarations below read better short
+
+
+def _base_type(hint) -> type:
+    """int for `int` and `int | None`; tuple for tuple[str, ...]; the class otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple
+    if args and origin is not None and len(args) == 1:
+        return _base_type(args[0])
+    return hint
+
+
+def field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def resume_fields(cls) -> tuple[str, ...]:
+    """Fields a resumed run must take unchanged from its checkpoint."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume"))
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_PARSE = {tuple: _comma_list}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = None,
+                  defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One --option per field of dataclass `cls`, its help taken from the field's metadata.
+
+    Options default to None (not given), so from_args can tell an option from a default;
+    `defaults` only changes the default shown in the help (e.g. a default config file's values).
+    """
+    group = parser.add_argument_group(title or f"{cls.__name__} fields")
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True) or "help" not in f.metadata:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        typ = types[f.name]
+        shown = (defaults or {}).get(f.name, f.default)
+        if isinstance(shown, tuple):
+            shown = ",".join(shown)
+        help_text = f"{f.metadata['help']} (default: {shown!r})"
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, dest=f.name, type=_PARSE.get(typ, typ), default=None,
+                               choices=choices, help=help_text,
+                               metavar=None if choices else typ.__name__.upper())
+
+
+def from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """cls(defaults <- base <- the options given on the command line)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return cls(**{**(base or {}), **given})
 
 
 @dataclass
@@ -36,39 +114,43 @@ class PretrainConfig:
                      "data_dir holds no dataset yet (the bundled E. coli K-12 genome by default).")
     min_count: int = _f(101, "Minimum k-mer count for an NPMI score when data_dir is built here.")
     max_length: int = _f(512, "Block size in tokens, [CLS] and [SEP] included; longer samples are "
-                         "cut to their first max_length-2 tokens.")
+                         "cut to their first max_length-2 tokens.", resume=True)
     num_workers: int = _f(2, "DataLoader worker processes per rank (each opens the HDF5 shards "
                           "itself); 0 reads in the training process.")
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------
-    model: str = _f("logo", f"Architecture: one of {MODELS} (DESIGN.md 'Models').")
+    model: str = _f("logo", f"Architecture: one of {MODELS} (DESIGN.md 'Models').", resume=True)
     init_from: str = _f("", "HF/DNABERT model directory to initialise from (e.g. an export); "
                         "empty trains from scratch.")
     # --- masking curriculum -----------------------------------------------------------------
     mode: str = _f("cm_gems", "Masking schedule: cm_gems, cm_step, or fixed:<strategy> with "
-                   f"strategy in {STRATEGIES}.")
+                   f"strategy in {STRATEGIES}.", resume=True)
     threshold: float = _f(1.0, "cm_gems: switch genemask -> global once validation perplexity "
-                          "drops by less than this between consecutive evaluations.")
-    patience: int = _f(1, "cm_gems: consecutive evaluations below the threshold before switching.")
+                          "drops by less than this between consecutive evaluations.", resume=True)
+    patience: int = _f(1, "cm_gems: consecutive evaluations below the threshold before switching.",
+                       resume=True)
     min_switch_step: int = _f(0, "cm_gems: never switch before this step.")
-    p_random: float = _f(0.025, "Centre probability of random (DNABERT) masking.")
-    p_genemask: float = _f(0.0176, "Centre probability of GeneMask masking.")
-    p_global: float = _f(0.0136, "Fraction of positions taken as global top-NPMI centres.")
+    p_random: float = _f(0.025, "Centre probability of random (DNABERT) masking.", resume=True)
+    p_genemask: float = _f(0.0176, "Centre probability of GeneMask masking.", resume=True)
+    p_global: float = _f(0.0136, "Fraction of positions taken as global top-NPMI centres.",
+                         resume=True)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------
-    max_steps: int = _f(10_000, "Optimizer steps to train for.")
-    micro_batch_size: int = _f(10, "Samples per rank per forward pass.")
-    grad_accum: int = _f(25, "Micro-batches accumulated per optimizer step.")
-    lr: float = _f(8e-4, "Peak learning rate (AdamW).")
+    max_steps: int = _f(10_000, "Optimizer steps to train for.", resume=True)
+    micro_batch_size: int = _f(10, "Samples per rank per forward pass.", resume=True)
+    grad_accum: int = _f(25, "Micro-batches accumulated per optimizer step.", resume=True)
+    lr: float = _f(8e-4, "Peak learning rate (AdamW).", resume=True)
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.98, "AdamW beta2.")
     eps: float = _f(1e-6, "AdamW epsilon.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
-    warmup_steps: int = _f(500, "Linear warmup steps, then linear decay to 0 at max_steps.")
+    warmup_steps: int = _f(500, "Linear warmup steps, then linear decay to 0 at max_steps.",
+                           resume=True)
     grad_clip: float = _f(1.0, "Gradient norm clipping (0 disables).")
-    seed: int = _f(42, "Seed of everything random: init, data order, masking, dropout.")
+    seed: int = _f(42, "Seed of everything random: init, data order, masking, dropout.",
+                   resume=True)
     # --- engine -----------------------------------------------------------------------------
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0..3; picks ds_configs/zero<stage>.json.")
     ds_config: str = _f("", "DeepSpeed JSON config to use instead (e.g. ds_configs/"
@@ -135,11 +217,9 @@ def _coerce(name: str, typ: type, value: Any, where: str):
     return value
 
 
-FIELD_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-               for f in dataclasses.fields(PretrainConfig)}
-
-
-def load_file(path: str | Path) -> dict[str, Any]:
+def load_file(path: str | Path, cls=None) -> dict[str, Any]:
+    """The fields of a YAML or JSON config file, type-checked against `cls` (PretrainConfig)."""
+    types = field_types(cls or PretrainConfig)
     path = Path(path)
     try:
         text = path.read_text()
@@ -154,33 +234,19 @@ def load_file(path: str | Path) -> dict[str, Any]:
     data = data or {}
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config is a mapping of field: value, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(FIELD_TYPES))
+    unknown = sorted(set(data) - set(types))
     if unknown:
         raise InputError(f"{path}: unknown config field(s) {unknown}; see --help for the fields")
-    return {k: _coerce(k, FIELD_TYPES[k], v, str(path)) for k, v in data.items()}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --option per field, its help taken from the field's documentation."""
-    group = parser.add_argument_group("config fields (override --config)")
-    for f in dataclasses.fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        typ = FIELD_TYPES[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        if typ is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=typ, default=None, metavar=typ.__name__.upper(),
-                               help=help_text)
+    return {k: _coerce(k, types[k], v, str(path)) for k, v in data.items()}
 
 
 def from_sources(config_file: str | None, args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- config file <- command-line options."""
     values = load_file(config_file) if config_file else {}
-    cli = {k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None}
+    cli = {k: v for k, v in vars(args).items() if k in field_types(PretrainConfig)
+           and v is not None}
     try:
-        return PretrainConfig(**{**values, **cli})
+        return from_args(PretrainConfig, args, values)
     except InputError as e:
         # Say where the refused values came from: the file, unless options overrode them all.
         from_file = [k for k in values if k not in cli and re.search(rf"\b{k}\b", str(e))]

@@ -13,7 +13,6 @@ function of its inputs and every rank holds the same one. Steps are 0-based glob
 from __future__ import annotations
 
 import abc
-
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +22,15 @@ from cmgems.errors import InputError
 from cmgems.masking import STRATEGIES
 
 CM_STEP_BLOCKS = 100
+# Every schedule's name: one fixed strategy, or one of the two curricula.
+MODES = tuple(f"fixed:{s}" for s in STRATEGIES) + ("cm_step", "cm_gems")
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise InputError(f"curriculum: unknown mode {mode!r} (expected "
+                         f"fixed:{'|'.join(STRATEGIES)}, cm_step or cm_gems)")
+    return mode
 
 
 @dataclass
@@ -39,10 +47,7 @@ class ScheduleConfig:
     """cm_gems: no switch at an evaluation before this step."""
 
     def __post_init__(self):
-        if not isinstance(self.mode, str) or not (self.mode in ("cm_step", "cm_gems") or (
-                self.mode.startswith("fixed:") and self.mode[len("fixed:"):] in STRATEGIES)):
-            raise InputError(f"curriculum: unknown mode {self.mode!r} (expected "
-                             f"fixed:{'|'.join(STRATEGIES)}, cm_step or cm_gems)")
+        check_mode(self.mode)
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise InputError(f"curriculum max_steps: must be a positive integer, "
                              f"got {self.max_steps!r}")

@@ -21,7 +21,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,7 +33,7 @@ def init() -> DistInfo:
 
     if "RANK" not in os.environ:  # a plain `python launchers/pretrain.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     if os.environ.get("LOCAL_SIZE") == "":  # DeepSpeed's init dies on int("")
         del os.environ["LOCAL_SIZE"]

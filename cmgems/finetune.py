@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import InputError
 from .metrics import classification_metrics, summarize
-from .shards import atomic_path
+from .io import atomic_path
 from .tasks import OVERFLOW_MODES, TaskData, check_labels, load_task_file, num_labels, shot_blocks
 from .tokens import PAD_ID, k_from_vocab_size
 

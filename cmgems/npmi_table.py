@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cmgems.errors import InputError
-from cmgems.shards import atomic_path
+from cmgems.io import atomic_path
 from cmgems.tokens import K_RANGE, NUM_SPECIAL, base_codes, vocab
 
 TSV_COLUMNS = ("kmer", "count", "pmi", "npmi", "rank")

@@ -11,19 +11,18 @@ that are missing or differ) is not a dataset.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
 from cmgems.errors import InputError
+from cmgems.io import atomic_path, sha256_file
 from cmgems.tokens import vocab_size as _vocab_size
 
 FORMAT_VERSION = 1
@@ -33,27 +32,6 @@ SPLITS = ("train", "valid")
 
 class ShardError(InputError):
     """A shard or manifest that is missing, truncated, corrupt or does not fit the run."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it over `path` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _os_reason(err: BaseException) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cmgems import checkpoint, distributed
-from cmgems.config import PretrainConfig
+from cmgems.config import PretrainConfig, resume_fields
 from cmgems.curriculum import make_schedule
 from cmgems.data import SampleDataset, TrainBatches, eval_loader
 from cmgems.engine import build_ds_config, resolve_precision
@@ -124,14 +124,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
 
-    # A resumed run equals an uninterrupted one only if these are what the checkpoint was made with.
-    RESUME_FIELDS = ("model", "mode", "seed", "micro_batch_size", "grad_accum", "max_length",
-                     "max_steps", "lr", "warmup_steps", "threshold", "patience", "p_random",
-                     "p_genemask", "p_global")
-
     def _check_resumable(self, saved: dict) -> None:
         now = self.cfg.to_dict()
-        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in self.RESUME_FIELDS
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in resume_fields(PretrainConfig)
                 if k in saved and saved[k] != now[k]]
         if diff:
             raise InputError(f"{self.ckpt_dir}: the checkpoint was made with another config ("

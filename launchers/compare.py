@@ -41,7 +41,7 @@ from cmgems.compare import (DEFAULT_STRATEGIES, STRATEGY_MODES, FewshotTask,  # 
                             markdown_table, parse_fewshot, parse_strategies, ref_ppl_plot,
                             switch_step, unique_tasks)
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
-from cmgems.shards import atomic_path  # noqa: E402
+from cmgems.io import atomic_path  # noqa: E402
 
 PRETRAIN = ROOT / "launchers" / "pretrain.py"
 EXIT_RUN_FAILED = 1

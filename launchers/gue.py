@@ -76,7 +76,7 @@ def run_suite(gue_root: Path, model_dirs: list[Path], out_dir: Path, args) -> Pa
     """Finetune every model on every task present; write gue.md and gue.json; return gue.md."""
     from cmgems.finetune import effective_max_length, evaluate, model_info
     from cmgems.tasks import discover_gue_tasks, load_task_file
-    from cmgems.shards import atomic_path
+    from cmgems.io import atomic_path
 
     tasks = discover_gue_tasks(gue_root)
     if args.tasks:

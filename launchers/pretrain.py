@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `deepspeed launchers/pretrain.py` from a checkout, uninstalled
 
-from cmgems.config import add_arguments, from_sources  # noqa: E402
+from cmgems.config import PretrainConfig, add_arguments, from_sources  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.shards import MANIFEST_NAME  # noqa: E402
 
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("--skip-verify", dest="verify_data", action="store_false", default=None,
                    help="Same as --no-verify-data: start without hashing the shards.")
-    add_arguments(p)
+    add_arguments(p, PretrainConfig, title="config fields (override --config)")
     return p.parse_args(argv)
 
 

@@ -36,7 +36,8 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.npmi_table import load_table
-from cmgems.shards import atomic_path, sha256_file, write_shard
+from cmgems.io import atomic_path, sha256_file
+from cmgems.shards import write_shard
 from cmgems.tokens import vocab_size
 from preprocessing import samples
 from preprocessing.build import (PARTIAL_TAG, TABLE_NAME, _INTERRUPTS, BuildConfig, Manifest,

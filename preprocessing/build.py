@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from cmgems.errors import InputError
 from cmgems.npmi_table import load_table, write_table
-from cmgems.shards import (MANIFEST_NAME, Manifest, ShardError, sha256_file, verify,
-                           write_shard)
+from cmgems.io import sha256_file
+from cmgems.shards import MANIFEST_NAME, Manifest, ShardError, verify, write_shard
 from cmgems.tokens import K_RANGE, vocab_size
 from preprocessing import kmers, npmi, samples
 from preprocessing.fasta import FastaReader, Piece

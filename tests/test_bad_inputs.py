@@ -16,7 +16,8 @@ import h5py
 import pytest
 
 from conftest import ROOT, run_module
-from cmgems.shards import Manifest, sha256_file
+from cmgems.io import sha256_file
+from cmgems.shards import Manifest
 
 PRETRAIN = str(ROOT / "launchers" / "pretrain.py")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
