@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -67,7 +68,29 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-_PARSE = {tuple: _comma_list}
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_int(text: str) -> int:
+    """A decimal integer, nothing else: '1_000' or '0x10' is a typo here, not a number."""
+    if not _INT.fullmatch(text.strip()):
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text)
+
+
+def parse_float(text: str) -> float:
+    """A finite decimal number ('1e-4', '.5', '3'): '0_5', 'nan' and 'inf' are refused."""
+    if not _FLOAT.fullmatch(text.strip()):
+        raise ValueError(f"not a finite decimal number: {text!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+parse_int.__name__, parse_float.__name__ = "int", "float"  # argparse names the type in errors
+_PARSE = {tuple: _comma_list, int: parse_int, float: parse_float}
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = None,
