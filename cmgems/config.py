@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,11 @@ from typing import Any
 
 import yaml
 
+from cmgems.curriculum import MODES
 from cmgems.errors import InputError
+from cmgems.masking import DEFAULT_PROBABILITY, STRATEGIES
 
 MODELS = ("logo", "dnabert")
-STRATEGIES = ("random", "genemask", "global")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -44,17 +46,16 @@ _f = option  # the field declarations below read better short
 
 
 def _base_type(hint) -> type:
-    """int for `int` and `int | None`; tuple for tuple[str, ...]; the class otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    """int for `int` and `int | None`; tuple for `tuple[str, ...]`; the class otherwise."""
     origin = typing.get_origin(hint)
-    if origin is tuple:
-        return tuple
-    if args and origin is not None and len(args) == 1:
-        return _base_type(args[0])
-    return hint
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else hint
+    return origin or hint
 
 
 def field_types(cls) -> dict[str, type]:
+    """{field name: the type its values are checked and parsed as} of dataclass `cls`."""
     hints = typing.get_type_hints(cls)
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
 
@@ -101,16 +102,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = N
     `defaults` only changes the default shown in the help (e.g. a default config file's values).
     """
     group = parser.add_argument_group(title or f"{cls.__name__} fields")
-    types = field_types(cls)
+    typed = field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True) or "help" not in f.metadata:
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        typ = types[f.name]
+        typ = typed[f.name]
         shown = (defaults or {}).get(f.name, f.default)
         if isinstance(shown, tuple):
             shown = ",".join(shown)
-        help_text = f"{f.metadata['help']} (default: {shown!r})"
+        # argparse %-formats help texts: a literal % must reach it doubled.
+        help_text = f"{f.metadata['help']} (default: {shown!r})".replace("%", "%%")
         if typ is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
@@ -143,7 +145,8 @@ class PretrainConfig:
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------
-    model: str = _f("logo", f"Architecture: one of {MODELS} (DESIGN.md 'Models').", resume=True)
+    model: str = _f("logo", f"Architecture: one of {MODELS}: GeneMask's small LOGO or DNABERT's "
+                   "BERT-base (sizes in cmgems/models.py).", resume=True)
     init_from: str = _f("", "HF/DNABERT model directory to initialise from (e.g. an export); "
                         "empty trains from scratch.")
     # --- masking curriculum -----------------------------------------------------------------
@@ -154,10 +157,12 @@ class PretrainConfig:
     patience: int = _f(1, "cm_gems: consecutive evaluations below the threshold before switching.",
                        resume=True)
     min_switch_step: int = _f(0, "cm_gems: never switch before this step.")
-    p_random: float = _f(0.025, "Centre probability of random (DNABERT) masking.", resume=True)
-    p_genemask: float = _f(0.0176, "Centre probability of GeneMask masking.", resume=True)
-    p_global: float = _f(0.0136, "Fraction of positions taken as global top-NPMI centres.",
-                         resume=True)
+    p_random: float = _f(DEFAULT_PROBABILITY["random"], "Centre probability of random "
+                         "(DNABERT) masking.", resume=True)
+    p_genemask: float = _f(DEFAULT_PROBABILITY["genemask"], "Centre probability of GeneMask "
+                           "masking.", resume=True)
+    p_global: float = _f(DEFAULT_PROBABILITY["global"], "Fraction of positions taken as global "
+                         "top-NPMI centres.", resume=True)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------
@@ -178,7 +183,8 @@ class PretrainConfig:
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0..3; picks ds_configs/zero<stage>.json.")
     ds_config: str = _f("", "DeepSpeed JSON config to use instead (e.g. ds_configs/"
                         "zero2-offload.json); 'auto' values are filled from this config.")
-    precision: str = _f("auto", f"One of {PRECISIONS}; auto = bf16 on a GPU that has it, else fp32.")
+    precision: str = _f("auto", f"One of {PRECISIONS}; auto = bf16 on a GPU that has it, else "
+                        "fp32.")
     # --- evaluation, logging, checkpoints -----------------------------------------------------
     eval_interval: int = _f(500, "Steps between validation evaluations (and curriculum decisions).")
     eval_batches: int = _f(0, "Validation batches per rank per evaluation; 0 = the whole split.")
@@ -195,8 +201,7 @@ class PretrainConfig:
         errors = []
         if self.model not in MODELS:
             errors.append(f"model must be one of {MODELS}, got {self.model!r}")
-        if self.mode not in ("cm_gems", "cm_step") and not (
-                self.mode.startswith("fixed:") and self.mode[6:] in STRATEGIES):
+        if self.mode not in MODES:
             errors.append(f"mode must be cm_gems, cm_step or fixed:<{'|'.join(STRATEGIES)}>, "
                           f"got {self.mode!r}")
         if self.eval_strategy and self.eval_strategy not in STRATEGIES:
@@ -214,26 +219,29 @@ class PretrainConfig:
         for name in ("warmup_steps", "eval_batches", "num_workers", "min_switch_step", "grad_clip"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("p_random", "p_genemask", "p_global"):
-            if not 0 < getattr(self, name) < 1:
-                errors.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        for strategy, p in self.probabilities.items():
+            if not 0 < p < 1:
+                errors.append(f"p_{strategy} must be in (0, 1), got {p}")
         if not self.lr > 0:
             errors.append(f"lr must be > 0, got {self.lr}")
         if errors:
             raise InputError("invalid config: " + "; ".join(errors))
 
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """{strategy: centre (random, genemask) or anchor (global) probability} for masking."""
+        return {"random": self.p_random, "genemask": self.p_genemask, "global": self.p_global}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @property
-    def first_strategy(self) -> str:
-        return {"cm_gems": "genemask", "cm_step": "random"}.get(self.mode, self.mode[6:])
 
 
 def _coerce(name: str, typ: type, value: Any, where: str):
     """Type-check a value from YAML/JSON (strict: 3 for a float is fine, '3' for an int is not)."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is tuple and isinstance(value, list):  # YAML and JSON spell a tuple as a list
+        return tuple(value)
     if typ is bool and not isinstance(value, bool) or not isinstance(value, typ):
         raise InputError(f"{where}: field {name!r} must be {typ.__name__}, "
                          f"got {type(value).__name__} {value!r}")
@@ -242,7 +250,7 @@ def _coerce(name: str, typ: type, value: Any, where: str):
 
 def load_file(path: str | Path, cls=None) -> dict[str, Any]:
     """The fields of a YAML or JSON config file, type-checked against `cls` (PretrainConfig)."""
-    types = field_types(cls or PretrainConfig)
+    typed = field_types(cls or PretrainConfig)
     path = Path(path)
     try:
         text = path.read_text()
@@ -256,21 +264,21 @@ def load_file(path: str | Path, cls=None) -> dict[str, Any]:
                          f"({reason})") from None
     data = data or {}
     if not isinstance(data, dict):
-        raise InputError(f"{path}: a config is a mapping of field: value, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(types))
+        raise InputError(f"{path}: a config is a mapping of field: value, got "
+                         f"{type(data).__name__}")
+    unknown = sorted(set(data) - set(typed))
     if unknown:
         raise InputError(f"{path}: unknown config field(s) {unknown}; see --help for the fields")
-    return {k: _coerce(k, types[k], v, str(path)) for k, v in data.items()}
+    return {k: _coerce(k, typed[k], v, str(path)) for k, v in data.items()}
 
 
 def from_sources(config_file: str | None, args: argparse.Namespace) -> PretrainConfig:
     """Defaults <- config file <- command-line options."""
     values = load_file(config_file) if config_file else {}
-    cli = {k: v for k, v in vars(args).items() if k in field_types(PretrainConfig)
-           and v is not None}
+    overridden = {k for k, v in vars(args).items() if k in values and v is not None}
     try:
         return from_args(PretrainConfig, args, values)
     except InputError as e:
         # Say where the refused values came from: the file, unless options overrode them all.
-        from_file = [k for k in values if k not in cli and re.search(rf"\b{k}\b", str(e))]
+        from_file = [k for k in values if k not in overridden and re.search(rf"\b{k}\b", str(e))]
         raise InputError(f"{config_file if from_file else 'command line'}: {e}") from None

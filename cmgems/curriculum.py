@@ -33,6 +33,12 @@ def check_mode(mode) -> str:
     return mode
 
 
+def first_strategy(mode: str) -> str:
+    """The strategy a mode starts with: what the frozen validation masking uses by default."""
+    return {"cm_step": "random", "cm_gems": "genemask"}.get(check_mode(mode),
+                                                             mode[len("fixed:"):])
+
+
 @dataclass
 class ScheduleConfig:
     mode: str
@@ -85,9 +91,9 @@ class _Schedule(abc.ABC):
         return 0
 
     @property
-    @abc.abstractmethod
     def first_strategy(self) -> str:
         """The strategy the frozen validation masking uses."""
+        return first_strategy(self.mode)
 
     def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
         return [self.stage] * batch_size
@@ -114,19 +120,11 @@ class FixedSchedule(_Schedule):
     def stage(self) -> str:
         return self.mode[len("fixed:"):]
 
-    @property
-    def first_strategy(self) -> str:
-        return self.stage
-
 
 class CMStepSchedule(_Schedule):
     @property
     def stage(self) -> str:
         return "cm_step"
-
-    @property
-    def first_strategy(self) -> str:
-        return "random"
 
     def global_probability(self, step: int) -> float:
         block = min(CM_STEP_BLOCKS - 1, max(0, step) * CM_STEP_BLOCKS // self.config.max_steps)
@@ -152,10 +150,6 @@ class CMGemsSchedule(_Schedule):
     @property
     def stage_index(self) -> int:
         return 1 if self.events else 0
-
-    @property
-    def first_strategy(self) -> str:
-        return self.STAGES[0]
 
     def observe(self, step: int, perplexity: float) -> dict | None:
         previous = self.history[-1][1] if self.history else None

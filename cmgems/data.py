@@ -85,8 +85,8 @@ class TrainBatches:
         self.sampler = ShardedSampler(len(dataset), rank, world_size, seed)
         self.per_epoch = self.sampler.per_rank // micro_batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"{len(dataset)} training samples over {world_size} ranks give no full "
-                             f"micro-batch of {micro_batch_size}")
+            raise ValueError(f"{len(dataset)} training samples over {world_size} ranks give no "
+                             f"full micro-batch of {micro_batch_size}")
 
     def from_position(self, consumed_micro_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch, within = divmod(consumed_micro_batches, self.per_epoch)
@@ -107,7 +107,8 @@ def eval_loader(dataset: SampleDataset, batch_size: int, rank: int, world_size: 
     is exact over the samples used: all but the last len % world_size."""
     usable = len(dataset) - len(dataset) % world_size
     if usable == 0:
-        raise ValueError(f"{len(dataset)} validation samples cannot be split over {world_size} ranks")
+        raise ValueError(f"{len(dataset)} validation samples cannot be split over {world_size} "
+                         f"ranks")
     idx = np.arange(usable)[rank::world_size].tolist()
     return DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, shuffle=False,
                       collate_fn=collate, num_workers=num_workers)

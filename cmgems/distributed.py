@@ -52,10 +52,16 @@ def init() -> DistInfo:
                     device)
 
 
-def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
-    return t.tolist()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks, in place (collective); returns it."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` maximised over all ranks, in place (collective); returns it."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,4 +1,5 @@
-"""The two architectures of DESIGN.md, both transformers.BertForMaskedLM, and the HF export."""
+"""The two architectures (ARCHITECTURES: GeneMask's small LOGO and DNABERT's BERT-base), both
+transformers.BertForMaskedLM, and the HF export."""
 from __future__ import annotations
 
 import json
@@ -35,8 +36,8 @@ def build_model(name: str, k: int, init_from: str = "") -> BertForMaskedLM:
         raise InputError(f"{path}: not a model directory (no config.json)")
     model = BertForMaskedLM.from_pretrained(path)
     if model.config.vocab_size != vocab_size(k):
-        raise InputError(f"{path}: vocab size {model.config.vocab_size} is not the k={k} vocabulary "
-                         f"({vocab_size(k)}) of the dataset")
+        raise InputError(f"{path}: vocab size {model.config.vocab_size} is not the k={k} "
+                         f"vocabulary ({vocab_size(k)}) of the dataset")
     return model
 
 

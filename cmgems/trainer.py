@@ -7,6 +7,7 @@ masks, drops out and reads exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from cmgems.curriculum import make_schedule
 from cmgems.data import SampleDataset, TrainBatches, eval_loader
 from cmgems.engine import build_ds_config, resolve_precision
 from cmgems.errors import InputError
-from cmgems.masking import mask_batch, mask_stats
+from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.plots import perplexity_plot
 from cmgems.rng import derive_seed, generator
@@ -36,7 +37,9 @@ from cmgems.tracking_uri import resolve_tracking_uri
 
 log = logging.getLogger("cmgems")
 
-REFERENCE_STRATEGY, REFERENCE_P = "random", 0.025
+# ppl_ref: the same masking in every run, whatever its own probabilities, so runs compare.
+REFERENCE_STRATEGY = "random"
+REFERENCE_P = DEFAULT_PROBABILITY[REFERENCE_STRATEGY]
 # bf16 dense peak of the GPUs MFU is reported for; other devices report achieved TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -61,6 +64,57 @@ class MaskedLM(torch.nn.Module):
 def _grad_norm(module: torch.nn.Module) -> float:
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak at a 16-bit precision, where MFU is reported; None elsewhere."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step on this rank."""
+    loss_sum: torch.Tensor           # summed loss over the predicted tokens (float64)
+    n_predicted: torch.Tensor        # predicted (selected) tokens (float64)
+    samples: int = 0
+    tokens: int = 0                  # attended tokens, [CLS] [SEP] included
+    data_seconds: float = 0.0        # reading and masking
+    mask_stats: dict = field(default_factory=dict)  # of the first micro-batch, on logged steps
+    grad_norm: float | None = None   # measured here on logged ZeRO-0 steps
+
+
+class Throughput:
+    """Samples, tokens and data seconds since the last reset, over the wall time spent training:
+    what runs inside paused() is not counted."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.samples, self.tokens, self.data_seconds = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, samples: int, tokens: int, data_seconds: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.data_seconds += data_seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
+    def rates(self, world_size: int) -> dict[str, float]:
+        """perf/ metrics of all ranks together (every rank counts a like share)."""
+        elapsed = time.perf_counter() - self.start
+        return {"perf/samples_per_s": self.samples * world_size / elapsed,
+                "perf/tokens_per_s": self.tokens * world_size / elapsed,
+                "perf/data_share": self.data_seconds / elapsed}
 
 
 @dataclass
@@ -147,8 +201,10 @@ class Trainer:
             if err is not None:
                 raise err
         self.k = self.manifest.k
-        self.train_set = SampleDataset(ShardSet(cfg.data_dir, "train", self.manifest), cfg.max_length)
-        self.valid_set = SampleDataset(ShardSet(cfg.data_dir, "valid", self.manifest), cfg.max_length)
+        self.train_set = SampleDataset(ShardSet(cfg.data_dir, "train", self.manifest),
+                                       cfg.max_length)
+        self.valid_set = SampleDataset(ShardSet(cfg.data_dir, "valid", self.manifest),
+                                       cfg.max_length)
         try:
             self.batches = TrainBatches(self.train_set, cfg.micro_batch_size, self.dist.rank,
                                         self.dist.world_size, cfg.seed, cfg.num_workers)
@@ -168,6 +224,8 @@ class Trainer:
         self.n_params = count_parameters(model)
         self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device)
         self.precision = resolve_precision(cfg.precision, self.dist.device)
+        self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
+        self.peak_tflops = peak_tflops(self.dist.device, self.precision)
         self.engine, _, _, _ = deepspeed.initialize(model=MaskedLM(model),
                                                     model_parameters=model.parameters(),
                                                     config=self.ds_config)
@@ -204,24 +262,21 @@ class Trainer:
             self.tracker.log_artifact(path)
 
     # ---------------------------------------------------------------- masking
-    def _probabilities(self) -> dict[str, float]:
-        c = self.cfg
-        return {"random": c.p_random, "genemask": c.p_genemask, "global": c.p_global}
-
-    def _mask(self, batch: dict, strategies, gen):
+    def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None):
         return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
                           self.manifest.vocab_size, gen, k=self.k,
-                          probabilities=self._probabilities())
+                          probabilities=self.cfg.probabilities if probabilities is None
+                          else probabilities)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, strategy: str, probability: float | None = None) -> float:
         """Perplexity over the validation split with a frozen masking: the same positions at every
-        evaluation (generator keyed by batch index only), so the number moves with the model only."""
+        evaluation (generator keyed by batch index only), so the number moves with the model
+        only."""
         cfg, dev = self.cfg, self.dist.device
-        probs = self._probabilities()
-        if probability is not None:
-            probs = {**probs, strategy: probability}
+        probs = cfg.probabilities if probability is None else {**cfg.probabilities,
+                                                               strategy: probability}
         loader = eval_loader(self.valid_set, cfg.micro_batch_size, self.dist.rank,
                              self.dist.world_size, 0)
         self.engine.eval()
@@ -231,113 +286,38 @@ class Trainer:
                 break
             batch = {k: v.to(dev) for k, v in batch.items()}
             gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
-            inputs, labels, _ = mask_batch(batch["input_ids"], batch["npmi"],
-                                           batch["attention_mask"], strategy,
-                                           self.manifest.vocab_size, gen, k=self.k,
-                                           probabilities=probs)
+            inputs, labels, _ = self._mask(batch, strategy, gen, probs)
             _, loss_sum, n = self.engine(inputs, batch["attention_mask"], labels)
             totals += torch.stack([loss_sum.double(), n.double()])
         self.engine.train()
-        torch.distributed.all_reduce(totals)
-        loss_sum, n = totals.tolist()
+        loss_sum, n = distributed.all_reduce_sum(totals).tolist()
         return math.exp(loss_sum / n) if n else float("nan")
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
-        cfg, dist, st = self.cfg, self.dist, self.state
-        dev = dist.device
+        cfg, st = self.cfg, self.state
         eval_strategy = cfg.eval_strategy or self.schedule.first_strategy
         stream = self.batches.from_position(st.step * cfg.grad_accum)
-        progress = None
-        if dist.is_main:
-            from tqdm import tqdm
-            progress = tqdm(total=cfg.max_steps, initial=st.step, desc=self.run_name,
-                            dynamic_ncols=True, file=sys.stderr)
-        t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
-        stopped_by = None
-        last_ppl = float("nan")
+        progress = self._progress_bar()
+        meter = Throughput()
+        stopped_by, last_ppl = None, float("nan")
         try:
             while st.step < cfg.max_steps:
-                step = st.step
-                step_stats: list[dict] = []
-                loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-                n_sum = torch.zeros((), dtype=torch.float64, device=dev)
-                t_step, step_data = time.perf_counter(), 0.0
-                log_now = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps
-                grad_norm = None
-                for micro in range(cfg.grad_accum):
-                    t0 = time.perf_counter()
-                    # Masking runs on the training device; its random numbers come from a CPU
-                    # generator, so a GPU run masks exactly as a CPU run of the same seed.
-                    batch = {k: v.to(dev, non_blocking=True) for k, v in next(stream).items()}
-                    gen = generator(cfg.seed, step * cfg.grad_accum + micro, dist.rank, "mask")
-                    strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
-                    inputs, labels, selected = self._mask(batch, strategies, gen)
-                    attn = batch["attention_mask"]
-                    if micro == 0 and log_now:
-                        step_stats.append(mask_stats(selected, batch["npmi"], attn, strategies))
-                    step_data += time.perf_counter() - t0
-                    torch.manual_seed(derive_seed(cfg.seed, step * cfg.grad_accum + micro, dist.rank,
-                                                  "dropout"))
-                    loss, ls, n = self.engine(inputs, attn, labels)
-                    self.engine.backward(loss)
-                    if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
-                        grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
-                    self.engine.step()
-                    loss_sum += ls.double()
-                    n_sum += n.double()
-                    samples_since += inputs.shape[0]
-                    tokens_since += int(attn.sum())
+                t_step = time.perf_counter()
+                log_now = (st.step + 1) % cfg.log_interval == 0 or st.step + 1 == cfg.max_steps
+                out = self._train_step(st.step, stream, log_now)
                 st.step += 1
-                data_time += step_data
-
-                flags = torch.tensor([float(self.stop.requested is not None)], device=dev)
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                if flags.item() > 0:
-                    stopped_by = self.stop.requested or "signal on another rank"
-
+                meter.add(out.samples, out.tokens, out.data_seconds)
+                stopped_by = self._stop_requested()
                 if log_now:
-                    totals = torch.stack([loss_sum, n_sum])
-                    torch.distributed.all_reduce(totals)
-                    train_loss = (totals[0] / totals[1].clamp(min=1)).item()
-                    elapsed = time.perf_counter() - t_last
-                    world = dist.world_size
-                    metrics = {
-                        "train/loss": train_loss,
-                        "train/lr": self.engine.optimizer.param_groups[0]["lr"],
-                        "perf/samples_per_s": samples_since * world / elapsed,
-                        "perf/tokens_per_s": tokens_since * world / elapsed,
-                        "perf/data_share": data_time / elapsed,
-                        "curriculum/stage": self.schedule.stage_index,
-                    }
-                    grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-                    if grad_norm is not None:
-                        metrics["train/grad_norm"] = float(grad_norm)
-                    tflops = flops_per_token(self.bert_config, cfg.max_length) \
-                        * metrics["perf/tokens_per_s"] / world / 1e12
-                    metrics["perf/tflops_per_device"] = tflops
-                    peak = next((v for k, v in PEAK_TFLOPS.items()
-                                 if dev.type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
-                    if peak and self.precision in ("bf16", "fp16"):
-                        metrics["perf/mfu"] = tflops / peak
-                    for s in step_stats:
-                        metrics.update({f"mask/{k}": v for k, v in s.items()})
-                    self.tracker.log_metrics(metrics, st.step)
-                    self.tracker.flush()
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{train_loss:.3f}",
-                                             ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
-                                             stage=self.schedule.stage,
-                                             sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
-                    t_last, samples_since, tokens_since, data_time = time.perf_counter(), 0, 0, 0.0
-
-                self.timings.append((time.perf_counter() - t_step, step_data))
-                pause = time.perf_counter()  # evaluation and checkpoints stay out of throughput
-                if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
-                    last_ppl = self._evaluate_and_observe(eval_strategy)
-                if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
-                    self._save()
-                t_last += time.perf_counter() - pause
+                    self._log(self._train_metrics(out, meter), progress, last_ppl)
+                    meter.reset()  # the logging itself stays out of throughput
+                self.timings.append((time.perf_counter() - t_step, out.data_seconds))
+                with meter.paused():  # evaluation and checkpoints stay out of throughput
+                    if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
+                        last_ppl = self._evaluate_and_observe(eval_strategy)
+                    if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
+                        self._save()
                 if progress is not None:
                     progress.update(1)
                 if stopped_by:
@@ -346,6 +326,78 @@ class Trainer:
             if progress is not None:
                 progress.close()
         return self._finish(stopped_by)
+
+    def _train_step(self, step: int, stream, log_now: bool) -> StepResult:
+        """One optimizer step over grad_accum micro-batches: read, mask, forward, backward."""
+        cfg, rank, dev = self.cfg, self.dist.rank, self.dist.device
+        out = StepResult(torch.zeros((), dtype=torch.float64, device=dev),
+                         torch.zeros((), dtype=torch.float64, device=dev))
+        for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            index = step * cfg.grad_accum + micro
+            # Masking runs on the training device; its random numbers come from a CPU generator,
+            # so a GPU run masks exactly as a CPU run of the same seed.
+            batch = {k: v.to(dev, non_blocking=True) for k, v in next(stream).items()}
+            gen = generator(cfg.seed, index, rank, "mask")
+            strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
+            inputs, labels, selected = self._mask(batch, strategies, gen)
+            attn = batch["attention_mask"]
+            if micro == 0 and log_now:
+                out.mask_stats = mask_stats(selected, batch["npmi"], attn, strategies)
+            out.data_seconds += time.perf_counter() - t0
+            torch.manual_seed(derive_seed(cfg.seed, index, rank, "dropout"))
+            loss, loss_sum, n = self.engine(inputs, attn, labels)
+            self.engine.backward(loss)
+            if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
+                out.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
+            self.engine.step()
+            out.loss_sum += loss_sum.double()
+            out.n_predicted += n.double()
+            out.samples += inputs.shape[0]
+            out.tokens += int(attn.sum())
+        return out
+
+    def _stop_requested(self) -> str | None:
+        """The signal asking this run to stop, if any rank got one: all stop at the same step."""
+        flag = torch.tensor([float(self.stop.requested is not None)], device=self.dist.device)
+        if distributed.all_reduce_max(flag).item() > 0:
+            return self.stop.requested or "signal on another rank"
+        return None
+
+    def _train_metrics(self, out: StepResult, meter: Throughput) -> dict[str, float]:
+        """What a logged step reports (collective: every rank all-reduces the step's loss)."""
+        totals = distributed.all_reduce_sum(torch.stack([out.loss_sum, out.n_predicted]))
+        metrics = {
+            "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+            "train/lr": self.engine.optimizer.param_groups[0]["lr"],
+            **meter.rates(self.dist.world_size),
+            "curriculum/stage": self.schedule.stage_index,
+        }
+        grad_norm = self.engine.get_global_grad_norm() if out.grad_norm is None else out.grad_norm
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        tflops = self.flops_per_token * metrics["perf/tokens_per_s"] / self.dist.world_size / 1e12
+        metrics["perf/tflops_per_device"] = tflops
+        if self.peak_tflops is not None:
+            metrics["perf/mfu"] = tflops / self.peak_tflops
+        metrics.update({f"mask/{k}": v for k, v in out.mask_stats.items()})
+        return metrics
+
+    def _progress_bar(self):
+        if not self.dist.is_main:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.max_steps, initial=self.state.step, desc=self.run_name,
+                    dynamic_ncols=True, file=sys.stderr)
+
+    def _log(self, metrics: dict[str, float], progress, last_ppl: float) -> None:
+        self.tracker.log_metrics(metrics, self.state.step)
+        self.tracker.flush()
+        if progress is not None:
+            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                                 ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
+                                 stage=self.schedule.stage,
+                                 sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state

@@ -29,11 +29,12 @@ QUICK = ROOT / "launchers" / "configs" / "quick.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML or JSON file of config fields (default: "
                    f"{QUICK.relative_to(ROOT)} when no --config is given)")
-    p.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from its "
-                   "latest complete checkpoint (same MLflow run); starts fresh if it has none.")
+    p.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from "
+                   "its latest complete checkpoint (same MLflow run); starts fresh if it has none.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("--skip-verify", dest="verify_data", action="store_false", default=None,

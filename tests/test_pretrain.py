@@ -89,7 +89,7 @@ def test_config_file_errors_name_the_file_and_field(tmp_path):
 def test_help_documents_every_field():
     res = run_module(PRETRAIN, "--help")
     text = " ".join(res.stdout.split())
-    for name in config_mod.FIELD_TYPES:
+    for name in config_mod.field_types(config_mod.PretrainConfig):
         assert "--" + name.replace("_", "-") in text, name
     assert "--resume" in text and "--config" in text
 
