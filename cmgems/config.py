@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = N
 
     Options default to None (not given), so from_args can tell an option from a default;
     `defaults` only changes the default shown in the help (e.g. a default config file's values).
+    A field whose default is None (not set, or set from other fields) shows no default: its help
+    says what then.
     """
     group = parser.add_argument_group(title or f"{cls.__name__} fields")
     types = field_types(cls)
@@ -87,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = N
         shown = (defaults or {}).get(f.name, f.default)
         if isinstance(shown, tuple):
             shown = ",".join(shown)
-        help_text = f"{f.metadata['help']} (default: {shown!r})"
+        help_text = f.metadata["help"] + ("" if shown is None else f" (default: {shown!r})")
         if typ is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)

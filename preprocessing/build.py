@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from cmgems.config import option
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.npmi_table import load_table, write_table
@@ -37,21 +38,32 @@ PIECE_BASES = 1 << 19   # part of the sample layout (recorded in params), not a 
 
 @dataclass
 class BuildConfig:
-    """Everything `build` needs; the CLI options map one to one (piece_bases and cache_bytes
-    are for tests and benchmarks)."""
+    """Everything `build` needs. Its options (preprocessing.__main__) are made from these fields
+    by cmgems.config.add_arguments; genome and out_dir are positional there, piece_bases and
+    cache_bytes are for tests and benchmarks only."""
     genome: Path                      # FASTA: plain, gzip or bgzip
     out_dir: Path                     # dataset directory to create
-    k: int = 6                        # k-mer length (3..6)
-    min_count: int = 101              # NPMI's c: k-mers seen fewer times are unscored
-    valid_fraction: float | None = None   # share of samples for validation; None: 0.02, or 0 with valid_records
-    valid_records: tuple[str, ...] = ()   # record names whose samples all go to validation
-    seed: int = 0                     # sample lengths and split
-    workers: int = 1                  # processes counting and cutting pieces
-    npmi_table: Path | None = None    # external NPMI table instead of counting this genome
-    shard_tokens: int = 4_000_000     # tokens per shard (whole samples; the last one smaller)
-    overwrite: bool = False           # replace a dataset built with other parameters
-    piece_bases: int = PIECE_BASES    # bases per streamed piece
-    cache_bytes: int = 256 << 20      # genomes up to this size are read once, not twice
+    k: int = option(6, "k-mer length, 3..6")
+    min_count: int = option(101, "NPMI's c: k-mers seen fewer times get no score")
+    # None: 0.02, or 0 with valid_records (the default depends on another option)
+    valid_fraction: float | None = option(
+        None, "share of samples (seeded) for the validation split; default 0.02, or 0 with "
+              "--valid-records")
+    valid_records: tuple[str, ...] = option(
+        (), "comma-separated record names whose samples all go to validation")
+    seed: int = option(0, "seed of sample lengths and split")
+    workers: int = option(1, "processes counting and cutting pieces of the genome (1: all in "
+                             "this process; the output is the same for any number)")
+    npmi_table: Path | None = option(
+        None, "use this NPMI table (our npmi.tsv, or GeneMask's CSV with ngram, "
+              "norm_dp_true_pmi) instead of counting the genome")
+    shard_tokens: int = option(4_000_000, "tokens per shard (whole samples; the last shard "
+                                          "smaller)")
+    overwrite: bool = option(False, "replace a dataset in OUT_DIR built with other parameters")
+    piece_bases: int = option(PIECE_BASES, "bases per streamed piece (part of the sample "
+                                           "layout)", cli=False)
+    cache_bytes: int = option(256 << 20, "genomes up to this size are read once, not twice",
+                              cli=False)
 
     def __post_init__(self):
         self.genome, self.out_dir = Path(self.genome), Path(self.out_dir)
@@ -235,8 +247,9 @@ def build(cfg: BuildConfig, out=sys.stdout) -> Manifest:
     return manifest
 
 
-def build_table(genome: Path, out_tsv: Path, k: int = 6, min_count: int = 101,
-                workers: int = 1, out=sys.stdout) -> Path:
+def build_table(genome: Path, out_tsv: Path, k: int = BuildConfig.k,
+                min_count: int = BuildConfig.min_count, workers: int = BuildConfig.workers,
+                out=sys.stdout) -> Path:
     """Only the NPMI table (the `npmi` command)."""
     if k not in K_RANGE:
         raise InputError(f"--k: {k} not in {K_RANGE.start}..{K_RANGE.stop - 1}")
