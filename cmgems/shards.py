@@ -31,7 +31,12 @@ SPLITS = ("train", "valid")
 
 
 class ShardError(InputError):
-    """A shard or manifest that is missing, truncated, corrupt or does not fit the run."""
+    """A shard or manifest that is missing, truncated, corrupt or does not fit the run; `path`,
+    where given, is the file at fault."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def _os_reason(err: BaseException) -> str:
@@ -71,6 +76,23 @@ def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets:
         raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}") from None
     return {"path": path.name, "split": attrs.get("split", "train"), "samples": len(offsets) - 1,
             "tokens": int(len(tokens)), "sha256": sha256_file(path)}
+
+
+def merge(paths: list[str | Path], out_path: str | Path, **attrs) -> dict:
+    """One shard holding the samples of the shards `paths`, in that order (a shard written in
+    parts, as the preprocessing job array does); returns its manifest entry. An unreadable part
+    raises ShardError with that part as `path`."""
+    tokens, npmi, lengths = [], [], []
+    for path in paths:
+        try:
+            with h5py.File(path, "r") as f:
+                tokens.append(f["tokens"][:])
+                npmi.append(f["npmi"][:])
+                lengths.append(np.diff(f["offsets"][:]))
+        except (OSError, KeyError) as e:
+            raise ShardError(f"{path}: unreadable ({e})", path=Path(path)) from None
+    offsets = np.concatenate(([0], np.cumsum(np.concatenate(lengths))))
+    return write_shard(out_path, np.concatenate(tokens), np.concatenate(npmi), offsets, **attrs)
 
 
 class ShardReader:

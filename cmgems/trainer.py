@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from cmgems import checkpoint, distributed
-from cmgems.config import PretrainConfig, resume_fields
+from cmgems.config import PretrainConfig
+from cmgems.options import resume_fields
 from cmgems.curriculum import make_schedule
 from cmgems.data import SampleDataset, TrainBatches, eval_loader
 from cmgems.engine import build_ds_config, resolve_precision

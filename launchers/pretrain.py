@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `deepspeed launchers/pretrain.py` from a checkout, uninstalled
 
-from cmgems.config import PretrainConfig, add_arguments, from_sources  # noqa: E402
+from cmgems.config import PretrainConfig, from_sources  # noqa: E402
+from cmgems.options import add_arguments  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.shards import MANIFEST_NAME  # noqa: E402
 

@@ -28,22 +28,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from cmgems.errors import InputError
-from cmgems.npmi_table import load_table
 from cmgems.io import atomic_path, sha256_file
-from cmgems.shards import write_shard
-from cmgems.tokens import vocab_size
-from preprocessing import samples
-from preprocessing.build import (PARTIAL_TAG, TABLE_NAME, _INTERRUPTS, BuildConfig, Manifest,
-                                 PieceCache, Summary, _publish, _reader_stats,
-                                 _stale_partials, check_target, count_ngrams, params_of,
-                                 write_npmi_table)
+from cmgems.npmi_table import load_table
+from cmgems.shards import SPLITS, Manifest, ShardError, merge
+from preprocessing.build import BuildConfig, PieceCache, count_ngrams, params_of, write_npmi_table
+from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
+                                          Staging, Summary, check_target, check_train_samples,
+                                          check_valid_records, dataset_manifest, genome_sha256,
+                                          shard_attrs, shard_ends)
 from preprocessing.fasta import FastaReader
 from preprocessing.parallel import PieceRunner
 
@@ -52,7 +49,6 @@ JOB_FORMAT = 1
 # BuildConfig fields that shape the output (job.json holds them; workers is per task)
 _JOB_FIELDS = ("k", "min_count", "valid_fraction", "valid_records", "seed", "npmi_table",
                "shard_tokens", "overwrite", "piece_bases")
-_SPLITS = ("train", "valid")
 
 
 def parse_group(text: str) -> tuple[int, int]:
@@ -122,15 +118,8 @@ def _claim_job(work: Path, job: dict) -> str:
     return _digest(job)
 
 
-def _genome_sha(genome: Path) -> str:
-    try:
-        return sha256_file(genome)
-    except OSError as e:
-        raise InputError(f"{genome}: cannot read genome ({e.strerror or e})") from None
-
-
 def _check_genome(job: dict, genome: Path) -> None:
-    if _genome_sha(genome) != job["genome"]["sha256"]:
+    if genome_sha256(genome) != job["genome"]["sha256"]:
         raise InputError(f"{genome}: differs from the genome the job was counted on "
                          f"({job['genome']['path']}, sha256 {job['genome']['sha256'][:12]}...)")
 
@@ -172,24 +161,12 @@ def _table_of(work: Path, digest: str, k: int) -> tuple[np.ndarray, str]:
 
 # ---- stages ----
 
-def _check_valid_records(cfg: BuildConfig, names: list[str]) -> None:
-    missing = sorted(set(cfg.valid_records) - set(names))
-    if missing:
-        raise InputError(f"--valid-records: {', '.join(missing)} not found in {cfg.genome} "
-                         f"(records: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
-
-
-def _reader_summary(summary: Summary) -> dict:
-    return {key: getattr(summary, key) for key in
-            ("records", "empty_records", "short_records", "bases", "bases_short_records")}
-
-
 def count_stage(cfg: BuildConfig, work: Path, group: tuple[int, int], out=sys.stdout) -> Path:
     """Stage 1: n-gram counts (none with an external table) and the sample layout (sample
     lengths per split, which do not depend on the NPMI) of pieces i, i+N, i+2N, ..."""
     start = time.perf_counter()
     i, n = group
-    source_sha = _genome_sha(cfg.genome)
+    source_sha = genome_sha256(cfg.genome)
     table_sha = None
     if cfg.npmi_table is not None:
         load_table(cfg.npmi_table, cfg.k)      # refuse a bad table now, not at the gather
@@ -203,9 +180,8 @@ def count_stage(cfg: BuildConfig, work: Path, group: tuple[int, int], out=sys.st
     digest = _claim_job(work, job)
     summary = Summary()
     path = counts_path(work, i)
-    with _INTERRUPTS:
-        runner = PieceRunner(cfg.workers, cfg.piece_bases, cfg.k)
-        try:
+    with INTERRUPTS:
+        with PieceRunner(cfg.workers, cfg.piece_bases, cfg.k) as runner:
             flat, cache = np.zeros(0, dtype=np.int64), None
             if cfg.npmi_table is None:
                 cache = PieceCache(cfg.cache_bytes)    # this task's pieces, for the layout pass
@@ -213,14 +189,10 @@ def count_stage(cfg: BuildConfig, work: Path, group: tuple[int, int], out=sys.st
                                       cache, pieces=lambda j: j % n == i)
                 flat = np.concatenate(counts[1:])
             layout = _layout(cfg, runner, group, cache, summary)
-        except BaseException:
-            runner.close(kill=True)
-            raise
-        runner.close()
-        _INTERRUPTS.check()
+        INTERRUPTS.check()
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, counts=flat, job=np.array(digest), reader=np.array(json.dumps(
-                _reader_summary(summary))), seconds=np.array(time.perf_counter() - start),
+                summary.reader_fields())), seconds=np.array(time.perf_counter() - start),
                 **layout)
     print(f"{path}: group {i}/{n}, {len(layout['piece'])} pieces, "
           f"{int(layout['bases'].sum()):,} bases, {time.perf_counter() - start:.2f} s", file=out)
@@ -238,50 +210,29 @@ def _layout(cfg: BuildConfig, runner: PieceRunner, group: tuple[int, int],
     else:
         reader = FastaReader(cfg.genome, cfg.piece_bases, cfg.k - 1, cfg.min_bases)
         source = ((j, p) for j, p in enumerate(reader) if j % n == i)
-    valid_names = set(cfg.valid_records)
     piece, bases = [], []
-    per = {s: ([], []) for s in _SPLITS}      # samples per piece, lengths
+    per = {s: ([], []) for s in SPLITS}      # samples per piece, lengths
 
-    def tasks():
+    def chosen():
         for j, p in source:
             piece.append(j)
             bases.append(len(p.seq) - p.overlap)
-            yield p, (cfg.seed, p.record, p.index, cfg.valid_fraction, p.name in valid_names)
+            yield p
 
-    arena = runner.arena
-    for _, slot, (nt, ns, _, _) in runner.map("cut", tasks()):
-        _INTERRUPTS.check()
-        lengths, valid = arena.view(slot, "lengths", ns), arena.view(slot, "valid", ns)
-        for split, smask in (("train", ~valid), ("valid", valid)):
+    for _, cut in runner.cut(chosen(), cfg.seed, cfg.valid_fraction, cfg.valid_records):
+        INTERRUPTS.check()
+        for split, smask in (("train", ~cut.valid), ("valid", cut.valid)):
             per[split][0].append(int(smask.sum()))
-            per[split][1].append(lengths[smask].astype(np.uint16))   # <= MAX_TOKENS
+            per[split][1].append(cut.lengths[smask].astype(np.uint16))   # <= MAX_TOKENS
     if reader is not None:
-        _reader_stats(reader, summary)
-    _check_valid_records(cfg, _names(reader, cache))
+        summary.read(reader.stats)
+    check_valid_records(cfg.genome, cfg.valid_records,
+                        reader.stats.names if reader is not None else cache.names)
     out = {"piece": np.array(piece, dtype=np.int64), "bases": np.array(bases, dtype=np.int64)}
     for split, (counts, lens) in per.items():
         out[f"{split}_n"] = np.array(counts, dtype=np.int64)
         out[f"{split}_len"] = np.concatenate(lens) if lens else np.zeros(0, np.uint16)
     return out
-
-
-def _names(reader: FastaReader | None, cache: PieceCache | None) -> list[str]:
-    return reader.stats.names if reader is not None else cache.names
-
-
-def shard_ends(lengths: np.ndarray, shard_tokens: int) -> np.ndarray:
-    """End (exclusive sample index) of each shard `build`'s writer makes of these samples: a
-    shard ends with the sample that reaches shard_tokens; the last one takes the rest."""
-    ends = np.cumsum(lengths, dtype=np.int64)
-    out, start = [], 0
-    while True:
-        i = int(np.searchsorted(ends, start + shard_tokens))
-        if i >= len(ends):
-            if len(ends) > (out[-1] if out else 0):
-                out.append(len(ends))
-            return np.array(out, dtype=np.int64)
-        out.append(i + 1)
-        start = int(ends[i])
 
 
 def table_stage(work: Path, out=sys.stdout) -> Path:
@@ -334,7 +285,7 @@ def _plan(parts: list[dict], n: int, shard_tokens: int, work: Path) -> dict[str,
     piece_start = np.searchsorted(cum[:-1], np.arange(n + 1) * int(cum[-1]) // n)
     piece_start[-1] = total
     plan = {"piece_start": piece_start.astype(np.int64)}
-    for split in _SPLITS:
+    for split in SPLITS:
         offs = [np.concatenate(([0], np.cumsum(p[f"{split}_n"]))) for p in parts]
         lens = [parts[g][f"{split}_len"][offs[g][m]:offs[g][m + 1]] for g, m in order]
         per_piece = np.array([parts[g][f"{split}_n"][m] for g, m in order], dtype=np.int64)
@@ -342,64 +293,6 @@ def _plan(parts: list[dict], n: int, shard_tokens: int, work: Path) -> dict[str,
         lengths = np.concatenate(lens) if lens else np.zeros(0, np.uint16)
         plan[f"{split}_shard_end"] = shard_ends(lengths, shard_tokens)
     return plan
-
-
-class _RunWriter:
-    """Samples s0..s1-1 (numbered across the whole split) -> the shards that lie wholly among
-    them, named and written as `build` writes them, and fragments of the (at most two) shards
-    that reach beyond them, for `finish` to join."""
-
-    def __init__(self, directory: Path, split: str, shard_end: np.ndarray, s0: int, s1: int,
-                 attrs: dict, capacity: int, group: int):
-        self.directory, self.split, self.shard_end, self.attrs = directory, split, shard_end, attrs
-        self.s0, self.group = s0, group
-        self.first = self.next = s0             # numbers of the first buffered and next sample
-        self.shard = int(np.searchsorted(shard_end, s0, side="right"))   # the one s0 is in
-        self.tokens = np.empty(capacity, np.uint16)
-        self.npmi = np.empty(capacity, np.float16)
-        self.lengths: list[np.ndarray] = []
-        self.n = 0
-        self.entries: list[dict] = []
-        self.fragments: list[dict] = []
-
-    def add(self, tokens: np.ndarray, npmi_: np.ndarray, lengths: np.ndarray) -> None:
-        if not len(lengths):
-            return
-        self.tokens[self.n:self.n + len(tokens)] = tokens
-        self.npmi[self.n:self.n + len(tokens)] = npmi_
-        self.n += len(tokens)
-        self.lengths.append(lengths.astype(np.int64))
-        self.next += len(lengths)
-        while self.shard < len(self.shard_end) and self.shard_end[self.shard] <= self.next:
-            self._flush(int(self.shard_end[self.shard]) - self.first)
-
-    def _flush(self, k: int) -> None:
-        lengths = np.concatenate(self.lengths)
-        ends = np.cumsum(lengths[:k])
-        cut = int(ends[-1])
-        begins = int(self.shard_end[self.shard - 1]) if self.shard else 0
-        tokens, npmi_ = self.tokens[:cut], self.npmi[:cut]
-        offsets = np.concatenate(([0], ends))
-        name = f"{self.split}-{self.shard:05d}.h5"
-        if begins >= self.s0 and self.first + k == int(self.shard_end[self.shard]):
-            self.entries.append(write_shard(self.directory / name, tokens, npmi_, offsets,
-                                            split=self.split, **self.attrs))
-        else:
-            frag = write_shard(self.directory / f"part-{self.group:05d}-{name}", tokens, npmi_,
-                               offsets, split=self.split, **self.attrs)
-            self.fragments.append({**frag, "shard": self.shard, "group": self.group})
-        rest = self.n - cut
-        self.tokens[:rest] = self.tokens[cut:self.n]
-        self.npmi[:rest] = self.npmi[cut:self.n]
-        self.lengths, self.n = [lengths[k:]], rest
-        self.first += k
-        if self.first == int(self.shard_end[self.shard]):
-            self.shard += 1
-
-    def close(self) -> tuple[list[dict], list[dict]]:
-        if self.next > self.first:      # the start of a shard that the next group completes
-            self._flush(self.next - self.first)
-        return self.entries, self.fragments
 
 
 def shard_stage(genome: Path, work: Path, group: tuple[int, int], workers: int = 1,
@@ -417,45 +310,23 @@ def shard_stage(genome: Path, work: Path, group: tuple[int, int], workers: int =
     table, table_sha = _table_of(work, digest, cfg.k)
     plan = _load_part(work / "plan.npz", digest)
     p0, p1 = int(plan["piece_start"][i]), int(plan["piece_start"][i + 1])
-    attrs = {"k": cfg.k, "vocab_size": vocab_size(cfg.k), "npmi_table_sha256": table_sha,
-             "source_sha256": job["genome"]["sha256"], "seed": cfg.seed}
-    capacity = cfg.shard_tokens + samples.MAX_TOKENS + cfg.piece_bases + cfg.k
-    writers = {s: _RunWriter(work, s, plan[f"{s}_shard_end"], int(plan[f"{s}_sample_start"][p0]),
-                             int(plan[f"{s}_sample_start"][p1]), attrs, capacity, i)
-               for s in _SPLITS}
-    valid_names = set(cfg.valid_records)
-    stats = {"non_acgt": 0, "dropped": 0, "samples": dict.fromkeys(_SPLITS, 0),
-             "tokens": dict.fromkeys(_SPLITS, 0)}
+    attrs = shard_attrs(cfg.k, table_sha, job["genome"]["sha256"], cfg.seed)
+    shards = SplitShards(lambda split: ShardWriter(
+        work, split, attrs, cfg.shard_tokens, cfg.piece_bases + cfg.k,
+        shard_end=plan[f"{split}_shard_end"], first=int(plan[f"{split}_sample_start"][p0]),
+        group=i))
     reader = FastaReader(cfg.genome, cfg.piece_bases, cfg.k - 1, cfg.min_bases)
+    run = itertools.islice(reader, p0, p1)      # the reader stops after this group's run
 
-    def tasks():
-        for p in itertools.islice(reader, p0, p1):   # the reader stops after this group's run
-            yield p, (cfg.seed, p.record, p.index, cfg.valid_fraction, p.name in valid_names)
-
-    with _INTERRUPTS:
-        runner = PieceRunner(cfg.workers, cfg.piece_bases, cfg.k)
-        try:
-            runner.arena.table()[:] = table
-            arena = runner.arena
-            for _, slot, (nt, ns, dropped, non_acgt) in runner.map("cut", tasks()):
-                _INTERRUPTS.check()
-                stats["non_acgt"] += non_acgt
-                stats["dropped"] += dropped
-                tokens, npmi_ = arena.view(slot, "tokens", nt), arena.view(slot, "npmi", nt)
-                lengths, valid = arena.view(slot, "lengths", ns), arena.view(slot, "valid", ns)
-                tok_valid = np.repeat(valid, lengths)
-                for split, smask, tmask in (("train", ~valid, ~tok_valid),
-                                            ("valid", valid, tok_valid)):
-                    writers[split].add(tokens[tmask], npmi_[tmask], lengths[smask])
-                    stats["samples"][split] += int(smask.sum())
-                    stats["tokens"][split] += int(lengths[smask].sum())
-            closed = {s: w.close() for s, w in writers.items()}
-        except BaseException:
-            runner.close(kill=True)
-            raise
-        runner.close()
-        _INTERRUPTS.check()
-        for split in _SPLITS:
+    with INTERRUPTS:
+        with PieceRunner(cfg.workers, cfg.piece_bases, cfg.k) as runner:
+            for _, cut in runner.cut(run, cfg.seed, cfg.valid_fraction, cfg.valid_records, table):
+                INTERRUPTS.check()
+                shards.add(cut)
+            entries = shards.close()
+        INTERRUPTS.check()
+        stats = shards.stats()
+        for split in SPLITS:
             want = int(plan[f"{split}_sample_start"][p1] - plan[f"{split}_sample_start"][p0])
             if stats["samples"][split] != want:
                 raise InputError(f"{genome}: group {i}/{n} cut {stats['samples'][split]} "
@@ -465,8 +336,7 @@ def shard_stage(genome: Path, work: Path, group: tuple[int, int], workers: int =
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({
                 "job": digest, "pieces": [p0, p1], "stats": stats,
-                "shards": closed["train"][0] + closed["valid"][0],
-                "fragments": closed["train"][1] + closed["valid"][1]}, indent=1) + "\n")
+                "shards": entries, "fragments": shards.fragments}, indent=1) + "\n")
     print(f"{path}: group {i}/{n}, pieces [{p0}, {p1}), {stats['samples']['train']:,} train "
           f"and {stats['samples']['valid']:,} valid samples, {time.perf_counter() - start:.2f} s",
           file=out)
@@ -492,20 +362,14 @@ def finish_stage(work: Path, out_dir: Path, keep_work: bool = False, out=sys.std
                              f"`shard` task")
     source_sha = job["genome"]["sha256"]
     params = params_of(cfg, job["npmi_table_sha256"])
-    if (m := check_target(cfg, params, source_sha, out, "--overwrite (to `count`)")) is not None:
+    if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out,
+                          "--overwrite (to `count`)")) is not None:
         return m
     counts = [_load_part(counts_path(work, i), digest) for i in range(n)]
     summary = Summary(**json.loads(str(counts[0]["reader"])))
     for part in parts:
-        st = part["stats"]
-        summary.bases_non_acgt += st["non_acgt"]
-        summary.tokens_dropped += st["dropped"]
-        for split in _SPLITS:
-            summary.samples[split] += st["samples"][split]
-            summary.tokens[split] += st["tokens"][split]
-    if not summary.samples["train"]:
-        raise InputError(f"{job['genome']['path']}: no training samples (no ACGT stretch of "
-                         f"{cfg.min_bases}+ bases outside the validation split)")
+        summary.add_cuts(part["stats"])
+    check_train_samples(cfg.genome, cfg.min_bases, summary)
     whole = {(e["split"], e["path"]): (e, g) for g, part in enumerate(parts)
              for e in part["shards"]}
     pieces_of: dict[tuple[str, int], list[dict]] = {}
@@ -516,52 +380,32 @@ def finish_stage(work: Path, out_dir: Path, keep_work: bool = False, out=sys.std
         if not (work / e["path"]).is_file():
             raise InputError(f"{work / e['path']}: missing; rerun `shard` task {g}")
 
-    out_path = cfg.out_dir.resolve()
-    for stale in _stale_partials(out_path):
-        shutil.rmtree(stale, ignore_errors=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.parent / f".{out_path.name}{PARTIAL_TAG}{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        with _INTERRUPTS:
-            shutil.copyfile(work / TABLE_NAME, partial / TABLE_NAME)
-            attrs = {"k": cfg.k, "vocab_size": vocab_size(cfg.k),
-                     "npmi_table_sha256": table_sha256, "source_sha256": source_sha,
-                     "seed": cfg.seed}
-            entries = []
-            for split in _SPLITS:
-                ends = plan[f"{split}_shard_end"]
-                for sh in range(len(ends)):
-                    _INTERRUPTS.check()
-                    name = f"{split}-{sh:05d}.h5"
-                    want = int(ends[sh] - (ends[sh - 1] if sh else 0))
-                    if (split, name) in whole:
-                        entry = whole[(split, name)][0]
-                        _link_or_copy(work / name, partial / name)
-                    else:
-                        entry = _join(work, partial / name, pieces_of.get((split, sh), []), want,
-                                      split, attrs)
-                    entries.append(entry)
-            summary.shards = len(entries)
-            summary.seconds = (time.perf_counter() - start
-                               + sum(float(c["seconds"]) for c in counts)
-                               + json.loads((work / "table.json").read_text())["seconds"]
-                               + sum(p["stats"]["seconds"] for p in parts))
-            manifest = Manifest(k=cfg.k, vocab_size=vocab_size(cfg.k),
-                                source={"name": Path(job["genome"]["path"]).name,
-                                        "sha256": source_sha},
-                                params=params, npmi_table_sha256=table_sha256, shards=entries,
-                                stats={**asdict(summary),
-                                       "npmi_scored": int((~np.isnan(table)).sum())})
-            manifest.save(partial)
-            _INTERRUPTS.check()
-            _publish(partial, out_path, manifest.shards)
-    except BaseException as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise InputError(f"{out_path}: cannot write the dataset ({e.strerror or e})") from None
-        raise
+    with Staging(cfg.out_dir) as staging, INTERRUPTS:
+        partial = staging.dir
+        shutil.copyfile(work / TABLE_NAME, partial / TABLE_NAME)
+        attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
+        entries = []
+        for split in SPLITS:
+            ends = plan[f"{split}_shard_end"]
+            for sh in range(len(ends)):
+                INTERRUPTS.check()
+                name = f"{split}-{sh:05d}.h5"
+                want = int(ends[sh] - (ends[sh - 1] if sh else 0))
+                if (split, name) in whole:
+                    entry = whole[(split, name)][0]
+                    _link_or_copy(work / name, partial / name)
+                else:
+                    entry = _join(work, partial / name, pieces_of.get((split, sh), []), want,
+                                  split, attrs)
+                entries.append(entry)
+        summary.shards = len(entries)
+        summary.seconds = (time.perf_counter() - start
+                           + sum(float(c["seconds"]) for c in counts)
+                           + json.loads((work / "table.json").read_text())["seconds"]
+                           + sum(p["stats"]["seconds"] for p in parts))
+        manifest = dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256,
+                                    entries, summary, table)
+        staging.publish(manifest)
     for line in summary.lines():
         print(line, file=out)
     print(f"wrote {cfg.out_dir}", file=out)
@@ -588,16 +432,11 @@ def _join(work: Path, path: Path, fragments: list[dict], want: int, split: str,
                          f"{sum(f['samples'] for f in fragments)} of its {want} samples; rerun "
                          f"the `shard` tasks of groups "
                          f"{', '.join(str(f['group']) for f in fragments) or '(none found)'}")
-    tokens, npmi_, lengths = [], [], []
-    for f in fragments:
-        try:
-            with h5py.File(work / f["path"], "r") as h:
-                tokens.append(h["tokens"][:])
-                npmi_.append(h["npmi"][:])
-                lengths.append(np.diff(h["offsets"][:]))
-        except (OSError, KeyError) as e:
-            raise InputError(f"{work / f['path']}: unreadable ({e}); rerun `shard` task "
-                             f"{f['group']}") from None
-    offsets = np.concatenate(([0], np.cumsum(np.concatenate(lengths))))
-    return write_shard(path, np.concatenate(tokens), np.concatenate(npmi_), offsets, split=split,
-                       **attrs)
+    paths = [work / f["path"] for f in fragments]
+    group_of = {p: f["group"] for p, f in zip(paths, fragments)}
+    try:
+        return merge(paths, path, split=split, **attrs)
+    except ShardError as e:
+        if e.path not in group_of:      # not a fragment: the shard being written
+            raise
+        raise InputError(f"{e}; rerun `shard` task {group_of[e.path]}") from None

@@ -95,7 +95,10 @@ def _serve(conn, arena: Arena) -> None:
 
 class PieceRunner:
     """Ordered map of count/cut tasks over pieces, shared by this process and workers - 1
-    forked helpers: every `workers`-th piece runs here, so N workers keep N cores busy."""
+    forked helpers: every `workers`-th piece runs here, so N workers keep N cores busy.
+
+    As a context manager it closes the helpers on the way out, killing them if the block failed.
+    """
 
     def __init__(self, workers: int, piece_bases: int, k: int):
         self.workers = workers
@@ -109,6 +112,37 @@ class PieceRunner:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+
+    def __enter__(self) -> "PieceRunner":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)
+
+    def count(self, pieces: Iterable[Piece]) -> Iterator[tuple[Piece, np.ndarray, int]]:
+        """(piece, n-gram counts [(k+1) * 4^k], non-ACGT symbols) of each piece, in order; the
+        counts are a view of the arena, valid until the next piece is taken."""
+        for p, slot, non_acgt in self.map("count", ((p, ()) for p in pieces)):
+            yield p, self.arena.view(slot, "counts"), non_acgt
+
+    def cut(self, pieces: Iterable[Piece], seed: int, valid_fraction: float,
+            valid_records: Iterable[str] = (), table: np.ndarray | None = None
+            ) -> Iterator[tuple[Piece, samples.PieceSamples]]:
+        """(piece, samples) of each piece cut by samples.cut_piece with the generator seeded by
+        (seed, record, piece number), in order; with `table` (NPMI per k-mer code) first copied
+        into the arena, else the NPMI values are whatever it holds. The arrays are views of the
+        arena, valid until the next piece is taken."""
+        if table is not None:
+            self.arena.table()[:] = table
+        names = set(valid_records)
+        tasks = ((p, (seed, p.record, p.index, valid_fraction, p.name in names)) for p in pieces)
+        arena = self.arena
+        for p, slot, (nt, ns, dropped, non_acgt) in self.map("cut", tasks):
+            yield p, samples.PieceSamples(tokens=arena.view(slot, "tokens", nt),
+                                          npmi=arena.view(slot, "npmi", nt),
+                                          lengths=arena.view(slot, "lengths", ns),
+                                          valid=arena.view(slot, "valid", ns),
+                                          dropped=dropped, non_acgt=non_acgt)
 
     def map(self, kind: str, tasks: Iterable[tuple[Piece, tuple]]) -> Iterator[tuple[Piece, int, object]]:
         """Yield (piece, slot, result) in order for each (piece, extra args) of `tasks`."""

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_module
 from cmgems import config as config_mod
+from cmgems import options
 from cmgems.data import ShardedSampler, collate
 from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID
 
@@ -77,10 +78,10 @@ def test_config_file_errors_name_the_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: 10\nmax_stepz: 3\n")
     with pytest.raises(config_mod.InputError, match=r"bad\.yaml.*max_stepz"):
-        config_mod.load_file(bad)
+        options.load_file(bad, config_mod.PretrainConfig)
     bad.write_text("max_steps: ten\n")
     with pytest.raises(config_mod.InputError, match=r"bad\.yaml.*'max_steps' must be int"):
-        config_mod.load_file(bad)
+        options.load_file(bad, config_mod.PretrainConfig)
     with pytest.raises(config_mod.InputError, match="zero_stage"):
         config_mod.PretrainConfig(zero_stage=5)
 
@@ -89,7 +90,7 @@ def test_config_file_errors_name_the_file_and_field(tmp_path):
 def test_help_documents_every_field():
     res = run_module(PRETRAIN, "--help")
     text = " ".join(res.stdout.split())
-    for name in config_mod.field_types(config_mod.PretrainConfig):
+    for name in options.field_types(config_mod.PretrainConfig):
         assert "--" + name.replace("_", "-") in text, name
     assert "--resume" in text and "--config" in text
 

@@ -1,0 +1,394 @@
+"""Writing a dataset directory: the parts `build` and the job-array stages (preprocessing.array)
+share, so that both write the same bytes and refuse the same things in the same words.
+
+  Interrupts / INTERRUPTS  SIGINT and SIGTERM remembered, so an interrupted build never publishes
+  Summary                  the closing summary, also the manifest's stats
+  ShardWriter, SplitShards one split's samples -> shards (or the array's fragments of shards)
+  dataset_manifest         the manifest of a finished dataset
+  check_target, Staging    the output directory: up to date, refused, or written into a hidden
+                           sibling and published whole, manifest last
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable
+
+import numpy as np
+
+from cmgems.errors import InputError
+from cmgems.io import sha256_file
+from cmgems.shards import MANIFEST_NAME, SPLITS, Manifest, ShardError, verify, write_shard
+from cmgems.tokens import vocab_size
+from preprocessing import samples
+from preprocessing.fasta import ReadStats
+
+TABLE_NAME = "npmi.tsv"
+PARTIAL_TAG = ".partial-"
+
+
+class Interrupts:
+    """SIGINT/SIGTERM raise KeyboardInterrupt as usual, and are also remembered: Python drops
+    an exception raised inside a finalizer or fork hook, so the build checks `check()` after
+    every piece and before publishing, and an interrupted build never publishes."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.saved = {}
+
+    def __enter__(self):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        first = self.received is None
+        self.received = signum
+        if first:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        self.saved, self.received = {}, None
+
+
+INTERRUPTS = Interrupts()   # active while a dataset is written; check() is a no-op outside it
+
+
+def genome_sha256(genome: Path) -> str:
+    try:
+        return sha256_file(genome)
+    except OSError as e:
+        raise InputError(f"{genome}: cannot read genome ({e.strerror or e})") from None
+
+
+@dataclass
+class Summary:
+    """The closing summary (also the manifest's stats)."""
+    READER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "records", "empty_records", "short_records", "bases", "bases_short_records")
+
+    records: int = 0
+    empty_records: int = 0
+    short_records: int = 0
+    bases: int = 0
+    bases_short_records: int = 0
+    bases_non_acgt: int = 0
+    tokens_dropped: int = 0
+    samples: dict = field(default_factory=lambda: {"train": 0, "valid": 0})
+    tokens: dict = field(default_factory=lambda: {"train": 0, "valid": 0})
+    shards: int = 0
+    seconds: float = 0.0
+
+    def read(self, st: ReadStats) -> None:
+        """Take what the FASTA reader saw (complete once it has been read to the end)."""
+        self.records, self.bases = st.records, st.bases
+        self.empty_records, self.short_records = st.empty_records, st.short_records
+        self.bases_short_records = st.short_record_bases
+
+    def reader_fields(self) -> dict:
+        return {key: getattr(self, key) for key in self.READER_FIELDS}
+
+    def add_cuts(self, stats: dict) -> None:
+        """Add SplitShards.stats() (of the whole genome or of one run of its pieces)."""
+        self.bases_non_acgt += stats["non_acgt"]
+        self.tokens_dropped += stats["dropped"]
+        for split in SPLITS:
+            self.samples[split] += stats["samples"][split]
+            self.tokens[split] += stats["tokens"][split]
+
+    def lines(self) -> list[str]:
+        used = self.bases - self.bases_short_records - self.bases_non_acgt
+        mbps = self.bases / self.seconds / 1e6 if self.seconds else 0.0
+        return [
+            f"records: {self.records} ({self.empty_records} empty and {self.short_records} "
+            f"shorter than one sample skipped)",
+            f"bases: {self.bases:,} read, {used:,} used; skipped: {self.bases_non_acgt:,} "
+            f"non-ACGT, {self.bases_short_records:,} in short records, "
+            f"{self.tokens_dropped:,} k-mers in ACGT fragments under {samples.MIN_TOKENS} tokens",
+            f"samples: {self.samples['train']:,} train, {self.samples['valid']:,} valid; "
+            f"tokens: {self.tokens['train']:,} train, {self.tokens['valid']:,} valid; "
+            f"shards: {self.shards}",
+            f"time: {self.seconds:.2f} s ({mbps:.1f} Mbp/s)",
+        ]
+
+
+def check_valid_records(genome: Path, wanted: Iterable[str], names: list[str]) -> None:
+    """Refuse --valid-records naming a record the genome does not hold."""
+    missing = sorted(set(wanted) - set(names))
+    if missing:
+        raise InputError(f"--valid-records: {', '.join(missing)} not found in {genome} "
+                         f"(records: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''})")
+
+
+def check_train_samples(genome: Path, min_bases: int, summary: Summary) -> None:
+    if not summary.samples["train"]:
+        raise InputError(f"{genome}: no training samples (no ACGT stretch of "
+                         f"{min_bases}+ bases outside the validation split)")
+
+
+# ---- shards ----
+
+def shard_attrs(k: int, npmi_table_sha256: str, source_sha256: str, seed: int) -> dict:
+    """The attributes of every shard of a dataset (split aside)."""
+    return {"k": k, "vocab_size": vocab_size(k), "npmi_table_sha256": npmi_table_sha256,
+            "source_sha256": source_sha256, "seed": seed}
+
+
+def _ending(ends: np.ndarray, reach: int) -> int | None:
+    """How many samples (cumulative token counts `ends`) a shard takes that must reach `reach`
+    tokens: it ends with the sample that reaches them; None if none does."""
+    i = int(np.searchsorted(ends, reach))
+    return i + 1 if i < len(ends) else None
+
+
+def shard_ends(lengths: np.ndarray, shard_tokens: int) -> np.ndarray:
+    """End (exclusive sample index) of each shard a ShardWriter without a plan makes of samples
+    of these lengths: a shard ends with the sample that reaches shard_tokens; the last one takes
+    the rest."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    out, start = [], 0
+    while (k := _ending(ends, start + shard_tokens)) is not None:
+        out.append(k)
+        start = int(ends[k - 1])
+    if len(ends) > (out[-1] if out else 0):
+        out.append(len(ends))
+    return np.array(out, dtype=np.int64)
+
+
+class ShardWriter:
+    """Collects the samples of one split and writes them as shards {split}-NNNNN.h5.
+
+    Tokens are compressed straight out of the arena slot into a preallocated buffer (one copy,
+    no concatenation). Without `shard_end` a shard ends after the sample that reaches
+    shard_tokens and close() writes the rest (build). With `shard_end` (the job array's plan:
+    the end of each shard in sample numbers across the split) the writer gets the split's
+    samples from number `first` on, up to some later one: the shards lying wholly among them are
+    written as build writes them, and the parts of the (at most two) shards reaching beyond them
+    as fragments part-GROUP-{split}-NNNNN.h5 (listed in `fragments`) for cmgems.shards.merge.
+    """
+
+    def __init__(self, directory: Path, split: str, attrs: dict, shard_tokens: int,
+                 piece_tokens: int, shard_end: np.ndarray | None = None, first: int = 0,
+                 group: int = 0):
+        self.directory, self.split, self.attrs = directory, split, attrs
+        self.shard_tokens, self.shard_end, self.group = shard_tokens, shard_end, group
+        self.s0 = self.first = self.next = first   # numbers of the first buffered, next sample
+        self.shard = 0 if shard_end is None else int(np.searchsorted(shard_end, first, "right"))
+        # a shard holds < shard_tokens + MAX_TOKENS tokens; np.empty: pages touched only if used
+        capacity = shard_tokens + samples.MAX_TOKENS + piece_tokens
+        self.tokens = np.empty(capacity, np.uint16)
+        self.npmi = np.empty(capacity, np.float16)
+        self.lengths: list[np.ndarray] = []
+        self.n = 0
+        self.entries: list[dict] = []
+        self.fragments: list[dict] = []
+
+    def add(self, tokens: np.ndarray, npmi_: np.ndarray, token_mask: np.ndarray,
+            lengths: np.ndarray) -> None:
+        m = int(lengths.sum())
+        if not m:
+            return
+        np.compress(token_mask, tokens, out=self.tokens[self.n:self.n + m])
+        np.compress(token_mask, npmi_, out=self.npmi[self.n:self.n + m])
+        self.lengths.append(lengths.astype(np.int64))   # a copy: the slot is reused
+        self.n += m
+        self.next += len(lengths)
+        while (k := self._due()) is not None:
+            self._flush(k)
+
+    def _due(self) -> int | None:
+        """How many buffered samples complete the current shard, None if they do not yet."""
+        if self.shard_end is None:
+            if self.n < self.shard_tokens:
+                return None
+            return _ending(np.cumsum(np.concatenate(self.lengths)), self.shard_tokens)
+        if self.shard < len(self.shard_end) and self.shard_end[self.shard] <= self.next:
+            return int(self.shard_end[self.shard]) - self.first
+        return None
+
+    def _flush(self, k: int) -> None:
+        """Write the first k buffered samples: a shard, or a fragment of one."""
+        lengths = np.concatenate(self.lengths)
+        ends = np.cumsum(lengths[:k])
+        cut = int(ends[-1])
+        tokens, npmi_, offsets = self.tokens[:cut], self.npmi[:cut], np.concatenate(([0], ends))
+        name = f"{self.split}-{self.shard:05d}.h5"
+        if self.shard_end is None:
+            whole = completes = True
+        else:
+            begins = int(self.shard_end[self.shard - 1]) if self.shard else 0
+            completes = self.first + k == int(self.shard_end[self.shard])
+            whole = begins >= self.s0 and completes
+        if whole:
+            self.entries.append(write_shard(self.directory / name, tokens, npmi_, offsets,
+                                            split=self.split, **self.attrs))
+        else:
+            frag = write_shard(self.directory / f"part-{self.group:05d}-{name}", tokens, npmi_,
+                               offsets, split=self.split, **self.attrs)
+            self.fragments.append({**frag, "shard": self.shard, "group": self.group})
+        rest = self.n - cut       # moved to the front (overlap-safe: numpy buffers it)
+        self.tokens[:rest] = self.tokens[cut:self.n]
+        self.npmi[:rest] = self.npmi[cut:self.n]
+        self.lengths, self.n = [lengths[k:]], rest
+        self.first += k
+        if completes:
+            self.shard += 1
+
+    def close(self) -> list[dict]:
+        """Write what is buffered (the last shard, or the start of one a later run completes);
+        return the entries of the whole shards written."""
+        if self.next > self.first:
+            self._flush(self.next - self.first)
+        return self.entries
+
+
+class SplitShards:
+    """The train and valid ShardWriters fed from cut pieces, with the counts the summary
+    reports."""
+
+    def __init__(self, writer: Callable[[str], ShardWriter]):
+        self.writers = {split: writer(split) for split in SPLITS}
+        self.non_acgt = self.dropped = 0
+        self.samples = dict.fromkeys(SPLITS, 0)
+        self.tokens = dict.fromkeys(SPLITS, 0)
+
+    def add(self, cut: samples.PieceSamples) -> None:
+        """One piece's samples (copied out: the writers keep nothing of `cut`)."""
+        self.non_acgt += cut.non_acgt
+        self.dropped += cut.dropped
+        tok_valid = np.repeat(cut.valid, cut.lengths)
+        for split, smask, tmask in (("train", ~cut.valid, ~tok_valid),
+                                    ("valid", cut.valid, tok_valid)):
+            self.writers[split].add(cut.tokens, cut.npmi, tmask, cut.lengths[smask])
+            self.samples[split] += int(smask.sum())
+            self.tokens[split] += int(cut.lengths[smask].sum())
+
+    def close(self) -> list[dict]:
+        """Entries of the whole shards, train before valid."""
+        return [e for split in SPLITS for e in self.writers[split].close()]
+
+    @property
+    def fragments(self) -> list[dict]:
+        return [f for split in SPLITS for f in self.writers[split].fragments]
+
+    def stats(self) -> dict:
+        return {"non_acgt": self.non_acgt, "dropped": self.dropped,
+                "samples": dict(self.samples), "tokens": dict(self.tokens)}
+
+
+def dataset_manifest(k: int, genome: Path, source_sha: str, params: dict, table_sha256: str,
+                     entries: list[dict], summary: Summary, table: np.ndarray) -> Manifest:
+    return Manifest(k=k, vocab_size=vocab_size(k),
+                    source={"name": genome.name, "sha256": source_sha}, params=params,
+                    npmi_table_sha256=table_sha256, shards=entries,
+                    stats={**asdict(summary), "npmi_scored": int((~np.isnan(table)).sum())})
+
+
+# ---- the output directory ----
+
+def _up_to_date(out_dir: Path, params: dict, source_sha: str) -> Manifest | None:
+    try:
+        m = Manifest.load(out_dir)
+        if m.params != params or m.source.get("sha256") != source_sha:
+            return None
+        verify(out_dir, m)
+        if sha256_file(out_dir / TABLE_NAME) != m.npmi_table_sha256:
+            return None
+    except (ShardError, OSError):
+        return None
+    return m
+
+
+def _describe_difference(out: Path, params: dict, source_sha: str) -> str:
+    try:
+        m = Manifest.load(out)
+    except ShardError:
+        return "it is not empty and holds no finished dataset"
+    diff = [k for k in params if m.params.get(k) != params[k]]
+    if m.source.get("sha256") != source_sha:
+        diff.insert(0, f"source ({m.source.get('name')})")
+    if not diff:
+        return "its files differ from its manifest"
+    return "it holds a dataset built with different " + ", ".join(diff)
+
+
+def check_target(out_dir: Path, overwrite: bool, params: dict, source_sha: str, out=sys.stdout,
+                 overwrite_flag: str = "--overwrite") -> Manifest | None:
+    """The finished dataset if OUT_DIR already holds exactly this one ("up to date"), None if it
+    may be written; refuses a non-empty OUT_DIR holding anything else unless `overwrite`."""
+    if (m := _up_to_date(out_dir, params, source_sha)) is not None:
+        print(f"{out_dir}: up to date ({len(m.shards)} shards, nothing rewritten)", file=out)
+        return m
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir}: refusing to write: "
+                         f"{_describe_difference(out_dir, params, source_sha)}; "
+                         f"pass {overwrite_flag} to replace it")
+    return None
+
+
+class Staging:
+    """A hidden sibling of OUT_DIR (`dir`) that a dataset is written into and then published
+    from, manifest last: OUT_DIR itself never holds a manifest for partial data. Entering
+    removes what killed builds left; a block that fails removes `dir` again, and an OSError in
+    it (a full disk, a read-only directory) becomes an InputError naming OUT_DIR."""
+
+    def __init__(self, out_dir: Path):
+        self.out = out_dir.resolve()     # "." or "x/" still has a parent and a name
+        self.dir = self.out.parent / f".{self.out.name}{PARTIAL_TAG}{os.getpid()}"
+
+    def __enter__(self) -> "Staging":
+        for stale in self._stale():
+            shutil.rmtree(stale, ignore_errors=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir()
+        return self
+
+    def _stale(self) -> list[Path]:
+        """Staging directories of processes that no longer run."""
+        found = []
+        for p in self.out.parent.glob(f".{self.out.name}{PARTIAL_TAG}*"):
+            try:
+                os.kill(int(p.name.rsplit("-", 1)[1]), 0)
+            except (ValueError, ProcessLookupError):
+                found.append(p)
+            except PermissionError:
+                pass
+        return found
+
+    def __exit__(self, exc_type, e, tb) -> None:
+        if exc_type is None:
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise InputError(f"{self.out}: cannot write the dataset ({e.strerror or e})") from None
+
+    def publish(self, manifest: Manifest) -> None:
+        """Save the manifest, then (unless interrupted) move the finished files into OUT_DIR."""
+        manifest.save(self.dir)
+        INTERRUPTS.check()
+        work, out = self.dir, self.out
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            os.replace(work, out)       # one rename: the dataset appears whole
+            return
+        (out / MANIFEST_NAME).unlink(missing_ok=True)   # from here the old dataset no longer loads
+        for old in list(out.glob("train-*.h5")) + list(out.glob("valid-*.h5")):
+            old.unlink()
+        for e in manifest.shards:
+            os.replace(work / e["path"], out / e["path"])
+        os.replace(work / TABLE_NAME, out / TABLE_NAME)
+        os.replace(work / MANIFEST_NAME, out / MANIFEST_NAME)
+        shutil.rmtree(work)
