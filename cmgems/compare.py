@@ -1,27 +1,23 @@
-"""Comparing masking strategies: what to run, what finished, and the report (table, plots).
+"""Comparing masking strategies: what to compare (CompareConfig, the strategy and few-shot task
+lists) and what an earlier comparison already finished.
 
-The launcher (launchers/compare.py) pretrains one run per strategy and finetunes each export on
-few-shot tasks; this module holds the parts that need no process launching: parsing the user's
-strategy and task lists, telling a finished run from an unfinished one, and turning the runs'
-result.json files and few-shot summaries into a markdown table and PNG plots.
+A comparison pretrains one run per strategy and finetunes each export on few-shot tasks
+(cmgems.compare_run); cmgems.compare_report turns the results into a table and plots.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from .config import MODELS
+from .options import option
+from .curriculum import MODES
+from .errors import InputError
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .errors import InputError  # noqa: E402
-
-# Strategy name -> PretrainConfig.mode; the order is the paper's (baselines first).
-STRATEGY_MODES = {"random": "fixed:random", "genemask": "fixed:genemask",
-                  "global": "fixed:global", "cm_step": "cm_step", "cm_gems": "cm_gems"}
+# Strategy name -> PretrainConfig.mode: one per curriculum mode, fixed:<s> named <s>; the order is
+# the curriculum's (the fixed baselines first).
+STRATEGY_MODES = {mode.partition(":")[2] or mode: mode for mode in MODES}
 DEFAULT_STRATEGIES = tuple(STRATEGY_MODES)
 TASK_FILE_SUFFIXES = (".tsv", ".csv")
 
@@ -154,94 +150,64 @@ def final_ref_ppl(result: dict) -> tuple[int, float] | None:
     return (int(hist[-1]["step"]), float(hist[-1]["ppl_ref"])) if hist else None
 
 
-def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+@dataclass
+class CompareConfig:
+    """What a comparison runs. Pretraining options left unset (None) take the pretraining
+    config's values; the finetuning hyperparameters are a FinetuneConfig beside this."""
 
+    # --- what to compare ------------------------------------------------------------------------
+    strategies: str = option(",".join(DEFAULT_STRATEGIES), "Comma-separated strategies, each "
+                             "pretrained once: " + ", ".join(f"{k} (mode {v})" for k, v in
+                                                             STRATEGY_MODES.items()) + ".")
+    output_dir: str = option("runs/compare", "Comparison folder: one run folder per strategy, "
+                             "logs, report, and the default MLflow store OUTPUT_DIR/mlflow.db; "
+                             "reuse it to skip finished runs.")
+    name: str | None = option(None, "MLflow parent run name; children are NAME-<strategy> "
+                              "(default: the output folder's name).")
+    experiment: str = option("cmgems-compare", "MLflow experiment of the parent and child runs; "
+                             "MLFLOW_TRACKING_URI selects a server instead of "
+                             "OUTPUT_DIR/mlflow.db.")
+    # --- pretraining, the same for every strategy ------------------------------------------
+    config: str | None = option(None, "Pretraining config file, YAML or JSON (default: "
+                                "launchers/pretrain.py's, launchers/configs/quick.yaml).")
+    data_dir: str | None = option(None, "Dataset folder (manifest.json + shards); built from the "
+                                  "config's genome on first use when empty (default: the "
+                                  "config's).")
+    max_steps: int | None = option(None, "Step budget of every run (default: the config's).")
+    model: str | None = option(None, "Model size: logo (2 layers) or dnabert (BERT-base) "
+                               "(default: the config's).", choices=MODELS)
+    seed: int | None = option(None, "Seed of every run: same init, data order and masking "
+                              "randomness (default: the config's).")
+    num_gpus: int | None = option(None, "GPUs per run: > 0 launches `deepspeed --num_gpus N`, 0 "
+                                  "plain python on CPU (default: every visible GPU, 0 when there "
+                                  "is none).")
+    pretrain_args: str = option("", "More launchers/pretrain.py options for every run, one quoted "
+                                "string, e.g. \"--max-length 128 --eval-interval 25\"; anything "
+                                "after a bare `--` is passed on too.")
+    # --- few-shot evaluation of each export ------------------------------------------------
+    fewshot: tuple[str, ...] = option((), "Few-shot task specs (see parse_fewshot).", cli=False)
+    runs: int = option(10, "Seeded finetuning runs per task, reported as mean ± std (10: "
+                       "GeneMask's protocol).")
+    shots: int | None = option(None, "Examples per class per run: the training file is read as "
+                               "blocks of SHOTS per class, run r uses block r mod blocks "
+                               "(default: the whole file).")
+    fewshot_seed: int = option(0, "Seed of the first finetuning run; run r uses seed+r.")
 
-def markdown_table(strategies: list[str], results: dict[str, dict], tasks: list[FewshotTask],
-                   fewshot: dict[str, dict[str, dict]]) -> str:
-    """results[strategy] = result.json; fewshot[strategy][task name] = fewshot() summary.
+    def __post_init__(self):
+        self.fewshot = tuple(self.fewshot)
+        parse_strategies(self.strategies)
+        if self.runs < 1:
+            raise InputError(f"--runs must be >= 1, got {self.runs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InputError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise InputError(f"--num-gpus must be >= 0, got {self.num_gpus}")
+        if self.config and not Path(self.config).is_file():
+            raise InputError(f"--config {self.config}: no such file")
+        if self.data_dir:
+            self.data_dir = str(Path(self.data_dir).resolve())
 
-    Main table: one row per strategy; final reference perplexity, switch step, and few-shot
-    accuracy (%) mean ± std per task. A second table gives accuracy, macro F1 and MCC."""
-    head = ["strategy", "mode", "final ppl_ref", "switch step"] + [f"{t.name} acc %" for t in tasks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in strategies:
-        r = results[s]
-        ref = final_ref_ppl(r)
-        sw = switch_step(r)
-        row = [s, STRATEGY_MODES[s], f"{ref[1]:.3f} (step {ref[0]})" if ref else "n/a",
-               str(sw) if sw is not None else ("none" if s == "cm_gems" else "—")]
-        for t in tasks:
-            f = fewshot.get(s, {}).get(t.name)
-            row.append(_pm(f["mean"]["accuracy"], f["std"]["accuracy"]) if f else "n/a")
-        lines.append("| " + " | ".join(row) + " |")
-    if tasks:
-        lines += ["", "| strategy | task | runs | accuracy % | macro F1 % | MCC |",
-                  "|---|---|---|---|---|---|"]
-        for s in strategies:
-            for t in tasks:
-                f = fewshot.get(s, {}).get(t.name)
-                if not f:
-                    continue
-                m, sd = f["mean"], f["std"]
-                lines.append(f"| {s} | {t.name} | {len(f.get('runs', []))} | "
-                             f"{_pm(m['accuracy'], sd['accuracy'])} | {_pm(m['f1'], sd['f1'])} | "
-                             f"{_pm(m['mcc'], sd['mcc'], 1.0, 3)} |")
-    return "\n".join(lines) + "\n"
+    @property
+    def strategy_list(self) -> list[str]:
+        return parse_strategies(self.strategies)
 
-
-def ref_ppl_plot(strategies: list[str], results: dict[str, dict], path: str | Path,
-                 title: str = "") -> Path:
-    """Validation perplexity under the fixed reference masking, one curve per strategy; each
-    curriculum switch drawn as a dashed line in its strategy's colour."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for i, s in enumerate(strategies):
-        hist = results[s].get("history") or []
-        color = f"C{i}"
-        ax.plot([h["step"] for h in hist], [h["ppl_ref"] for h in hist], marker="o", ms=3,
-                color=color, label=s)
-        for e in results[s].get("events") or []:
-            ax.axvline(e["step"], color=color, ls="--", lw=1)
-            ax.annotate(f"{s}: {e['from']} -> {e['to']}\nstep {e['step']}", (e["step"], 0.97),
-                        xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8,
-                        color=color)
-    ax.set_xlabel("step")
-    ax.set_ylabel("perplexity (reference random masking)")
-    ax.set_yscale("log")
-    ax.set_title(title or "validation perplexity under the reference masking", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
-def fewshot_plot(strategies: list[str], tasks: list[FewshotTask],
-                 fewshot: dict[str, dict[str, dict]], path: str | Path, title: str = "") -> Path:
-    """Few-shot test accuracy, grouped by task, one bar per strategy, std as error bars."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.9 * len(tasks) * len(strategies) * 0.5), 4.5),
-                           dpi=110)
-    width = 0.8 / max(1, len(strategies))
-    x = np.arange(len(tasks))
-    for i, s in enumerate(strategies):
-        got = [fewshot.get(s, {}).get(t.name) for t in tasks]
-        means = [100 * g["mean"]["accuracy"] if g else np.nan for g in got]
-        stds = [100 * g["std"]["accuracy"] if g else 0.0 for g in got]
-        ax.bar(x + (i - (len(strategies) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-               color=f"C{i}", label=s)
-    ax.set_xticks(x, [t.name for t in tasks], fontsize=9)
-    ax.set_ylabel("test accuracy % (mean ± std over runs)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title or "few-shot accuracy per strategy", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)

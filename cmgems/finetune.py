@@ -10,8 +10,8 @@ Public API:
     fewshot(model_dir, train_path, test_path, runs=10, seed=0, ...) -> dict   (GeneMask protocol)
     finetune_task(model_dir, task_dir, runs=1, seed=42, ...) -> dict         (GUE-style folder)
 Both return {"mean": {metric: v}, "std": {...}, "runs": [{"seed", "block", "metrics", ...}], ...}
-with metrics "accuracy", "f1" (macro) and "mcc", log to MLflow when given a Tracking and write the
-dict to out_json when given one.
+with metrics "accuracy", "f1" (macro) and "mcc", log to MLflow (cmgems.tracking.Tracker) when given
+a Tracking and write the dict to out_json when given one.
 """
 from __future__ import annotations
 
@@ -25,11 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import option
 from .errors import InputError
-from .metrics import classification_metrics, summarize
 from .io import atomic_path
+from .metrics import classification_metrics, summarize
 from .tasks import OVERFLOW_MODES, TaskData, check_labels, load_task_file, num_labels, shot_blocks
 from .tokens import PAD_ID, k_from_vocab_size
+from .tracking import Tracker
+from .tracking_uri import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +41,29 @@ log = logging.getLogger(__name__)
 class FinetuneConfig:
     """Finetuning hyperparameters; the defaults are GeneMask's few-shot reference settings."""
 
-    lr: float = 1e-4  # peak learning rate (AdamW)
-    epochs: int = 20  # passes over the training set (ignored when max_steps is set)
-    batch_size: int = 5  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.1  # warmup length as a fraction of all optimizer steps
-    warmup_steps: int | None = None  # absolute warmup length; overrides warmup_ratio when set
-    max_steps: int | None = None  # total optimizer steps; overrides epochs when set
-    weight_decay: float = 0.01  # AdamW decay, not applied to biases and LayerNorm weights
-    max_grad_norm: float = 1.0  # gradient clipping (Hugging Face Trainer's default)
-    hidden_dropout: float = 0.1  # hidden_dropout_prob of the classification model
-    max_length: int = 512  # tokens per example incl. [CLS]/[SEP]; capped at the model's positions
-    overflow: str = "truncate"  # longer examples: "truncate" (counted, warned) or "error"
-    eval_batch_size: int = 64  # examples per batch when predicting
-    eval_steps: int | None = None  # dev evaluation interval in optimizer steps; None: each epoch
-    select_best: bool = True  # with a dev set: end with the weights of lowest dev loss
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    lr: float = option(1e-4, "Peak learning rate of AdamW.")
+    epochs: int = option(20, "Passes over the training set (ignored when max_steps is set).")
+    batch_size: int = option(5, "Examples per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = option(0.1, "Linear warmup as a fraction of all optimizer steps, then "
+                                 "linear decay to 0.")
+    warmup_steps: int | None = option(None, "Absolute warmup steps; overrides warmup_ratio.")
+    max_steps: int | None = option(None, "Total optimizer steps; overrides epochs.")
+    weight_decay: float = option(0.01, "AdamW weight decay, not applied to biases and LayerNorm "
+                                 "weights.")
+    max_grad_norm: float = option(1.0, "Gradient norm clipping (Hugging Face Trainer's default).")
+    hidden_dropout: float = option(0.1, "Hidden dropout of the classification model.")
+    max_length: int = option(512, "Tokens per example including [CLS] and [SEP], capped at the "
+                             "model's position limit.")
+    overflow: str = option("truncate", "Longer examples: keep their first max_length-2 k-mers (a "
+                           "warning counts them) or stop with an error naming the line.",
+                           flag="--on-overflow", choices=OVERFLOW_MODES)
+    eval_batch_size: int = option(64, "Examples per prediction batch.")
+    eval_steps: int | None = option(None, "With a dev set: evaluate it every N optimizer steps "
+                                    "(unset: at the end of each epoch).")
+    select_best: bool = option(True, "With a dev set: test the weights of lowest dev loss "
+                               "(off: the final weights).")
+    device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
@@ -86,6 +96,35 @@ class Tracking:
 
     uri: str  # tracking URI, e.g. cmgems.tracking_uri.resolve_tracking_uri(runs_root)
     experiment: str = "cmgems-eval"  # experiment name, created when missing
+
+
+@dataclass
+class EvalRuns:
+    """How often a task is finetuned and where the results are tracked (both evaluation
+    launchers' "runs and results" options)."""
+
+    runs: int = option(10, "Seeded runs per task, reported as mean and std; run r uses seed+r "
+                       "(10: the reference protocol).")
+    seed: int = option(0, "First seed.")
+    runs_root: str = option("runs", "Directory of the default MLflow store "
+                            "sqlite:///RUNS_ROOT/mlflow.db; MLFLOW_TRACKING_URI overrides it.")
+    experiment: str = option("cmgems-eval", "MLflow experiment name.")
+    tracking: bool = option(True, "Log the results to MLflow.")
+
+    def __post_init__(self):
+        if self.runs < 1:
+            raise InputError(f"runs must be >= 1, got {self.runs}")
+
+    def tracking_target(self) -> Tracking | None:
+        """The store to log to; None with tracking off, or (with a warning) when the default
+        store cannot be created: an unwritable runs root must not stop the evaluation."""
+        if not self.tracking:
+            return None
+        try:
+            return Tracking(resolve_tracking_uri(self.runs_root), self.experiment)
+        except OSError as e:
+            log.warning("MLflow tracking disabled: %s", e)
+            return None
 
 
 @dataclass
@@ -239,67 +278,28 @@ def train_and_test(info: ModelInfo, train: TaskData, test: TaskData, classes: in
             "train_loss": float(np.mean(tail)) if tail else math.nan}
 
 
-class _Tracker:
-    """MLflow through MlflowClient (no global active run). Any failure logs a warning and turns
-    tracking off: results still come back and go to the JSON file."""
-
-    def __init__(self, tracking: Tracking | None):
-        self.client = None
-        self.experiment_id = None
-        if tracking is None:
-            return
-        try:
-            from mlflow.tracking import MlflowClient
-            self.client = MlflowClient(tracking_uri=tracking.uri)
-            exp = self.client.get_experiment_by_name(tracking.experiment)
-            self.experiment_id = (exp.experiment_id if exp is not None
-                                  else self.client.create_experiment(tracking.experiment))
-        except Exception as e:  # noqa: BLE001 - tracking must never stop an evaluation
-            self._fail(e)
-
-    def _fail(self, e: Exception):
-        log.warning("MLflow tracking disabled after an error: %s: %s", type(e).__name__, e)
-        self.client = None
-
-    def start(self, name: str, params: dict, parent: str | None = None) -> str | None:
-        if self.client is None:
-            return None
-        try:
-            from mlflow.entities import Param
-            tags = {"mlflow.parentRunId": parent} if parent else {}
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-            rid = run.info.run_id
-            self.client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-            return rid
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-            return None
-
-    def metrics(self, run_id: str | None, values: dict[str, float]):
-        if self.client is None or run_id is None:
-            return
-        try:
-            import time
-
-            from mlflow.entities import Metric
-            now = int(time.time() * 1000)
-            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
-                                                   for k, v in values.items()
-                                                   if v is not None and np.isfinite(v)])
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-
-    def end(self, run_id: str | None, status: str = "FINISHED"):
-        if self.client is None or run_id is None:
-            return
-        try:
-            self.client.set_terminated(run_id, status=status)
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-
-
 def _flat(prefix: str, metrics: dict | None) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in (metrics or {}).items()}
+
+
+def _finite(values: dict) -> dict[str, float]:
+    """What MLflow is sent: a metric that does not exist (no dev set) or is not finite is left
+    out."""
+    return {k: v for k, v in values.items() if v is not None and np.isfinite(v)}
+
+
+def _parent_run(tracking: Tracking | None, name: str, params: dict) -> Tracker:
+    """The task's MLflow run. If it cannot be created, tracking is off for the whole task (its
+    seeds' runs would have no parent); the results still come back and go to the JSON file."""
+    if tracking is None:
+        return Tracker(False)
+    parent = Tracker(True, tracking.uri, tracking.experiment, name)
+    if parent.run_id is None:
+        log.warning("MLflow tracking disabled after an error: the run of %s could not be "
+                    "created in %s", name, tracking.uri)
+        return Tracker(False)
+    parent.log_params(params)
+    return parent
 
 
 def evaluate(info: ModelInfo, train: TaskData, test: TaskData, *, dev: TaskData | None = None,
@@ -318,8 +318,7 @@ def evaluate(info: ModelInfo, train: TaskData, test: TaskData, *, dev: TaskData 
               "test": str(test.path), "dev": str(dev.path) if dev else "", "runs": runs,
               "seed": seed, "shots": shots if shots is not None else "all", "blocks": len(blocks),
               "num_labels": classes, **dataclasses.asdict(config)}
-    tracker = _Tracker(tracking)
-    parent = tracker.start(name, params)
+    parent = _parent_run(tracking, name, params)
     results, status = [], "FAILED"
     try:
         for r in range(runs):
@@ -327,25 +326,24 @@ def evaluate(info: ModelInfo, train: TaskData, test: TaskData, *, dev: TaskData 
             res = train_and_test(info, train.subset(blocks[b]), test, classes, config, seed + r, dev)
             res.update(run=r, block=b)
             results.append(res)
-            child = tracker.start(f"{name}/seed{seed + r}", {"seed": seed + r, "block": b,
-                                                               "run": r}, parent)
-            tracker.metrics(child, {**_flat("test_", res["metrics"]),
-                                    "test_loss": res["test_loss"],
-                                    **_flat("dev_", res["dev_metrics"]),
-                                    "train_loss": res["train_loss"], "steps": res["steps"]})
-            tracker.end(child)
+            child = parent.child(f"{name}/seed{seed + r}")
+            child.log_params({"seed": seed + r, "block": b, "run": r})
+            child.log_metrics(_finite({**_flat("test_", res["metrics"]),
+                                       "test_loss": res["test_loss"],
+                                       **_flat("dev_", res["dev_metrics"]),
+                                       "train_loss": res["train_loss"], "steps": res["steps"]}), 0)
+            child.finish()
             log.info("%s run %d/%d seed %d: %s", name, r + 1, runs, seed + r, res["metrics"])
+        summary = summarize([r["metrics"] for r in results])
+        parent.log_metrics(_finite({**_flat("test_mean_", summary["mean"]),
+                                    **_flat("test_std_", summary["std"])}), 0)
         status = "FINISHED"
     finally:
-        if parent is not None:
-            tracker.end(parent, status)
-    summary = summarize([r["metrics"] for r in results])
-    tracker.metrics(parent, {**_flat("test_mean_", summary["mean"]),
-                             **_flat("test_std_", summary["std"])})
+        parent.finish(status)
     out = {"name": name, **summary, "runs": results, "params": params,
            "truncated": {"train": train.truncated, "test": test.truncated,
                          "dev": dev.truncated if dev else 0},
-           "mlflow_run_id": parent}
+           "mlflow_run_id": parent.run_id}
     if out_json is not None:
         out_json = Path(out_json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +387,14 @@ def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1,
     """Finetune on task_dir/train.csv, select on dev.csv (if present), test on test.csv."""
     config = config or FinetuneConfig()
     info = model_info(model_dir)
+    train, dev, test = load_task_dir(info, task_dir, config)
+    return evaluate(info, train, test, dev=dev, runs=runs, seed=seed, config=config,
+                    tracking=tracking, name=name or Path(task_dir).name, out_json=out_json)
+
+
+def load_task_dir(info: ModelInfo, task_dir: str | Path,
+                  config: FinetuneConfig) -> tuple[TaskData, TaskData | None, TaskData]:
+    """(train, dev or None, test) of a GUE-style folder, tokenized for the model."""
     length = effective_max_length(info, config)
     task_dir = Path(task_dir)
     if not task_dir.is_dir():
@@ -397,5 +403,4 @@ def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1,
     test = load_task_file(task_dir / "test.csv", info.k, length, config.overflow)
     dev_path = task_dir / "dev.csv"
     dev = load_task_file(dev_path, info.k, length, config.overflow) if dev_path.is_file() else None
-    return evaluate(info, train, test, dev=dev, runs=runs, seed=seed, config=config,
-                    tracking=tracking, name=name or task_dir.name, out_json=out_json)
+    return train, dev, test

@@ -6,6 +6,8 @@ sklearn at run time.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 METRIC_NAMES = ("accuracy", "f1", "mcc")
@@ -84,3 +86,13 @@ def summarize(per_run: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         out["mean"][name] = float(v.mean())
         out["std"][name] = float(v.std(ddof=1)) if v.size > 1 else 0.0
     return out
+
+
+def mean_std(mean: float | None, std: float, scale: float = 100.0, digits: int = 2,
+             with_std: bool = True) -> str:
+    """A summary as a table cell: '61.50 ± 3.20' (x scale), the mean alone without with_std (a
+    single run), 'n/a' when there is no finite mean."""
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    return f"{text} ± {std * scale:.{digits}f}" if with_std else text

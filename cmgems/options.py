@@ -87,20 +87,26 @@ _PARSE = {tuple: _comma_list, int: parse_int, float: parse_float}
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = None,
-                  defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> None:
-    """One --option per field of dataclass `cls`, its help taken from the field's metadata.
+                  defaults: dict[str, Any] | None = None, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None, prefix: str = ""):
+    """One --option per field of dataclass `cls`, its help taken from the field's metadata; returns
+    the argument group (a launcher may add an alias to it).
 
     Options default to None (not given), so from_args can tell an option from a default;
     `defaults` only changes the default shown in the help (e.g. a default config file's values).
     A field whose default is None (not set, or set from other fields) shows no default: its help
-    says what then.
+    says what then. `only` limits the options to those fields. `prefix` ("finetune-") puts a
+    second config on the same command line: --finetune-lr, read back by
+    from_args(cls, args, prefix="finetune-").
     """
     group = parser.add_argument_group(title or f"{cls.__name__} fields")
     typed = field_types(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.metadata.get("cli", True) or "help" not in f.metadata:
+        if (f.name in skip or (only is not None and f.name not in only)
+                or not f.metadata.get("cli", True) or "help" not in f.metadata):
             continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flag = "--" + prefix + (f.metadata.get("flag") or "--" + f.name.replace("_", "-"))[2:]
+        dest = _dest(prefix, f.name)
         typ = typed[f.name]
         shown = (defaults or {}).get(f.name, f.default)
         if isinstance(shown, tuple):
@@ -109,20 +115,31 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = N
         help_text = (f.metadata["help"] + ("" if shown is None else f" (default: {shown!r})")
                      ).replace("%", "%%")
         if typ is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            group.add_argument(flag, dest=f.name, type=_PARSE.get(typ, typ), default=None,
+            group.add_argument(flag, dest=dest, type=_PARSE.get(typ, typ), default=None,
                                choices=choices, help=help_text,
                                metavar=None if choices else typ.__name__.upper())
+    return group
 
 
-def from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None):
+def _dest(prefix: str, name: str) -> str:
+    return prefix.replace("-", "_") + name
+
+
+def given_options(cls, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The fields of `cls` given on the command line (add_arguments' options that are not None)."""
+    values = vars(args)
+    return {f.name: values[_dest(prefix, f.name)] for f in dataclasses.fields(cls)
+            if values.get(_dest(prefix, f.name)) is not None}
+
+
+def from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None,
+              prefix: str = ""):
     """cls(defaults <- base <- the options given on the command line)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return cls(**{**(base or {}), **given})
+    return cls(**{**(base or {}), **given_options(cls, args, prefix)})
 
 
 def _coerce(name: str, typ: type, value: Any, where: str):

@@ -4,15 +4,23 @@ Metrics go to a buffer and are sent in batches; if the store is unreachable the 
 and is retried at the next flush (up to `max_buffered` values, beyond which the oldest are dropped
 and counted as lost). Every other call (params, tags, artifacts) is tried once and, on failure,
 counted and warned about. `summary()` says what was sent, retried and lost.
+
+Pretraining, finetuning and the strategy comparison all log through Tracker. `child()` nests a run
+under this one (a finetuning task's seeds), `parent_run_id` under a run of another process (a
+comparison's pretrainings), and `reopen()` continues the run that an earlier invocation of the same
+command started (the comparison's parent run).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from cmgems.io import atomic_path
 
 # A dead server must cost seconds, not MLflow's default minutes of retries with backoff.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -58,11 +66,11 @@ class Tracker:
         self.started_late = False
         self.logged_until: dict[str, int] | None = {}  # on resume: steps in the store, per key
         self._down_since: float | None = None
+        self._client = None
+        self.tracking_uri = tracking_uri
+        self.reused = False  # reopen(): the run of an earlier invocation was continued
         if not enabled:
             return
-        from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = tracking_uri
         try:
             if run_id is None:
                 self._create_run()
@@ -70,6 +78,38 @@ class Tracker:
                 self.client.update_run(run_id, status="RUNNING")
         except Exception as e:  # noqa: BLE001 - any store failure must not stop training
             self._failed("start the run", e)
+
+    @property
+    def client(self):
+        """The MlflowClient, made on first use: making one can fail too (a SQLite path that
+        cannot be created), and that must not stop a run either."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def child(self, run_name: str) -> Tracker:
+        """A run nested under this one, in the same store and experiment; a no-op when this run
+        does not exist (tracking off, or the store was down when it should have started)."""
+        return Tracker(self.enabled and self.run_id is not None, self.tracking_uri,
+                       self.experiment, run_name, max_buffered=self.max_buffered,
+                       parent_run_id=self.run_id or "")
+
+    @classmethod
+    def reopen(cls, state_path: str | Path, tracking_uri: str, experiment: str,
+               run_name: str) -> Tracker:
+        """The run whose id state_path keeps, while that store still holds it (`reused` is then
+        True), else a new one; the id is (re)written to state_path so the next invocation of the
+        same command continues this run."""
+        state_path = Path(state_path)
+        old = _kept_run_id(state_path, tracking_uri)
+        tracker = cls(True, tracking_uri, experiment, run_name, run_id=old)
+        tracker.reused = old is not None
+        if tracker.run_id:
+            with atomic_path(state_path) as tmp:
+                tmp.write_text(json.dumps({"parent_run_id": tracker.run_id,
+                                           "tracking_uri": tracking_uri}, indent=2) + "\n")
+        return tracker
 
     def _create_run(self) -> None:
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -142,7 +182,8 @@ class Tracker:
         batch = list(self.pending)
         for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
             chunk = batch[i:i + 1000]
-            if not self._call("log metrics", self.client.log_batch, self.run_id, metrics=chunk):
+            if not self._call("log metrics",
+                              lambda: self.client.log_batch(self.run_id, metrics=chunk)):
                 self._deferred = len(self.pending)  # stays pending, retried at the next flush
                 return
             for _ in chunk:
@@ -168,10 +209,13 @@ class Tracker:
         self.logged_until = found if self._call("read the run's metric history", read) else None
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Param
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
-            self._call("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._call("log params",
+                       lambda: self.client.log_batch(self.run_id, params=items[i:i + 100]))
 
     def set_tag(self, key: str, value: Any) -> None:
         self._call(f"set tag {key}", lambda: self.client.set_tag(self.run_id, key, str(value)))
@@ -190,3 +234,19 @@ class Tracker:
         return {"metrics_sent": self.sent, "metrics_retried": self.retried,
                 "metrics_pending": len(self.pending), "metrics_lost": self.lost,
                 "failed_calls": self.failed_calls, "run_started_late": self.started_late}
+
+
+def _kept_run_id(state_path: Path, tracking_uri: str) -> str | None:
+    """The run id state_path keeps for this store, if the store still holds that run."""
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("tracking_uri") != tracking_uri:
+        return None  # another store: a fresh run there
+    try:
+        from mlflow.tracking import MlflowClient
+        MlflowClient(tracking_uri).get_run(state["parent_run_id"])
+    except Exception:  # noqa: BLE001 - deleted, unknown or unreadable: a fresh run
+        return None
+    return state["parent_run_id"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cmgems import gue as gue_lib
 from cmgems.errors import InputError
 from cmgems.tasks import GUE_TASKS, discover_gue_tasks
 from conftest import run_module
@@ -85,7 +86,7 @@ def test_markdown_table_means_and_std():
                 "runs": [{}] * len(v)}
 
     results = {"m": {"EMP/H3": res(0.5, 0.7), "EMP/H4": res(0.2, 0.2), "tf/1": res(0.1, 0.3)}}
-    rows = cells(gue.markdown_table(results, tasks, ["m"]))
+    rows = cells(gue_lib.markdown_table(results, tasks, ["m"]))
     assert rows["EMP/H3"] == ["60.00 ± 14.14"]
     assert rows["Non-human mean (2 tasks)"] == ["40.00"]
     assert rows["Human mean (1 tasks)"] == ["20.00"]
@@ -100,10 +101,10 @@ def test_task_settings_follow_dnabert2_scripts():
     human = {t.name.split("/")[0] for t in GUE_TASKS if t.human}
     assert human == {"prom", "tf", "splice"}
     ns = argparse.Namespace(lr=None, epochs=None, max_steps=None, max_length=None, device="cpu")
-    cfg = gue.task_config(by["mouse/0"], ns)
+    cfg = gue_lib.task_config(by["mouse/0"], ns)
     assert (cfg.max_steps, cfg.max_length, cfg.warmup_steps, cfg.lr) == (1000, 110, 30, 3e-5)
     ns.epochs = 1
-    assert gue.task_config(by["mouse/0"], ns).max_steps is None
+    assert gue_lib.task_config(by["mouse/0"], ns).max_steps is None
 
 
 def test_discovery_errors(tmp_path):
