@@ -76,6 +76,7 @@ def test_finished_and_mismatched_runs(tmp_path):
     assert "max_steps is 6 there, 8 requested" in config_mismatch(run, {"max_steps": 8})
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_input_before_any_run(tmp_path):
     out = tmp_path / "cmp"
     res = run_module(COMPARE, "--output-dir", str(out), "--", "--output-dir", "x", check=False)

@@ -392,6 +392,7 @@ def _assert_clean_exit2(res, victim: Path, out: Path) -> str:
     return last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "flipped", "missing"])
 def test_corrupt_shard_is_refused_before_step_0(how, tiny_dataset, tmp_path):
     data, victim = _corrupt(tiny_dataset, tmp_path, how)

@@ -102,6 +102,7 @@ def test_truncation_is_counted_and_error_mode_names_the_line(tmp_path):
         load_task_file(path, 6, max_length=12, overflow="error")
 
 
+@pytest.mark.slow
 def test_fewshot_on_real_prom_core_logs_parent_and_child_runs(model, prom_test, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out_json = tmp_path / "res" / "fewshot.json"

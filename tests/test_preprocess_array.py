@@ -57,6 +57,7 @@ def assert_same_dataset(a: Path, b: Path) -> None:
     (6, ["--min-count", "3", "--valid-records", "rec6", "--shard-tokens", "1500000",
          "--seed", "7"]),
 ], ids=["small-shards", "shards-span-groups"])
+@pytest.mark.slow
 def test_stages_give_the_build_dataset(tmp_path, groups, options):
     genome = _genome(tmp_path)
     ref = tmp_path / "ref"
@@ -87,6 +88,7 @@ def test_stages_give_the_build_dataset(tmp_path, groups, options):
         assert len(first) >= 3, first
 
 
+@pytest.mark.slow
 def test_lambda_with_an_empty_group_matches_build(tmp_path, tiny_dataset):
     work, out = tmp_path / "work", tmp_path / "lambda"
     # lambda is one record: group 1 of 2 has nothing, and the dataset is still build's
@@ -99,6 +101,7 @@ def test_lambda_with_an_empty_group_matches_build(tmp_path, tiny_dataset):
     assert_same_dataset(tiny_dataset, out)
 
 
+@pytest.mark.slow
 def test_external_table_gives_the_build_dataset(tmp_path):
     table = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
     options = ["--npmi-table", str(table), "--valid-fraction", "0.1", "--shard-tokens", "20000"]
@@ -116,6 +119,7 @@ def _fails(*args, fragment: str) -> str:
     return res.stderr
 
 
+@pytest.mark.slow
 def test_missing_or_foreign_parts_are_refused(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     opts = ["--min-count", "5", "--shard-tokens", "20000"]

@@ -102,6 +102,7 @@ def stage0_run(tiny_dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_logs_switch_exports_and_plots(stage0_run):
     out = stage0_run
     res = result_of(out)
@@ -176,6 +177,7 @@ def test_resume_equals_uninterrupted(tiny_dataset, stage0_run, tmp_path):
     assert client.get_run(res["mlflow_run_id"]).data.tags["resumed_at_step"] == "4"
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume(stage0_run, tiny_dataset):
     res = run_module(*tiny_args(tiny_dataset, stage0_run), check=False)
     assert res.returncode == 2
