@@ -1,6 +1,7 @@
 """n-gram counts, PMI/NPMI against brute force, and NPMI table files (ours and GeneMask's)."""
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 from collections import Counter
@@ -14,7 +15,8 @@ from cmgems.tokens import NUM_SPECIAL
 from preprocessing import kmers, npmi
 from preprocessing.fasta import FastaReader
 
-GENEMASK = Path(__file__).resolve().parents[2] / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GENEMASK = SHARED / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
 
 
 def _code(s: str) -> int:
@@ -61,8 +63,13 @@ def test_counts_over_pieces_equal_brute_force(tmp_path, k):
         assert np.array_equal(counts[n], expect), n
 
 
+def _counts(path: Path, k: int) -> list[np.ndarray]:
+    pieces = FastaReader(path, 1000, k - 1, 1)
+    return kmers.ngram_counts(sum(kmers.count_table(p.seq, k, p.overlap)[0] for p in pieces), k)
+
+
 def _brute_pmi(counts, k):
-    """min over every segmentation into >= 2 parts, enumerated with itertools."""
+    """levine: min over every segmentation into >= 2 parts, enumerated with itertools."""
     logp = {n: np.log(counts[n] / counts[n].sum()) for n in range(1, k + 1)}
     out = np.empty(4 ** k)
     for c, w in enumerate("".join(p) for p in itertools.product("ATCG", repeat=k)):
@@ -77,17 +84,63 @@ def _brute_pmi(counts, k):
 
 
 @pytest.mark.parametrize("k", [3, 4])
-def test_pmi_equals_brute_force_segmentations(tmp_path, k):
+def test_levine_pmi_equals_brute_force_segmentations(tmp_path, k):
     path, _ = _genome(tmp_path, 7)
-    table = sum(kmers.count_table(p.seq, k, p.overlap)[0] for p in FastaReader(path, 1000, k - 1, 1))
-    counts = kmers.ngram_counts(table, k)
+    counts = _counts(path, k)
     assert (counts[k] > 0).all()     # every k-mer seen: PMI defined everywhere
     with np.errstate(divide="ignore"):
         want = _brute_pmi(counts, k)
-    got = npmi.pmi(counts, k)
+    got = npmi.pmi(counts, k, "levine")
     assert np.allclose(got, want, rtol=0, atol=1e-12)
 
     c = 20
+    p, n = npmi.npmi(counts, k, c, definition="levine")
+    f = counts[k]
+    assert np.isnan(n[f < c]).all() and not np.isnan(n[f >= c]).any()
+    sel = f >= c
+    assert np.allclose(n[sel], want[sel] * np.log(f[sel]) / (np.log(c) + np.log(f[sel])))
+
+
+def _compositions(k: int, lengths: tuple[int, ...]):
+    if k == 0:
+        yield ()
+    for n in lengths:
+        if n <= k:
+            for rest in _compositions(k - n, lengths):
+                yield (n,) + rest
+
+
+def _brute_genemask(seqs: list[str], k: int) -> np.ndarray:
+    """genemask in plain Python from string counts: min over segmentations into parts of length
+    1 and 2, every probability against the number of 1-grams plus 2-grams counted."""
+    f = _brute_counts(seqs, k)
+    total = sum(f[1].values()) + sum(f[2].values())
+    out = np.full(4 ** k, np.nan)
+    for w in ("".join(p) for p in itertools.product("ATCG", repeat=k)):
+        if not f[k][w]:
+            continue
+        best = math.inf
+        for parts in _compositions(k, (1, 2)):
+            bounds = list(itertools.accumulate(parts, initial=0))
+            split = sum(math.log(f[b - a][w[a:b]] / total) for a, b in zip(bounds, bounds[1:]))
+            best = min(best, math.log(f[k][w] / total) - split)
+        out[_code(w)] = best
+    return out
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_genemask_pmi_equals_brute_force_segmentations(tmp_path, k):
+    path, seqs = _genome(tmp_path, 11)
+    counts = _counts(path, k)
+    want = _brute_genemask(seqs, k)
+    got = npmi.pmi(counts, k, "genemask")
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    assert (k == 6) == bool(np.isnan(want).any())     # some 6-mers unseen in ~4,800 bases
+    assert np.allclose(got, want, rtol=0, atol=1e-12, equal_nan=True)
+    # the default definition is genemask
+    assert np.array_equal(npmi.pmi(counts, k), got, equal_nan=True)
+
+    c = 5
     p, n = npmi.npmi(counts, k, c)
     f = counts[k]
     assert np.isnan(n[f < c]).all() and not np.isnan(n[f >= c]).any()
@@ -95,12 +148,64 @@ def test_pmi_equals_brute_force_segmentations(tmp_path, k):
     assert np.allclose(n[sel], want[sel] * np.log(f[sel]) / (np.log(c) + np.log(f[sel])))
 
 
-def test_unseen_kmers_have_no_score():
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+@pytest.mark.skipif(not GENEMASK.exists(), reason=f"GeneMask's published table {GENEMASK} absent")
+def test_genemask_definition_reproduces_published_table():
+    """Counts rebuilt from the table itself: norm/dp = log f / (log f + log 101) gives each
+    6-mer's count f; a shorter n-gram's count is the sum over the 6-mers it begins."""
+    with GENEMASK.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    k, c = 6, 101
+    code = np.array([_code(r["ngram"]) for r in rows])
+    dp = np.array([float(r["dp.true.pmi"]) for r in rows])
+    norm = np.array([float(r["norm_dp_true_pmi"]) for r in rows])
+    ratio = norm / dp
+    f = np.zeros(4 ** k, dtype=np.int64)
+    f[code] = np.rint(np.exp(ratio * np.log(c) / (1 - ratio)))
+    assert len(set(code)) == 4 ** k and f.min() >= c
+    counts = [np.zeros(1, dtype=np.int64)]
+    counts += [f.reshape(4 ** n, -1).sum(axis=1) for n in range(1, k + 1)]
+
+    p, n = npmi.npmi(counts, k, c, definition="genemask")
+    for got, want in ((p[code], dp), (n[code], norm)):
+        assert np.abs(got - want).max() <= 0.005
+        assert _spearman(got, want) >= 0.999
+    # the other definition, on the same counts, is a different ranking
+    _, levine = npmi.npmi(counts, k, c, definition="levine")
+    assert _spearman(levine[code], norm) < 0.95
+
+
+@pytest.mark.parametrize("definition", npmi.DEFINITIONS)
+def test_unseen_kmers_have_no_score(definition):
     k = 3
     counts = kmers.ngram_counts(kmers.count_table(b"AAAAAAAACCCCCCCACACACA", k, 0)[0], k)
-    p, n = npmi.npmi(counts, k, 1)
+    p, n = npmi.npmi(counts, k, 1, definition)
     assert np.isnan(n[_code("GGG")]) and np.isnan(p[_code("GGG")])
+    assert np.isnan(n[_code("ACG")]) and np.isnan(p[_code("ACG")])    # parts seen, k-mer not
     assert not np.isnan(n[_code("AAA")])
+    assert not np.isinf(p).any() and not np.isinf(n).any()
+
+
+@pytest.mark.parametrize("definition", npmi.DEFINITIONS)
+def test_nothing_counted_scores_nothing(definition):
+    counts = [np.zeros(4 ** n, dtype=np.int64) for n in range(4)]
+    p, n = npmi.npmi(counts, 3, 1, definition)
+    assert np.isnan(p).all() and np.isnan(n).all()
+
+
+def test_bad_definition_and_min_count_are_refused():
+    counts = kmers.ngram_counts(kmers.count_table(b"ACGTACGTAC", 3, 0)[0], 3)
+    with pytest.raises(ValueError, match="unknown NPMI definition 'dp'"):
+        npmi.npmi(counts, 3, 1, "dp")
+    with pytest.raises(ValueError, match="min_count must be >= 1"):
+        npmi.npmi(counts, 3, 0)
 
 
 def test_table_round_trip_and_ranks(tmp_path):
@@ -150,7 +255,8 @@ def test_bad_tables_name_file_and_line(tmp_path, content, fragment):
 def test_genemask_csv_with_wrong_k_names_line(tmp_path):
     if not GENEMASK.exists():
         pytest.skip(reason="GeneMask table not present")
-    with pytest.raises(npmi_table.TableError, match=r"hg38_6mer_npmi_genemask.csv:2: .*expected k=4"):
+    with pytest.raises(npmi_table.TableError,
+                       match=r"hg38_6mer_npmi_genemask.csv:2: .*expected k=4"):
         npmi_table.load_table(GENEMASK, 4)
 
 
