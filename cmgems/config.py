@@ -56,6 +56,9 @@ class PretrainConfig:
                            "masking.", resume=True)
     p_global: float = _f(DEFAULT_PROBABILITY["global"], "Fraction of positions taken as global "
                          "top-NPMI centres.", resume=True)
+    global_m: int = _f(0, "GLOBAL's number of top-NPMI anchors per sample: 0 = round(L x p_global) "
+                       "for a sample of L tokens (7 at 510); N > 0 = N in every sample (capped "
+                       "at L), p_global then unused by GLOBAL.", resume=True)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------
@@ -109,7 +112,8 @@ class PretrainConfig:
                      "log_interval", "save_interval", "keep_checkpoints", "patience"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_batches", "num_workers", "min_switch_step", "grad_clip"):
+        for name in ("warmup_steps", "eval_batches", "num_workers", "min_switch_step", "grad_clip",
+                     "global_m"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for strategy, p in self.probabilities.items():

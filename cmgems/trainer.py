@@ -267,7 +267,7 @@ class Trainer:
         return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
                           self.manifest.vocab_size, gen, k=self.k,
                           probabilities=self.cfg.probabilities if probabilities is None
-                          else probabilities)
+                          else probabilities, global_m=self.cfg.global_m)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
