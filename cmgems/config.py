@@ -35,6 +35,10 @@ class PretrainConfig:
                          "cut to their first max_length-2 tokens.", resume=True)
     num_workers: int = _f(2, "DataLoader worker processes per rank (each opens the HDF5 shards "
                           "itself); 0 reads in the training process.")
+    packing: bool = _f(True, "Lay each micro-batch's samples back to back into as few rows of "
+                       "max_length as they fit (same samples, same masks, attention kept inside "
+                       "each sample); --no-packing pads every sample to the longest of its "
+                       "micro-batch instead.")
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------
