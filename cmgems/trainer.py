@@ -380,6 +380,8 @@ class Trainer:
 
     def _stop_requested(self) -> str | None:
         """The signal asking this run to stop, if any rank got one: all stop at the same step."""
+        if self.dist.world_size == 1:  # nothing to agree on: no collective, no device read-back
+            return self.stop.requested
         flag = torch.tensor([float(self.stop.requested is not None)], device=self.dist.device)
         if distributed.all_reduce_max(flag).item() > 0:
             return self.stop.requested or "signal on another rank"
