@@ -11,9 +11,10 @@ lengths, before the batch goes to the device: no device value is read back to pa
 packing is one gather and one scatter with the plan's index tensors.
 
 Attention never crosses samples, and position ids restart at 0 in every sample (token type ids stay
-0): with SDPA through a block-diagonal [rows, 1, width, width] boolean mask over rows of max_length;
-with flash-attention 2 through its variable-length kernel, given the samples' cumulative lengths
-over one row that holds every sample (no padding at all).
+0): with SDPA through a block-diagonal [rows, 1, width, width] boolean mask over rows of at most
+max_length; with flash-attention 2 through its variable-length kernel, given the samples'
+cumulative lengths over one row that holds every sample (no padding at all). choose_attention
+picks the path at start-up (docs/pretraining.md, "Packing").
 """
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def _move(values: torch.Tensor, plan: dict, n_slots: int, fill: int) -> torch.Te
 
 class Packer:
     """Turns a masked padded batch into the keyword arguments of MaskedLM.forward: padded as it is
-    (packing off), or packed for the model's attention path (SDPA or VARLEN)."""
+    (packing off), or packed for the model's attention path: SDPA (a 4D mask: the model's
+    attention implementation must be sdpa) or VARLEN (cumulative lengths: it must be a
+    variable-length one, flash_attention_2)."""
 
     def __init__(self, enabled: bool, capacity: int, attention: str = SDPA):
         if attention not in (SDPA, VARLEN):
