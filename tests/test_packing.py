@@ -203,6 +203,30 @@ def test_cpu_chooses_sdpa_with_the_block_diagonal_mask():
                                         "fp32").enabled
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_packed_equals_one_sample_per_row(precision):
+    """On a GPU, the path choose_attention picks (SDPA with the mask, or flash-attention 2's
+    variable-length kernel where installed, bf16 only) gives the padded batch's loss."""
+    dev = torch.device("cuda")
+    batch = padded_batch(LENGTHS, seed=5)
+    inputs, labels, _ = masked(batch, STRATEGIES, seed=6)
+    model = small_model(2).to(dev)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    padded = packing.Packer(False, 128)
+    on_dev = {k: v.to(dev) for k, v in (("ids", inputs), ("mask", batch["attention_mask"]),
+                                         ("labels", labels))}
+    ref = model(**padded.model_inputs(padded.layout(batch), on_dev["ids"], on_dev["mask"],
+                                      on_dev["labels"]))
+    packer = packing.choose_attention(model.model, True, 128, dev, precision)
+    got = model(**packer.model_inputs(packer.layout(batch), on_dev["ids"], on_dev["mask"],
+                                      on_dev["labels"]))
+    assert ref[2] == got[2]
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    assert abs(ref[1].item() - got[1].item()) <= tol * ref[1].item()
+
+
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_training_packed_and_unpacked_gives_the_same_curves(tiny_dataset, tmp_path):
