@@ -35,6 +35,10 @@ class PretrainConfig:
                          "cut to their first max_length-2 tokens.", resume=True)
     num_workers: int = _f(2, "DataLoader worker processes per rank (each opens the HDF5 shards "
                           "itself); 0 reads in the training process.")
+    packing: bool = _f(True, "Lay each micro-batch's samples back to back into as few rows of "
+                       "max_length as they fit (same samples, same masks, attention kept inside "
+                       "each sample); --no-packing pads every sample to the longest of its "
+                       "micro-batch instead.")
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------
@@ -56,6 +60,9 @@ class PretrainConfig:
                            "masking.", resume=True)
     p_global: float = _f(DEFAULT_PROBABILITY["global"], "Fraction of positions taken as global "
                          "top-NPMI centres.", resume=True)
+    global_m: int = _f(0, "GLOBAL's number of top-NPMI anchors per sample: 0 = round(L x p_global) "
+                       "for a sample of L tokens (7 at 510); N > 0 = N in every sample (capped "
+                       "at L), p_global then unused by GLOBAL.", resume=True)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------
@@ -109,7 +116,8 @@ class PretrainConfig:
                      "log_interval", "save_interval", "keep_checkpoints", "patience"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_batches", "num_workers", "min_switch_step", "grad_clip"):
+        for name in ("warmup_steps", "eval_batches", "num_workers", "min_switch_step", "grad_clip",
+                     "global_m"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for strategy, p in self.probabilities.items():

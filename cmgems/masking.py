@@ -193,7 +193,7 @@ def _centres(real: torch.Tensor, p: float, gen) -> tuple[torch.Tensor, torch.Ten
     return flat, centres.view(real.shape)
 
 
-def _select_random(real, npmi, p, k, gen):
+def _select_random(real, npmi, p, k, gen, global_m):
     _, centres = _centres(real, p, gen)
     return dilate(centres, *kspan(k)) & real
 
@@ -237,15 +237,23 @@ def _genemask(flat, centres, real, npmi, gen, k):
     return (dilate(centres, left, right) | dilate(kept.view(b, n), *pmi_span(k))) & real
 
 
-def _select_genemask(real, npmi, p, k, gen):
+def _select_genemask(real, npmi, p, k, gen, global_m):
     flat, centres = _centres(real, p, gen)
     return _genemask(flat, centres, real, npmi, gen, k)
 
 
-def _select_global(real, npmi, p, k, gen):
-    length = real.sum(1)
-    m = torch.clamp(torch.round(length.to(torch.float64) * p), min=1).to(torch.int64)
-    m = torch.minimum(m, length)
+def global_anchors(length: torch.Tensor, p: float, global_m: int = 0) -> torch.Tensor:
+    """GLOBAL's m per sample of `length` real tokens: max(1, round(L x p)) (global_m = 0), or
+    global_m in every sample; never more than L."""
+    if global_m:
+        m = torch.full_like(length, global_m)
+    else:
+        m = torch.clamp(torch.round(length.to(torch.float64) * p), min=1).to(torch.int64)
+    return torch.minimum(m, length)
+
+
+def _select_global(real, npmi, p, k, gen, global_m):
+    m = global_anchors(real.sum(1), p, global_m)
     noise = _fields(real.numel(), gen, real.device).view(real.shape)
     kept = _mark_top(rank_keys(npmi, real, noise), m)
     return dilate(kept, *pmi_span(k)) & real
@@ -261,7 +269,10 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
-def _check_params(k: int, p: float) -> None:
+def _check_params(k: int, p: float, global_m: int) -> None:
+    if not isinstance(global_m, int) or global_m < 0:
+        raise InputError(f"masking global_m: must be an integer >= 0 (0 = per sample), "
+                         f"got {global_m!r}")
     if k not in K_RANGE:
         raise InputError(f"masking k: must be in {K_RANGE.start}..{K_RANGE.stop - 1}, got {k}")
     if not 0.0 <= p <= 1.0:
@@ -280,14 +291,16 @@ def _check_shapes(input_ids, npmi, attention_mask):
 
 def select(strategy: str, input_ids: torch.Tensor, npmi: torch.Tensor,
            attention_mask: torch.Tensor | None, generator: torch.Generator | None = None, *,
-           k: int = 6, mlm_probability: float | None = None) -> torch.Tensor:
-    """Bool [B, N]: the positions `strategy` chooses for prediction (before corruption)."""
+           k: int = 6, mlm_probability: float | None = None, global_m: int = 0) -> torch.Tensor:
+    """Bool [B, N]: the positions `strategy` chooses for prediction (before corruption).
+
+    global_m (GLOBAL only): anchors per sample; 0 = max(1, round(L x mlm_probability))."""
     check_strategy(strategy)
     p = DEFAULT_PROBABILITY[strategy] if mlm_probability is None else float(mlm_probability)
-    _check_params(k, p)
+    _check_params(k, p, global_m)
     _check_shapes(input_ids, npmi, attention_mask)
     real = real_tokens(input_ids, attention_mask)
-    return _SELECTORS[strategy](real, npmi, p, k, _new_generator(generator))
+    return _SELECTORS[strategy](real, npmi, p, k, _new_generator(generator), global_m)
 
 
 def corrupt(input_ids: torch.Tensor, selected: torch.Tensor, vocab_size: int,
@@ -337,9 +350,10 @@ def _strategy_rows(strategies: str | Sequence[str], batch: int) -> dict[str, np.
 def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torch.Tensor | None,
                strategies: str | Sequence[str], vocab_size: int,
                generator: torch.Generator | None, k: int = 6,
-               probabilities: dict[str, float] | None = None,
+               probabilities: dict[str, float] | None = None, global_m: int = 0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Select (one strategy, or one per sample) then corrupt: (inputs, labels, selected)."""
+    """Select (one strategy, or one per sample) then corrupt: (inputs, labels, selected).
+    global_m: GLOBAL's anchors per sample (0 = round(L x its probability)), see `select`."""
     probs = dict(DEFAULT_PROBABILITY)
     for name, p in (probabilities or {}).items():
         probs[check_strategy(name)] = float(p)
@@ -348,14 +362,14 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
     if len(groups) == 1:
         (name,) = groups
         selected = select(name, input_ids, npmi, attention_mask, gen, k=k,
-                          mlm_probability=probs[name])
+                          mlm_probability=probs[name], global_m=global_m)
     else:
         selected = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         for name, rows in groups.items():  # at most three groups
             idx = torch.as_tensor(rows, device=input_ids.device)
             mask = None if attention_mask is None else attention_mask[idx]
             selected[idx] = select(name, input_ids[idx], npmi[idx], mask, gen, k=k,
-                                   mlm_probability=probs[name])
+                                   mlm_probability=probs[name], global_m=global_m)
     inputs, labels = corrupt(input_ids, selected, vocab_size, gen)
     return inputs, labels, selected
 

@@ -30,6 +30,7 @@ from cmgems.engine import build_ds_config, resolve_precision
 from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
 from cmgems.models import build_model, count_parameters, export, flops_per_token
+from cmgems.packing import choose_attention
 from cmgems.plots import perplexity_plot
 from cmgems.rng import derive_seed, generator
 from cmgems.shards import Manifest, ShardSet, verify
@@ -47,14 +48,19 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 class MaskedLM(torch.nn.Module):
     """BertForMaskedLM that runs its vocabulary projection only at the selected positions
-    (about 15 % of tokens): the head is a fifth of LOGO's compute over all positions."""
+    (about 15 % of tokens): the head is a fifth of LOGO's compute over all positions.
+
+    Takes a padded batch (2D attention mask) or a packed one (cmgems.packing: position ids that
+    restart in every sample, and a 4D block-diagonal mask or the variable-length kernel's
+    cumulative lengths among `attention_kwargs`)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, **attention_kwargs):
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, **attention_kwargs)[0]
         selected = labels != -100
         logits = self.model.cls(hidden[selected])
         loss_sum = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
@@ -81,26 +87,30 @@ class StepResult:
     loss_sum: torch.Tensor           # summed loss over the predicted tokens (float64)
     n_predicted: torch.Tensor        # predicted (selected) tokens (float64)
     samples: int = 0
-    tokens: int = 0                  # attended tokens, [CLS] [SEP] included
-    data_seconds: float = 0.0        # reading and masking
+    tokens: int = 0                  # real (non-pad) tokens, [CLS] [SEP] included
+    slots: int = 0                   # positions the model computed (rows x width)
+    data_seconds: float = 0.0        # reading, masking and packing
     mask_stats: dict = field(default_factory=dict)  # of the first micro-batch, on logged steps
     grad_norm: float | None = None   # measured here on logged ZeRO-0 steps
 
 
 class Throughput:
-    """Samples, tokens and data seconds since the last reset, over the wall time spent training:
-    what runs inside paused() is not counted."""
+    """Samples, real tokens, computed positions and data seconds since the last reset, over the
+    wall time spent training: what runs inside paused() is not counted. Counts come from the CPU
+    side of each batch, so counting never waits on the device."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.samples, self.tokens, self.data_seconds = time.perf_counter(), 0, 0, 0.0
+        self.start, self.data_seconds = time.perf_counter(), 0.0
+        self.samples = self.tokens = self.slots = 0
 
-    def add(self, samples: int, tokens: int, data_seconds: float) -> None:
-        self.samples += samples
-        self.tokens += tokens
-        self.data_seconds += data_seconds
+    def add(self, out: StepResult) -> None:
+        self.samples += out.samples
+        self.tokens += out.tokens
+        self.slots += out.slots
+        self.data_seconds += out.data_seconds
 
     @contextlib.contextmanager
     def paused(self):
@@ -115,6 +125,7 @@ class Throughput:
         elapsed = time.perf_counter() - self.start
         return {"perf/samples_per_s": self.samples * world_size / elapsed,
                 "perf/tokens_per_s": self.tokens * world_size / elapsed,
+                "perf/real_token_share": self.tokens / self.slots if self.slots else float("nan"),
                 "perf/data_share": self.data_seconds / elapsed}
 
 
@@ -227,6 +238,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.dist.device)
         self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
         self.peak_tflops = peak_tflops(self.dist.device, self.precision)
+        self.packer = choose_attention(model, cfg.packing, cfg.max_length, self.dist.device,
+                                       self.precision)
         self.engine, _, _, _ = deepspeed.initialize(model=MaskedLM(model),
                                                     model_parameters=model.parameters(),
                                                     config=self.ds_config)
@@ -267,7 +280,7 @@ class Trainer:
         return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
                           self.manifest.vocab_size, gen, k=self.k,
                           probabilities=self.cfg.probabilities if probabilities is None
-                          else probabilities)
+                          else probabilities, global_m=self.cfg.global_m)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -285,10 +298,12 @@ class Trainer:
         for i, batch in enumerate(loader):
             if cfg.eval_batches and i >= cfg.eval_batches:
                 break
+            layout = self.packer.layout(batch)
             batch = {k: v.to(dev) for k, v in batch.items()}
             gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
             inputs, labels, _ = self._mask(batch, strategy, gen, probs)
-            _, loss_sum, n = self.engine(inputs, batch["attention_mask"], labels)
+            _, loss_sum, n = self.engine(**self.packer.model_inputs(
+                layout, inputs, batch["attention_mask"], labels))
             totals += torch.stack([loss_sum.double(), n.double()])
         self.engine.train()
         loss_sum, n = distributed.all_reduce_sum(totals).tolist()
@@ -308,7 +323,7 @@ class Trainer:
                 log_now = (st.step + 1) % cfg.log_interval == 0 or st.step + 1 == cfg.max_steps
                 out = self._train_step(st.step, stream, log_now)
                 st.step += 1
-                meter.add(out.samples, out.tokens, out.data_seconds)
+                meter.add(out)
                 stopped_by = self._stop_requested()
                 if log_now:
                     self._log(self._train_metrics(out, meter), progress, last_ppl)
@@ -336,30 +351,37 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
             index = step * cfg.grad_accum + micro
-            # Masking runs on the training device; its random numbers come from a CPU generator,
-            # so a GPU run masks exactly as a CPU run of the same seed.
-            batch = {k: v.to(dev, non_blocking=True) for k, v in next(stream).items()}
+            cpu_batch = next(stream)
+            layout = self.packer.layout(cpu_batch)  # from the CPU lengths: no device read-back
+            # Masking runs on the training device, per sample on the padded batch; its random
+            # numbers come from a CPU generator, so a GPU run masks exactly as a CPU run of the
+            # same seed. Packing only moves the masked tokens into the layout's rows.
+            batch = {k: v.to(dev, non_blocking=True) for k, v in cpu_batch.items()}
             gen = generator(cfg.seed, index, rank, "mask")
-            strategies = self.schedule.strategies(step, batch["input_ids"].shape[0], gen)
+            strategies = self.schedule.strategies(step, layout.samples, gen)
             inputs, labels, selected = self._mask(batch, strategies, gen)
             attn = batch["attention_mask"]
             if micro == 0 and log_now:
                 out.mask_stats = mask_stats(selected, batch["npmi"], attn, strategies)
+            model_inputs = self.packer.model_inputs(layout, inputs, attn, labels)
             out.data_seconds += time.perf_counter() - t0
             torch.manual_seed(derive_seed(cfg.seed, index, rank, "dropout"))
-            loss, loss_sum, n = self.engine(inputs, attn, labels)
+            loss, loss_sum, n = self.engine(**model_inputs)
             self.engine.backward(loss)
             if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
                 out.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
             self.engine.step()
             out.loss_sum += loss_sum.double()
             out.n_predicted += n.double()
-            out.samples += inputs.shape[0]
-            out.tokens += int(attn.sum())
+            out.samples += layout.samples
+            out.tokens += layout.real_tokens
+            out.slots += layout.slots
         return out
 
     def _stop_requested(self) -> str | None:
         """The signal asking this run to stop, if any rank got one: all stop at the same step."""
+        if self.dist.world_size == 1:  # nothing to agree on: no collective, no device read-back
+            return self.stop.requested
         flag = torch.tensor([float(self.stop.requested is not None)], device=self.dist.device)
         if distributed.all_reduce_max(flag).item() > 0:
             return self.stop.requested or "signal on another rank"

@@ -290,6 +290,39 @@ def test_global_m_is_at_least_one_and_follows_length():
                                                     for p in (30, 100, 200, 300, 400, 450)))
 
 
+def test_global_m_per_sample_or_fixed():
+    length = torch.tensor([0, 1, 10, 36, 37, 110, 255, 510])
+    assert masking.global_anchors(length, 0.0136).tolist() == [0, 1, 1, 1, 1, 1, 3, 7]
+    assert masking.global_anchors(length, 0.0136, global_m=7).tolist() == [0, 1, 7, 7, 7, 7, 7, 7]
+    assert masking.global_anchors(length, 0.5, global_m=2).tolist() == [0, 1, 2, 2, 2, 2, 2, 2]
+
+
+def test_global_fixed_m_takes_the_same_count_in_every_sample():
+    ids, npmi, mask = batch([50, 200, 510], width=512)
+    peaks = [3, 20, 36]  # three disjoint 11-spans that fit every sample
+    for row in range(3):
+        for i, p in enumerate(peaks):
+            npmi[row, p] = 9.0 - i
+        npmi[row, 38] = 1.0  # 4th best: left out with global_m = 3
+    sel = masking.select("global", ids, npmi, mask, gen(), global_m=3)
+    expected = set().union(*(span(max(1, p - 5), p + 5) for p in peaks))
+    assert all(positions(sel[row]) == expected for row in range(3))
+    # Per sample (default): 200 tokens give m = 3 as well, 50 give 1, 510 give 7.
+    default = masking.select("global", ids, npmi, mask, gen())
+    assert positions(default[0]) == span(1, 8) and positions(default[1]) == expected
+    assert len(positions(default[2])) > len(expected)
+    # A fixed m larger than a sample: every real token of it, nothing outside.
+    ids, npmi, mask = batch([6, 300], width=302)
+    sel = masking.select("global", ids, npmi, mask, gen(), global_m=300)
+    assert positions(sel[0]) == span(1, 6) and sel[1].sum() == 300
+    _, _, via_batch = masking.mask_batch(ids, npmi, mask, ["global", "random"], V6, gen(),
+                                         probabilities={"random": 0.0}, global_m=50)
+    assert positions(via_batch[0]) == span(1, 6) and via_batch[1].sum() == 0
+    for bad in (-1, 2.5):
+        with pytest.raises(InputError, match="global_m"):
+            masking.select("global", ids, npmi, mask, gen(), global_m=bad)
+
+
 def test_global_breaks_ties_with_the_generator():
     ids, npmi, mask = batch([510], width=512)
     for i, p in enumerate([20, 60, 100, 140, 180, 220]):
@@ -481,3 +514,11 @@ def test_cuda_matches_cpu(ecoli, strategy):
                               generator(1, 2, 0, "mask"))
     for a, b in zip(cpu, cuda):
         assert b.is_cuda and torch.equal(a, b.cpu())
+
+
+def test_global_m_is_a_validated_config_field():
+    from cmgems.config import PretrainConfig
+    assert PretrainConfig().global_m == 0  # per sample, round(L x p_global), by default
+    assert PretrainConfig(global_m=7).global_m == 7
+    with pytest.raises(InputError, match="global_m must be >= 0"):
+        PretrainConfig(global_m=-1)

@@ -1,0 +1,254 @@
+"""Sequence packing: the first-fit plan, the packed layout, and equivalence with one sample per row
+(loss, gradients, predicted positions; the SDPA mask path and the variable-length kernel path);
+end to end, a short run packed and unpacked gives the same losses and perplexities."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from transformers import AttentionInterface, BertConfig, BertForMaskedLM
+
+from conftest import ROOT, run_module
+from cmgems import packing
+from cmgems.data import collate
+from cmgems.masking import IGNORE_INDEX, mask_batch
+from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
+from cmgems.trainer import MaskedLM
+
+V6 = vocab_size(6)
+
+
+def padded_batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """The loader's padded batch of samples with these token counts ([CLS]/[SEP] included)."""
+    rng = np.random.default_rng(seed)
+    return collate([(rng.integers(5, V6, n - 2).astype(np.uint16),
+                     rng.normal(size=n - 2).astype(np.float16)) for n in lengths])
+
+
+def small_model(seed: int = 0) -> MaskedLM:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=V6, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=512,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return MaskedLM(BertForMaskedLM(cfg))
+
+
+def masked(batch, strategies, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies, V6,
+                      gen, probabilities={"random": 0.05, "genemask": 0.04, "global": 0.03})
+
+
+def loss_and_grads(model: MaskedLM, inputs: dict):
+    model.zero_grad()
+    loss, loss_sum, n = model(**inputs)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), loss_sum, n, grads
+
+
+# ------------------------------------------------------------------------------- the plan
+def test_first_fit_keeps_data_order_and_never_splits():
+    rows, offsets, fill = packing.first_fit([300, 300, 100, 212, 512, 5], 512)
+    assert rows == [0, 1, 0, 1, 2, 0]
+    assert offsets == [0, 0, 300, 300, 0, 400]
+    assert fill == [405, 512, 512]
+    assert packing.first_fit([], 512) == ([], [], [])
+    with pytest.raises(ValueError, match="513 tokens"):
+        packing.first_fit([10, 513], 512)
+
+
+def test_plan_lays_whole_samples_back_to_back_with_restarting_positions():
+    lengths = [128, 40, 2, 90, 128, 7]
+    batch = padded_batch(lengths)
+    packer = packing.Packer(True, 128)
+    layout = packer.layout(batch)
+    rows, offsets, fill = packing.first_fit(lengths, 128)
+    assert (rows, offsets, fill) == ([0, 1, 1, 2, 3, 1], [0, 0, 40, 0, 0, 42], [128, 49, 90, 128])
+    assert (layout.samples, layout.real_tokens, layout.rows, layout.width) == (6, 395, 4, 128)
+    assert layout.real_token_share == pytest.approx(395 / (4 * 128))
+    labels = torch.arange(batch["input_ids"].numel()).view(batch["input_ids"].shape)
+    out = packer.model_inputs(layout, batch["input_ids"], batch["attention_mask"], labels)
+    ids, pos = out["input_ids"], out["position_ids"]
+    covered = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (n, r, o) in enumerate(zip(lengths, rows, offsets)):
+        assert torch.equal(ids[r, o:o + n], batch["input_ids"][b, :n])
+        assert ids[r, o] == CLS_ID and ids[r, o + n - 1] == SEP_ID
+        assert torch.equal(pos[r, o:o + n], torch.arange(n))
+        assert torch.equal(out["labels"][r, o:o + n], labels[b, :n])
+        covered[r, o:o + n] = True
+    assert (ids[~covered] == PAD_ID).all() and (out["labels"][~covered] == IGNORE_INDEX).all()
+    mask = out["attention_mask"]
+    assert mask.shape == (4, 1, 128, 128) and mask.dtype == torch.bool
+    # Row 1 holds samples 1 (0..39), 2 (40..41) and 5 (42..48), then padding (49..127).
+    row = mask[1, 0]
+    for lo, hi in ((0, 40), (40, 42), (42, 49), (49, 128)):
+        inside = torch.zeros(128, dtype=torch.bool)
+        inside[lo:hi] = True
+        assert torch.equal(row[lo:hi], inside.expand(hi - lo, 128)), (lo, hi)
+    assert mask.any(-1).all()  # no query attends to nothing (SDPA would give NaN)
+
+
+def test_short_samples_never_cost_more_positions_than_padding():
+    # Rows of 128 hold 4 + 4 + 2 samples of 30 (3 x 120 positions): 10 rows of 30 are fewer.
+    layout = packing.plan(torch.full((10,), 30), 30, 128)
+    assert (layout.rows, layout.width, layout.slots) == (10, 30, 300)
+    layout = packing.plan(torch.full((8,), 30), 30, 120)  # 2 x 120 = 8 x 30: the narrower rows
+    assert (layout.rows, layout.width) == (8, 30)
+    layout = packing.plan(torch.tensor([30, 30, 60, 120, 60]), 120, 120)
+    assert (layout.rows, layout.width, layout.slots) == (3, 120, 360)  # padded: 5 x 120
+    layout = packing.plan(torch.tensor([30, 10, 20]), 30, 64)  # 1 x 60 or 2 x 30: the narrower
+    assert (layout.rows, layout.width) == (2, 30)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = torch.from_numpy(rng.integers(2, 129, rng.integers(1, 20)))
+        longest = int(lengths.max())
+        assert packing.plan(lengths, longest, 128).slots <= len(lengths) * longest
+
+
+def test_lengths_come_from_the_loader_when_it_gives_them():
+    batch = padded_batch([10, 20])
+    assert packing.sample_lengths(batch).tolist() == [10, 20]
+    batch["lengths"] = torch.tensor([10, 20], dtype=torch.int32)
+    assert packing.sample_lengths(batch).dtype == torch.int64
+    off = packing.Packer(False, 128).layout(batch)
+    assert (off.plan, off.real_tokens, off.slots) == (None, 30, 2 * 20)
+    assert off.real_token_share == pytest.approx(0.75)
+
+
+# ------------------------------------------------------------------------- equivalence
+LENGTHS = [128, 37, 2, 90, 128, 61, 7, 128, 15, 33]
+STRATEGIES = ["genemask", "global", "random", "global", "genemask", "random", "global",
+              "global", "genemask", "random"]
+
+
+def test_packed_batch_equals_one_sample_per_row():
+    """Loss, loss sum, predicted count and every gradient of a packed batch match the padded
+    batch (CPU fp32, within 1e-5); the predicted positions of each sample are the same."""
+    batch = padded_batch(LENGTHS)
+    inputs, labels, selected = masked(batch, STRATEGIES)
+    model = small_model()
+    packer = packing.Packer(True, 128)
+    layout = packer.layout(batch)
+    assert layout.rows < len(LENGTHS)
+    padded = packing.Packer(False, 128)
+    ref = loss_and_grads(model, padded.model_inputs(padded.layout(batch), inputs,
+                                                    batch["attention_mask"], labels))
+    packed_inputs = packer.model_inputs(layout, inputs, batch["attention_mask"], labels)
+    got = loss_and_grads(model, packed_inputs)
+    assert ref[2] == got[2] == selected.sum() > 0
+    assert abs(ref[0] - got[0]) < 1e-5 and abs(ref[1] - got[1]) / ref[1] < 1e-6
+    assert ref[3].keys() == got[3].keys()
+    worst = max(ref[3], key=lambda k: (ref[3][k] - got[3][k]).abs().max())
+    assert (ref[3][worst] - got[3][worst]).abs().max() < 1e-5, worst
+    # Per sample: the packed labels at the sample's slots are its own labels, position by position.
+    rows, offsets, _ = packing.first_fit(LENGTHS, 128)
+    for b, (n, r, o) in enumerate(zip(LENGTHS, rows, offsets)):
+        assert torch.equal(packed_inputs["labels"][r, o:o + n], labels[b, :n])
+        assert torch.equal(packed_inputs["input_ids"][r, o:o + n], inputs[b, :n])
+
+
+VARLEN_CALLS: list[int] = []
+
+
+def reference_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                     max_length_k=None, **kwargs):
+    """The variable-length kernel's contract, one segment at a time: each sample attends to
+    itself only. Refuses a call without the cumulative lengths."""
+    VARLEN_CALLS.append(len(cu_seq_lens_q) - 1)
+    assert attention_mask is None and query.shape[0] == 1
+    assert cu_seq_lens_q is not None and torch.equal(cu_seq_lens_q, cu_seq_lens_k)
+    bounds = cu_seq_lens_q.tolist()
+    assert max_length_q == max_length_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                            scale=scaling)
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def test_varlen_path_equals_one_sample_per_row():
+    """The flash-attention path's inputs (one row, cumulative lengths) through a reference
+    variable-length attention give the padded batch's loss and gradients."""
+    AttentionInterface.register("cmgems_reference_varlen", reference_varlen)
+    batch = padded_batch(LENGTHS, seed=3)
+    inputs, labels, _ = masked(batch, "global", seed=4)
+    model = small_model(1)
+    padded = packing.Packer(False, 128)
+    ref = loss_and_grads(model, padded.model_inputs(padded.layout(batch), inputs,
+                                                    batch["attention_mask"], labels))
+    packer = packing.Packer(True, 128, packing.VARLEN)
+    layout = packer.layout(batch)
+    assert layout.rows == 1 and layout.real_token_share == 1.0
+    assert layout.plan["cu_seqlens"].tolist() == np.concatenate([[0], np.cumsum(LENGTHS)]).tolist()
+    model.model.set_attn_implementation("cmgems_reference_varlen")
+    got = loss_and_grads(model, packer.model_inputs(layout, inputs, batch["attention_mask"],
+                                                    labels))
+    assert VARLEN_CALLS == [len(LENGTHS)] * 2  # once per layer, with one segment per sample
+    assert abs(ref[0] - got[0]) < 1e-5
+    assert max((ref[3][k] - got[3][k]).abs().max() for k in ref[3]) < 1e-5
+
+
+def test_cpu_chooses_sdpa_with_the_block_diagonal_mask():
+    model = small_model()
+    packer = packing.choose_attention(model.model, True, 128, torch.device("cpu"), "fp32")
+    assert packer.enabled and packer.attention == packing.SDPA
+    assert model.model.config._attn_implementation == "sdpa"
+    assert not packing.flash_available(torch.device("cpu"), "bf16")
+    assert not packing.choose_attention(model.model, False, 128, torch.device("cpu"),
+                                        "fp32").enabled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_packed_equals_one_sample_per_row(precision):
+    """On a GPU, the path choose_attention picks (SDPA with the mask, or flash-attention 2's
+    variable-length kernel where installed, bf16 only) gives the padded batch's loss."""
+    dev = torch.device("cuda")
+    batch = padded_batch(LENGTHS, seed=5)
+    inputs, labels, _ = masked(batch, STRATEGIES, seed=6)
+    model = small_model(2).to(dev)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    padded = packing.Packer(False, 128)
+    on_dev = {k: v.to(dev) for k, v in (("ids", inputs), ("mask", batch["attention_mask"]),
+                                         ("labels", labels))}
+    ref = model(**padded.model_inputs(padded.layout(batch), on_dev["ids"], on_dev["mask"],
+                                      on_dev["labels"]))
+    packer = packing.choose_attention(model.model, True, 128, dev, precision)
+    got = model(**packer.model_inputs(packer.layout(batch), on_dev["ids"], on_dev["mask"],
+                                      on_dev["labels"]))
+    assert ref[2] == got[2]
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    assert abs(ref[1].item() - got[1].item()) <= tol * ref[1].item()
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_training_packed_and_unpacked_gives_the_same_curves(tiny_dataset, tmp_path):
+    """LOGO (no dropout) for 8 steps, packed and not: the same samples and masks, so train/loss
+    and eval/ppl agree to float rounding at every logged step; packing computes fewer slots."""
+    history = {}
+    for flag in ("--packing", "--no-packing"):
+        out = tmp_path / flag.strip("-")
+        run_module(str(ROOT / "launchers" / "pretrain.py"), "--data-dir", str(tiny_dataset),
+                   "--output-dir", str(out), "--max-steps", "8", "--micro-batch-size", "6",
+                   "--grad-accum", "2", "--max-length", "64", "--eval-interval", "2",
+                   "--eval-batches", "2", "--log-interval", "1", "--save-interval", "8",
+                   "--num-workers", "0", "--mode", "cm_step", "--warmup-steps", "2", flag)
+        run_id = json.loads((out / "result.json").read_text())["mlflow_run_id"]
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        history[flag] = {key: [m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                       key=lambda m: m.step)]
+                         for key in ("train/loss", "eval/ppl", "eval/ppl_ref",
+                                     "perf/real_token_share")}
+    packed, padded = history["--packing"], history["--no-packing"]
+    for key in ("train/loss", "eval/ppl", "eval/ppl_ref"):
+        assert len(packed[key]) == len(padded[key]) > 0, key
+        assert np.allclose(packed[key], padded[key], rtol=1e-5, atol=0), key
+    assert len(packed["perf/real_token_share"]) == 8
+    assert sum(packed["perf/real_token_share"]) > sum(padded["perf/real_token_share"])
