@@ -18,8 +18,8 @@ import numpy as np
 
 from .errors import InputError
 
-DRAW_RULE = ("n per class without replacement; run r: numpy.random.default_rng([seed, r]).permutation"
-             " of the pool, the first n of each class in that order")
+DRAW_RULE = ("n per class without replacement; run r: numpy.random.default_rng([seed, r])"
+             ".permutation of the pool, the first n of each class in that order")
 
 
 def class_counts(labels: np.ndarray, classes: int) -> np.ndarray:
