@@ -493,7 +493,8 @@ def fewshot(model_dir: str | Path, train_path: str | Path | None, test_path: str
     test = load_task_file(test_path, info.k, length, config.overflow)
     classes = num_labels(data)
     shot_file = None
-    if train_path is not None and Path(train_path) != pool_path and shots is None:
+    if train_path is not None and Path(train_path) != pool_path:
+        # Read and checked even when --shots makes it unneeded: a named input is never ignored.
         train = load_task_file(train_path, info.k, length, config.overflow)
         check_labels(train, classes, pool_path)
         shot_file = (train.path, train.labels)

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cmgems.options import add_arguments, from_args
+from cmgems.options import add_arguments, from_args, parse_int
 from cmgems.errors import EXIT_INPUT_ERROR, InputError
 from cmgems.finetune import EvalRuns, FinetuneConfig
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a larger training file (same formats) to draw each run's examples "
                           "from; --train then only gives the number of shots when --shots is "
                           "not given")
-    src.add_argument("--shots", type=int, default=None,
+    src.add_argument("--shots", type=parse_int, default=None, metavar="N",
                      help="n: examples per class in each run's training set, drawn without "
                           "replacement from the pool by run (numpy default_rng([seed, run])); "
                           "without it, --train (else the pool) must hold exactly n of every "

@@ -159,9 +159,13 @@ def test_a_larger_pool_gives_each_run_other_rows(model, files):
         assert np.bincount(pool_labels[r["train_rows"]]).tolist() == [10, 10]
 
 
-def test_a_pool_short_of_n_in_a_class_is_an_error(model, files):
+def test_a_pool_short_of_n_in_a_class_is_an_error(model, files, tmp_path):
     with pytest.raises(InputError, match=r"class 1 has 40 examples, fewer than the 50 shots"):
         fewshot(model, None, files["test2"], pool=files["pool2"], shots=50, runs=1, config=TINY)
+    # A training file named beside a pool is read even when --shots makes it unneeded.
+    with pytest.raises(InputError, match=r"missing\.tsv: no such file"):
+        fewshot(model, tmp_path / "missing.tsv", files["test2"], pool=files["pool2"], shots=5,
+                runs=1, config=TINY)
 
 
 # --------------------------------------------------------------------------- training, outputs
