@@ -41,7 +41,7 @@ class FewshotTask:
     """One few-shot evaluation: a training and a test file (.tsv k-mer text or .csv)."""
 
     name: str  # label in the table, the plots and the MLflow metric names
-    train: Path  # training file (read as blocks of --shots examples per class when given)
+    train: Path  # training file: the pool each run draws its n examples per class from
     test: Path  # test file
 
     def __post_init__(self):
@@ -145,6 +145,18 @@ def switch_step(result: dict) -> int | None:
     return int(events[0]["step"]) if events else None
 
 
+# The three frozen validation maskings every pretraining is scored under at its end.
+PPL_MASKINGS = ("random", "genemask", "global")
+
+
+def final_ppl(result: dict) -> dict[str, float | None]:
+    """{masking: perplexity of the final model under that frozen validation masking} from
+    result.json's "final_ppl"; None for a masking (or a run) that lacks it."""
+    got = result.get("final_ppl") or {}
+    return {m: (float(got[m]) if isinstance(got.get(m), (int, float)) else None)
+            for m in PPL_MASKINGS}
+
+
 def final_ref_ppl(result: dict) -> tuple[int, float] | None:
     hist = result.get("history") or []
     return (int(hist[-1]["step"]), float(hist[-1]["ppl_ref"])) if hist else None
@@ -188,9 +200,10 @@ class CompareConfig:
     fewshot: tuple[str, ...] = option((), "Few-shot task specs (see parse_fewshot).", cli=False)
     runs: int = option(10, "Seeded finetuning runs per task, reported as mean ± std (10: "
                        "GeneMask's protocol).")
-    shots: int | None = option(None, "Examples per class per run: the training file is read as "
-                               "blocks of SHOTS per class, run r uses block r mod blocks "
-                               "(default: the whole file).")
+    shots: int | None = option(None, "n: examples per class each run draws, without "
+                               "replacement, from the task's training file (the pool); run r's "
+                               "draw follows from (fewshot seed, r). Default: inferred when the "
+                               "file holds exactly n of every class.")
     fewshot_seed: int = option(0, "Seed of the first finetuning run; run r uses seed+r.")
 
     def __post_init__(self):

@@ -5,22 +5,26 @@ the pretraining launcher, into OUTPUT_DIR/<strategy>; then each export is finetu
 few-shot task (cmgems.finetune.fewshot). A re-run skips finished pretrainings and few-shot results
 already computed with the same settings, and resumes an unfinished run from its last checkpoint.
 MLflow: one parent run (reopened by a re-run) holding the report, one child per strategy (its
-pretraining run, plus the few-shot metrics fewshot/<task>/<metric>_mean|_std).
+pretraining run, plus the few-shot metrics fewshot/<task>/<metric>_mean|_std), all in the store
+that cmgems.tracking_uri.resolve_tracking_uri() gives (the one pretraining and finetuning from the
+same working directory use); the pretraining children are handed it as MLFLOW_TRACKING_URI.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import time
 from pathlib import Path
 
-from .compare import (CompareConfig, FewshotTask, STRATEGY_MODES, config_mismatch, final_ref_ppl,
-                      finished_result, parse_fewshot, switch_step, unique_tasks)
+from .compare import (CompareConfig, FewshotTask, STRATEGY_MODES, config_mismatch, final_ppl,
+                      final_ref_ppl, finished_result, parse_fewshot, switch_step, unique_tasks)
 from .compare_report import write_report
 from .errors import InputError
 from .finetune import FinetuneConfig, fewshot
 from .metrics import mean_std
+from .shots import DRAW_RULE
 from .pretrain_process import Interrupted, SignalForwarder, pretrain_command, run_logged
 from .tracking import Tracker
 from .tracking_uri import resolve_tracking_uri
@@ -83,9 +87,10 @@ def pretrain_args(config: CompareConfig, strategy: str, run_dir: Path, parent_ru
 
 
 def run_pretraining(cmd: list[str], strategy: str, run_dir: Path, log_path: Path,
-                    forwarder: SignalForwarder) -> dict:
+                    forwarder: SignalForwarder, tracking_uri: str) -> dict:
     """The finished run's result.json, or RunFailed with the log's last lines."""
-    code = run_logged(cmd, log_path, forwarder, f"pretraining of strategy {strategy!r}")
+    code = run_logged(cmd, log_path, forwarder, f"pretraining of strategy {strategy!r}",
+                      env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
     result = finished_result(run_dir) if code == 0 else None
     if result is None:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
@@ -121,9 +126,11 @@ def evaluate_strategy(config: CompareConfig, finetune: FinetuneConfig, strategy:
     out: dict[str, dict] = {}
     for task in tasks:
         path = Path(result["output_dir"]) / "fewshot" / f"{task.slug}.json"
+        # n inferred from the same file is the same n; a result of another draw rule (or of the
+        # consecutive blocks read before it) is never reused.
         expected = {"model_dir": str(model_dir), "train": str(task.train), "test": str(task.test),
-                    "runs": config.runs, "seed": config.fewshot_seed,
-                    "shots": config.shots if config.shots is not None else "all",
+                    "runs": config.runs, "seed": config.fewshot_seed, "draw": DRAW_RULE,
+                    **({"shots": config.shots} if config.shots is not None else {}),
                     **dataclasses.asdict(finetune)}
         summary = cached_fewshot(path, expected)
         if summary is not None:
@@ -133,15 +140,18 @@ def evaluate_strategy(config: CompareConfig, finetune: FinetuneConfig, strategy:
             t0 = time.time()
             summary = fewshot(model_dir, task.train, task.test, runs=config.runs,
                               seed=config.fewshot_seed, shots=config.shots, config=finetune,
-                              tracking=None, name=f"{strategy}/{task.name}", out_json=path)
+                              tracking=None, name=f"{strategy}/{task.name}", out_json=path,
+                              progress=True)
             if result.get("mlflow_run_id"):
                 child = Tracker(True, parent.tracking_uri, config.experiment,
                                 run_id=result["mlflow_run_id"])
                 child.log_metrics(fewshot_metrics(task, summary), 0)
                 child.log_artifact(path, "fewshot")
+                child.log_artifact(summary["predictions"], "fewshot")
                 child.finish("FINISHED")
             accuracy = mean_std(summary["mean"]["accuracy"], summary["std"]["accuracy"])
-            print(f"  {strategy} / {task.name}: accuracy {accuracy} % over {config.runs} run(s) "
+            print(f"  {strategy} / {task.name}: accuracy {accuracy} % over {config.runs} run(s), "
+                  f"{summary['shots']} per class from a pool of {summary['pool']['size']} "
                   f"({time.time() - t0:.0f} s)", flush=True)
         out[task.name] = summary
     return out
@@ -159,12 +169,15 @@ def _params(config: CompareConfig, finetune: FinetuneConfig, strategies: list[st
             "model": config.model or "", "seed": _or_blank(config.seed), "num_gpus": num_gpus,
             "pretrain_args": shlex.join(extra),
             "fewshot": ";".join(f"{t.name}={t.train}:{t.test}" for t in tasks),
-            "fewshot.runs": config.runs, "fewshot.shots": _or_blank(config.shots) or "all",
-            "fewshot.seed": config.fewshot_seed, "finetune": dataclasses.asdict(finetune)}
+            "fewshot.runs": config.runs,
+            "fewshot.shots": _or_blank(config.shots) or "inferred from each training file",
+            "fewshot.seed": config.fewshot_seed, "fewshot.draw": DRAW_RULE,
+            "finetune": dataclasses.asdict(finetune)}
 
 
 def _pretrain_all(config, strategies, finished, out, parent, name, extra, num_gpus, script,
                   forwarder) -> dict[str, dict]:
+    """Every strategy's finished result.json: found in its folder, or pretrained now."""
     from .checkpoint import latest_tag
     results: dict[str, dict] = {}
     for i, s in enumerate(strategies, 1):
@@ -182,7 +195,7 @@ def _pretrain_all(config, strategies, finished, out, parent, name, extra, num_gp
                      else "pretraining") + f" (mode {STRATEGY_MODES[s]}) -> {run_dir}; "
                   f"log {log_path}", flush=True)
             t0 = time.time()
-            result = run_pretraining(cmd, s, run_dir, log_path, forwarder)
+            result = run_pretraining(cmd, s, run_dir, log_path, forwarder, parent.tracking_uri)
             ref = final_ref_ppl(result)
             sw = switch_step(result)
             print(f"[{i}/{len(strategies)}] {s}: done in {time.time() - t0:.0f} s, step "
@@ -202,6 +215,9 @@ def _summary_metrics(strategies, results, tasks, fewshot_results) -> dict[str, f
             metrics[f"{s}/final_ppl_ref"] = ref[1]
         if switch_step(results[s]) is not None:
             metrics[f"{s}/switch_step"] = switch_step(results[s])
+        for masking, ppl in final_ppl(results[s]).items():
+            if ppl is not None:
+                metrics[f"{s}/final_ppl/{masking}"] = ppl
         for task in tasks:
             metrics.update({f"{s}/{k}": v for k, v in
                             fewshot_metrics(task, fewshot_results[s][task.name]).items()})
@@ -232,7 +248,7 @@ def run_comparison(config: CompareConfig, finetune: FinetuneConfig, passthrough:
             raise InputError(f"{out / s}: holds a finished run with other settings ({bad}); "
                              f"use another --output-dir or delete that folder")
 
-    parent = Tracker.reopen(out / STATE_NAME, resolve_tracking_uri(out), config.experiment, name)
+    parent = Tracker.reopen(out / STATE_NAME, resolve_tracking_uri(), config.experiment, name)
     print(f"comparison {name}: {len(strategies)} strategies ({', '.join(strategies)}), "
           f"{len(tasks)} few-shot task(s); output {out}; MLflow {parent.tracking_uri} parent run "
           f"{parent.run_id}{' (reused)' if parent.reused else ''}", flush=True)

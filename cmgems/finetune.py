@@ -1,40 +1,57 @@
 """Finetune an exported model for sequence classification and test it; the few-shot protocol.
 
-A model dir is what pretraining exports (BertForMaskedLM.save_pretrained + vocab.txt); k follows
-from the vocabulary size. Each run loads BertForSequenceClassification from it with a fresh,
-seeded head, trains with AdamW (linear warmup, then linear decay to 0) in a plain PyTorch loop and
-reports accuracy, macro F1 and MCC on the test file. Everything random in a run (head init,
-dropout, shuffling) follows from its seed.
+A model dir is what pretraining exports (BertForMaskedLM.save_pretrained + vocab.txt, cmgems.json);
+k follows from the vocabulary size. Each run loads BertForSequenceClassification from it with a
+fresh, seeded head, trains with AdamW (linear warmup, then linear decay to 0) in a plain PyTorch
+loop and reports accuracy, macro F1 and MCC on the test file. Everything random in a run (head
+init, dropout, shuffling) follows from its seed; which rows a few-shot run trains on follows from
+(seed, run) (cmgems.shots).
 
 Public API:
-    fewshot(model_dir, train_path, test_path, runs=10, seed=0, ...) -> dict   (GeneMask protocol)
-    finetune_task(model_dir, task_dir, runs=1, seed=42, ...) -> dict         (GUE-style folder)
-Both return {"mean": {metric: v}, "std": {...}, "runs": [{"seed", "block", "metrics", ...}], ...}
-with metrics "accuracy", "f1" (macro) and "mcc", log to MLflow (cmgems.tracking.Tracker) when given
-a Tracking and write the dict to out_json when given one.
+    fewshot(model_dir, train_path, test_path, shots=None, pool=None, runs=10, seed=0, ...)
+    finetune_task(model_dir, task_dir, runs=1, seed=42, ...)       (GUE-style folder)
+    evaluate(info, train, test, ...)                                 (files already loaded)
+Each returns {"mean": {metric: v}, "std": {...}, "shots", "pool", "runs": [{"seed", "train_rows",
+"metrics", ...}], ...} with metrics "accuracy", "f1" (macro) and "mcc"; logs to MLflow when given
+a Tracking (cmgems.eval_tracking); writes the dict to out_json and the test predictions beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .options import option
 from .errors import InputError
+from .eval_progress import RunProgress
+from .eval_report import predictions_path, write_predictions
+from .eval_tracking import Tracking, finish_task_run, log_run, start_task_run
 from .io import atomic_path
 from .metrics import classification_metrics, summarize
-from .tasks import OVERFLOW_MODES, TaskData, check_labels, load_task_file, num_labels, shot_blocks
+from .options import option
+from .shots import ShotPool, class_counts, shot_pool
+from .tasks import OVERFLOW_MODES, TaskData, check_labels, load_task_file, num_labels
 from .tokens import PAD_ID, k_from_vocab_size
-from .tracking import Tracker
 from .tracking_uri import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+# Files of an export that are the model itself; everything else (vocabulary, tokenizer files and
+# code) goes with a saved classifier so that it loads the way the export does.
+_MODEL_FILES = ("config.json", "generation_config.json", "README.md", "cmgems.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+__all__ = ["FinetuneConfig", "EvalRuns", "Tracking", "ModelInfo", "model_info", "evaluate",
+           "fewshot", "finetune_task", "load_task_dir", "train_and_test", "predict"]
 
 
 @dataclass
@@ -44,7 +61,8 @@ class FinetuneConfig:
     lr: float = option(1e-4, "Peak learning rate of AdamW.")
     epochs: int = option(20, "Passes over the training set (ignored when max_steps is set).")
     batch_size: int = option(5, "Examples per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step (examples per step: "
+                             "batch_size x grad_accum).")
     warmup_ratio: float = option(0.1, "Linear warmup as a fraction of all optimizer steps, then "
                                  "linear decay to 0.")
     warmup_steps: int | None = option(None, "Absolute warmup steps; overrides warmup_ratio.")
@@ -63,6 +81,9 @@ class FinetuneConfig:
                                     "(unset: at the end of each epoch).")
     select_best: bool = option(True, "With a dev set: test the weights of lowest dev loss "
                                "(off: the final weights).")
+    precision: str = option("fp32", "Autocast precision of forward passes: fp32, bf16, fp16 "
+                            "(with loss scaling), or auto (bf16 on a GPU that has it, else fp16 "
+                            "on GPU; fp32 on CPU).", choices=PRECISIONS)
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
 
     def __post_init__(self):
@@ -88,14 +109,13 @@ class FinetuneConfig:
         if self.overflow not in OVERFLOW_MODES:
             raise InputError(f"finetune config: overflow must be one of {OVERFLOW_MODES}, "
                              f"got {self.overflow!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"finetune config: precision must be one of {PRECISIONS}, "
+                             f"got {self.precision!r}")
 
-
-@dataclass
-class Tracking:
-    """Where results go in MLflow: one parent run per task, one child run per seed."""
-
-    uri: str  # tracking URI, e.g. cmgems.tracking_uri.resolve_tracking_uri(runs_root)
-    experiment: str = "cmgems-eval"  # experiment name, created when missing
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
 
 
 @dataclass
@@ -132,12 +152,19 @@ class ModelInfo:
     path: Path
     k: int
     max_positions: int
+    meta: dict = dataclasses.field(default_factory=dict)  # the export's cmgems.json, if any
+
+    @property
+    def pretrain_run_id(self) -> str | None:
+        """The MLflow run that pretrained this model (recorded by the export)."""
+        return self.meta.get("mlflow_run_id") or None
 
 
 def model_info(model_dir: str | Path) -> ModelInfo:
-    """Check an exported model dir (config.json, vocab.txt) and read k and its position limit."""
+    """Check an exported model dir (config.json, vocab.txt) and read k, its position limit and
+    the export's cmgems.json."""
     d = Path(model_dir)
-    cfg_path, vocab_path = d / "config.json", d / "vocab.txt"
+    cfg_path, vocab_path, meta_path = d / "config.json", d / "vocab.txt", d / "cmgems.json"
     if not cfg_path.is_file():
         raise InputError(f"{cfg_path}: no such file (model dir must hold a save_pretrained model)")
     try:
@@ -154,7 +181,15 @@ def model_info(model_dir: str | Path) -> ModelInfo:
     n_vocab = len(vocab_path.read_text().split())
     if n_vocab != size:
         raise InputError(f"{vocab_path}: {n_vocab} tokens, config.json says vocab_size {size}")
-    return ModelInfo(d, k, positions)
+    meta = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise InputError(f"{meta_path}: not JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{meta_path}: expected a JSON object")
+    return ModelInfo(d, k, positions, meta)
 
 
 def _device(name: str):
@@ -162,6 +197,24 @@ def _device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """'auto': bf16 on a GPU that supports it, fp16 on another GPU, fp32 on CPU."""
+    import torch
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _autocast(device, precision: str):
+    import torch
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16"
+                          else torch.float16)
 
 
 def _batches(data: TaskData, order: np.ndarray, size: int):
@@ -173,7 +226,8 @@ def _batches(data: TaskData, order: np.ndarray, size: int):
         yield ids, ids != PAD_ID, torch.from_numpy(data.labels[idx])
 
 
-def predict(model, data: TaskData, batch_size: int, device) -> tuple[np.ndarray, float]:
+def predict(model, data: TaskData, batch_size: int, device,
+            precision: str = "fp32") -> tuple[np.ndarray, float]:
     """(predicted labels, mean cross-entropy) of a model over a task file, in file order."""
     import torch
     # Length-sorted batches pad less; predictions are put back in file order.
@@ -184,8 +238,9 @@ def predict(model, data: TaskData, batch_size: int, device) -> tuple[np.ndarray,
     with torch.no_grad():
         pos = 0
         for ids, mask, labels in _batches(data, order, batch_size):
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        labels=labels.to(device))
+            with _autocast(device, precision):
+                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            labels=labels.to(device))
             n = len(labels)
             preds[order[pos:pos + n]] = out.logits.argmax(-1).cpu().numpy()
             loss_sum += float(out.loss) * n
@@ -219,12 +274,28 @@ def _optimizer(model, config: FinetuneConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
 
 
+def save_classifier(model, info: ModelInfo, out_dir: Path, meta: dict) -> None:
+    """save_pretrained of the finetuned model, the export's vocabulary and tokenizer files beside
+    it, and cmgems.json saying what it was finetuned from and on."""
+    model.save_pretrained(out_dir)
+    for f in sorted(info.path.iterdir()):
+        if f.is_file() and f.name not in _MODEL_FILES and f.suffix not in _WEIGHT_SUFFIXES:
+            shutil.copy2(f, out_dir / f.name)
+    (out_dir / "cmgems.json").write_text(json.dumps(
+        {"k": info.k, "finetuned_from": str(info.path.resolve()), "base": info.meta, **meta},
+        indent=2) + "\n")
+
+
 def train_and_test(info: ModelInfo, train: TaskData, test: TaskData, classes: int,
-                   config: FinetuneConfig, seed: int, dev: TaskData | None = None) -> dict:
-    """One finetuning run: {"seed", "metrics" (test), "dev_metrics", "steps", "train_loss"}."""
+                   config: FinetuneConfig, seed: int, dev: TaskData | None = None,
+                   on_epoch=None, save_dir: Path | None = None) -> tuple[dict, np.ndarray]:
+    """One finetuning run: ({"seed", "metrics" (test), "test_loss", "dev_metrics", "steps",
+    "train_loss", "precision"}, test predictions). on_epoch(epoch, epochs, mean loss) is called
+    after each pass; with save_dir the tested model is saved there."""
     import torch
 
     device = _device(config.device)
+    precision = resolve_precision(config.precision, device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         # Seeding the global generator fixes head init and dropout without touching the caller's
@@ -235,32 +306,45 @@ def train_and_test(info: ModelInfo, train: TaskData, test: TaskData, classes: in
         micro_per_epoch = math.ceil(len(train) / config.batch_size)
         steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
         total = config.max_steps or steps_per_epoch * config.epochs
+        epochs = math.ceil(total / steps_per_epoch)
         warmup = (config.warmup_steps if config.warmup_steps is not None
                   else math.ceil(config.warmup_ratio * total))
         opt = _optimizer(model, config)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: s / max(1, warmup) if s < warmup
             else max(0.0, (total - s) / max(1, total - warmup)))
+        # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range.
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         eval_every = config.eval_steps or steps_per_epoch
         best = (math.inf, None, None)  # dev loss, weights, dev metrics
-        step, losses = 0, []
+        step, epoch, losses = 0, 0, []
         while step < total:
             model.train()
+            epoch += 1
             order = torch.randperm(len(train), generator=shuffle).numpy()
             for i, (ids, mask, labels) in enumerate(_batches(train, order, config.batch_size)):
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            labels=labels.to(device))
-                (out.loss / config.grad_accum).backward()
+                with _autocast(device, precision):
+                    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                labels=labels.to(device))
+                loss = out.loss / config.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
                 losses.append(float(out.loss.detach()))
                 if (i + 1) % config.grad_accum and i + 1 != micro_per_epoch:
                     continue
+                if scaler:
+                    scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                opt.step()
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 if dev is not None and (step % eval_every == 0 or step == total):
-                    preds, dev_loss = predict(model, dev, config.eval_batch_size, device)
+                    preds, dev_loss = predict(model, dev, config.eval_batch_size, device,
+                                              precision)
                     if dev_loss < best[0] or not config.select_best:
                         weights = (copy.deepcopy(model.state_dict()) if config.select_best
                                    else None)
@@ -269,86 +353,111 @@ def train_and_test(info: ModelInfo, train: TaskData, test: TaskData, classes: in
                     model.train()
                 if step >= total:
                     break
+            if on_epoch is not None:
+                on_epoch(epoch, epochs, float(np.mean(losses[-micro_per_epoch:])))
         if best[1] is not None:
             model.load_state_dict(best[1])
-        preds, test_loss = predict(model, test, config.eval_batch_size, device)
+        preds, test_loss = predict(model, test, config.eval_batch_size, device, precision)
+        metrics = classification_metrics(test.labels, preds)
+        if save_dir is not None:
+            save_classifier(model, info, save_dir, {"seed": seed, "test_metrics": metrics})
     tail = losses[-micro_per_epoch:]
-    return {"seed": seed, "metrics": classification_metrics(test.labels, preds),
-            "test_loss": test_loss, "dev_metrics": best[2], "steps": step,
-            "train_loss": float(np.mean(tail)) if tail else math.nan}
+    return ({"seed": seed, "metrics": metrics, "test_loss": test_loss, "dev_metrics": best[2],
+             "steps": step, "train_loss": float(np.mean(tail)) if tail else math.nan,
+             "precision": precision}, preds)
 
 
-def _flat(prefix: str, metrics: dict | None) -> dict[str, float]:
-    return {f"{prefix}{k}": v for k, v in (metrics or {}).items()}
+def _save_dirs(save_model: str | Path | None, runs: int) -> tuple[Path | None, list]:
+    """(staging folder, per-run folders inside it) for --save-model DIR: DIR itself for one run,
+    DIR/run-<r> for several. Checked before any training: an existing non-empty DIR is refused."""
+    if save_model is None:
+        return None, [None] * runs
+    final = Path(save_model)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise InputError(f"--save-model {final}: exists and is not an empty folder; name a new one")
+    staging = final.with_name(final.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted earlier run of this command
+    dirs = [staging] if runs == 1 else [staging / f"run-{r}" for r in range(runs)]
+    return staging, dirs
 
 
-def _finite(values: dict) -> dict[str, float]:
-    """What MLflow is sent: a metric that does not exist (no dev set) or is not finite is left
-    out."""
-    return {k: v for k, v in values.items() if v is not None and np.isfinite(v)}
-
-
-def _parent_run(tracking: Tracking | None, name: str, params: dict) -> Tracker:
-    """The task's MLflow run. If it cannot be created, tracking is off for the whole task (its
-    seeds' runs would have no parent); the results still come back and go to the JSON file."""
-    if tracking is None:
-        return Tracker(False)
-    parent = Tracker(True, tracking.uri, tracking.experiment, name)
-    if parent.run_id is None:
-        log.warning("MLflow tracking disabled after an error: the run of %s could not be "
-                    "created in %s", name, tracking.uri)
-        return Tracker(False)
-    parent.log_params(params)
-    return parent
+def _pool_summary(train: TaskData, classes: int, pool: ShotPool | None) -> dict:
+    if pool is not None:
+        return pool.describe()
+    return {"path": str(train.path), "size": len(train),
+            "per_class": class_counts(train.labels, classes).tolist(), "shots": "all",
+            "draw": "the whole file in every run"}
 
 
 def evaluate(info: ModelInfo, train: TaskData, test: TaskData, *, dev: TaskData | None = None,
-             runs: int = 1, seed: int = 0, shots: int | None = None,
+             runs: int = 1, seed: int = 0, pool: ShotPool | None = None,
              config: FinetuneConfig, tracking: Tracking | None = None, name: str = "task",
-             out_json: str | Path | None = None) -> dict:
-    """R seeded runs (run r: seed + r, shot block r mod blocks) on already loaded files."""
+             out_json: str | Path | None = None, save_model: str | Path | None = None,
+             progress: bool = False, params_extra: dict | None = None) -> dict:
+    """R seeded runs (run r: seed + r) on already loaded files. With a pool (a ShotPool over
+    `train`'s labels), run r trains on pool.rows(seed, r); without, on all of `train`."""
     if runs < 1:
         raise InputError(f"runs must be >= 1, got {runs}")
     classes = num_labels(train)
     for d in (dev, test):
         if d is not None:
             check_labels(d, classes, train.path)
-    blocks = shot_blocks(train, classes, shots)
+    if pool is not None and pool.single_draw and runs > 1:
+        log.warning("%s holds exactly %d examples of every class: all %d runs train on the same "
+                    "%d rows and differ only in seed; give a larger pool to draw from",
+                    pool.path, pool.shots, runs, pool.size)
+    staging, save_dirs = _save_dirs(save_model, runs)
+    pool_info = _pool_summary(train, classes, pool)
     params = {"model_dir": str(info.path), "k": info.k, "train": str(train.path),
               "test": str(test.path), "dev": str(dev.path) if dev else "", "runs": runs,
-              "seed": seed, "shots": shots if shots is not None else "all", "blocks": len(blocks),
-              "num_labels": classes, **dataclasses.asdict(config)}
-    parent = _parent_run(tracking, name, params)
-    results, status = [], "FAILED"
+              "seed": seed, "shots": pool_info["shots"], "pool_size": pool_info["size"],
+              "draw": pool_info["draw"], "num_labels": classes,
+              "pretrain_run_id": info.pretrain_run_id or "", **(params_extra or {}),
+              **dataclasses.asdict(config)}
+    parent = start_task_run(tracking, name, params, info)
+    results, preds = [], []
+    bar = RunProgress(name, runs, enabled=progress)
     try:
         for r in range(runs):
-            b = r % len(blocks)
-            res = train_and_test(info, train.subset(blocks[b]), test, classes, config, seed + r, dev)
-            res.update(run=r, block=b)
+            rows = pool.rows(seed, r) if pool is not None else None
+            res, run_preds = train_and_test(
+                info, train if rows is None else train.subset(rows), test, classes, config,
+                seed + r, dev, on_epoch=lambda e, n, loss: bar.epoch(r, e, n, loss),
+                save_dir=save_dirs[r])
+            res = {"run": r, **res,
+                   "train_rows": rows.tolist() if rows is not None else "all"}
             results.append(res)
-            child = parent.child(f"{name}/seed{seed + r}")
-            child.log_params({"seed": seed + r, "block": b, "run": r})
-            child.log_metrics(_finite({**_flat("test_", res["metrics"]),
-                                       "test_loss": res["test_loss"],
-                                       **_flat("dev_", res["dev_metrics"]),
-                                       "train_loss": res["train_loss"], "steps": res["steps"]}), 0)
-            child.finish()
-            log.info("%s run %d/%d seed %d: %s", name, r + 1, runs, seed + r, res["metrics"])
+            preds.append(run_preds)
+            log_run(parent, name, res, 0 if rows is None else len(rows))
+            bar.run_done(r, res)
         summary = summarize([r["metrics"] for r in results])
-        parent.log_metrics(_finite({**_flat("test_mean_", summary["mean"]),
-                                    **_flat("test_std_", summary["std"])}), 0)
-        status = "FINISHED"
+    except BaseException as e:
+        finish_task_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
-        parent.finish(status)
-    out = {"name": name, **summary, "runs": results, "params": params,
+        bar.close()
+    if staging is not None:
+        staging.rename(save_model)
+        parent.set_tag("cmgems.saved_model", str(Path(save_model).resolve()))
+    out = {"name": name, **summary, "shots": pool_info["shots"], "pool": pool_info,
+           "test": {"path": str(test.path), "size": len(test)}, "runs": results,
+           "params": params,
            "truncated": {"train": train.truncated, "test": test.truncated,
                          "dev": dev.truncated if dev else 0},
-           "mlflow_run_id": parent.run_id}
-    if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_json) as tmp:
-            tmp.write_text(json.dumps(out, indent=2) + "\n")
+           "saved_model": str(save_model) if save_model is not None else None,
+           "predictions": None, "mlflow_run_id": parent.run_id}
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(out_json) if out_json is not None else Path(tmp) / "result.json"
+        if out_json is not None or parent.run_id is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            pred_path = predictions_path(json_path)
+            write_predictions(pred_path, test, preds)
+            if out_json is not None:
+                out["predictions"] = str(pred_path)
+            with atomic_path(json_path) as t:
+                t.write_text(json.dumps(out, indent=2) + "\n")
+            finish_task_run(parent, "FINISHED", json_path, pred_path, summary)
     return out
 
 
@@ -360,36 +469,55 @@ def effective_max_length(info: ModelInfo, config: FinetuneConfig) -> int:
     return min(config.max_length, info.max_positions)
 
 
-def fewshot(model_dir: str | Path, train_path: str | Path, test_path: str | Path, *,
-            runs: int = 10, seed: int = 0, shots: int | None = None,
-            config: FinetuneConfig | None = None, tracking: Tracking | None = None,
-            name: str | None = None, out_json: str | Path | None = None) -> dict:
-    """GeneMask's few-shot protocol: `runs` seeded finetunings on n examples per class (no
-    validation set), each tested on test_path; mean and std of accuracy, macro F1, MCC.
+def fewshot(model_dir: str | Path, train_path: str | Path | None, test_path: str | Path, *,
+            shots: int | None = None, pool: str | Path | None = None, runs: int = 10,
+            seed: int = 0, config: FinetuneConfig | None = None,
+            tracking: Tracking | None = None, name: str | None = None,
+            out_json: str | Path | None = None, save_model: str | Path | None = None,
+            progress: bool = False) -> dict:
+    """GeneMask's few-shot protocol: `runs` seeded finetunings (no validation set), run r on its
+    own draw of n examples per class from the training pool (cmgems.shots), each tested on
+    test_path; mean and std of accuracy, macro F1, MCC.
 
-    train_path/test_path: .tsv (few-shot k-mer text) or .csv (GUE sequence,label). With `shots`,
-    the training file is read as consecutive blocks of `shots` examples per class, run r using
-    block r mod (number of blocks); without it the whole file is every run's training set.
+    The pool is `pool` when given, else train_path. n is `shots`, or else inferred from
+    train_path (else the pool), which must then hold exactly n examples of every class. Files:
+    .tsv (few-shot k-mer text) or .csv (GUE sequence,label).
     """
+    if train_path is None and pool is None:
+        raise InputError("few-shot evaluation needs a training file or a pool")
     config = config or FinetuneConfig()
     info = model_info(model_dir)
     length = effective_max_length(info, config)
-    train = load_task_file(train_path, info.k, length, config.overflow)
+    pool_path = Path(pool if pool is not None else train_path)
+    data = load_task_file(pool_path, info.k, length, config.overflow)
     test = load_task_file(test_path, info.k, length, config.overflow)
-    name = name or f"{Path(train_path).parent.name}/{Path(train_path).stem}"
-    return evaluate(info, train, test, runs=runs, seed=seed, shots=shots, config=config,
-                    tracking=tracking, name=name, out_json=out_json)
+    classes = num_labels(data)
+    shot_file = None
+    if train_path is not None and Path(train_path) != pool_path:
+        # Read and checked even when --shots makes it unneeded: a named input is never ignored.
+        train = load_task_file(train_path, info.k, length, config.overflow)
+        check_labels(train, classes, pool_path)
+        shot_file = (train.path, train.labels)
+    plan = shot_pool(pool_path, data.labels, classes, shots, shot_file)
+    named = Path(train_path) if train_path is not None else pool_path
+    name = name or f"{named.parent.name}/{named.stem}"
+    return evaluate(info, data, test, runs=runs, seed=seed, pool=plan, config=config,
+                    tracking=tracking, name=name, out_json=out_json, save_model=save_model,
+                    progress=progress,
+                    params_extra={"shot_file": str(train_path) if train_path else ""})
 
 
 def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1, seed: int = 42,
                   config: FinetuneConfig | None = None, tracking: Tracking | None = None,
-                  name: str | None = None, out_json: str | Path | None = None) -> dict:
+                  name: str | None = None, out_json: str | Path | None = None,
+                  save_model: str | Path | None = None, progress: bool = False) -> dict:
     """Finetune on task_dir/train.csv, select on dev.csv (if present), test on test.csv."""
     config = config or FinetuneConfig()
     info = model_info(model_dir)
     train, dev, test = load_task_dir(info, task_dir, config)
     return evaluate(info, train, test, dev=dev, runs=runs, seed=seed, config=config,
-                    tracking=tracking, name=name or Path(task_dir).name, out_json=out_json)
+                    tracking=tracking, name=name or Path(task_dir).name, out_json=out_json,
+                    save_model=save_model, progress=progress)
 
 
 def load_task_dir(info: ModelInfo, task_dir: str | Path,

@@ -61,11 +61,13 @@ def pretrain_command(script: str | Path, num_gpus: int, args: list[str]) -> list
     return [sys.executable, str(script), *args]
 
 
-def run_logged(cmd: list[str], log_path: Path, forwarder: SignalForwarder, what: str) -> int:
-    """Run cmd with its output appended to log_path (after a `$ cmd` line); its exit code. If a
-    signal was forwarded to it, Interrupted (naming `what` and the log) once it has exited."""
+def run_logged(cmd: list[str], log_path: Path, forwarder: SignalForwarder, what: str,
+               env: dict[str, str] | None = None) -> int:
+    """Run cmd (in env, default this process's environment) with its output appended to log_path
+    (after a `$ cmd` line); its exit code. If a signal was forwarded to it, Interrupted (naming
+    `what` and the log) once it has exited."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     with open(log_path, "a") as log:
         log.write(f"\n$ {shlex.join(cmd)}\n")
         log.flush()

@@ -194,34 +194,17 @@ def check_labels(data: TaskData, classes: int, train_path: Path) -> None:
                          f"({train_path} defines 0..{classes - 1})")
 
 
-def shot_blocks(train: TaskData, classes: int, shots: int | None) -> list[np.ndarray]:
-    """Row indices of each run's training set. A shot file may hold several runs as consecutive
-    blocks of `shots` examples per class; shots=None means the whole file is one block."""
-    n = len(train)
-    if shots is None:
-        return [np.arange(n)]
-    if shots < 1:
-        raise InputError(f"shots must be >= 1, got {shots}")
-    size = shots * classes
-    if n % size:
-        raise InputError(f"{train.path}: {n} examples are not whole blocks of {shots} shots x "
-                         f"{classes} classes = {size}")
-    blocks = train.labels.reshape(-1, size)
-    counts = (blocks[:, :, None] == np.arange(classes)[None, None, :]).sum(axis=1)
-    wrong = np.flatnonzero((counts != shots).any(axis=1))
-    if wrong.size:
-        b = int(wrong[0])
-        first, last = train.lines[b * size], train.lines[(b + 1) * size - 1]
-        raise InputError(f"{train.path}, lines {first}-{last}: block {b + 1} holds "
-                         f"{counts[b].tolist()} examples per class, expected {shots} each")
-    return [np.arange(b * size, (b + 1) * size) for b in range(n // size)]
-
-
 @dataclass(frozen=True)
 class GueTask:
-    """One GUE task with DNABERT-2's finetuning settings for DNABERT (k-mer) models, taken from
-    MAGICS-LAB/DNABERT_2 finetune/scripts/run_dnabert1.sh (all: AdamW lr 3e-5, weight decay 0.01,
-    linear decay, keep the checkpoint of lowest dev loss)."""
+    """One GUE task with the finetuning settings for DNABERT (k-mer) models of DNABERT-2's
+    finetune/scripts/run_dnabert1.sh and of CM-GEMS' GUE script (all: AdamW lr 3e-5, weight decay
+    0.01, linear decay, fp16, seed 42, the checkpoint of lowest dev loss). Both run a global batch
+    of 32 per optimizer step (DNABERT-2: 4 GPUs x 8; CM-GEMS: 2 GPUs x 8 x accumulation 2); here
+    one device accumulates 4 micro-batches of 8. virus/covid accumulates more in both scripts
+    (CM-GEMS: 2 x 8 x 4 = 64; DNABERT-2: 4 x 8 x 4 = 128): cmgems follows CM-GEMS, 8 x 8.
+    warmup_steps and eval_steps count optimizer steps, as in the Hugging Face Trainer the scripts
+    use. fp16 becomes precision "auto": bf16 where the GPU has it, fp16 on other GPUs, fp32 on
+    CPU."""
 
     name: str  # path under the GUE root, e.g. "EMP/H3"
     human: bool  # counted in the human mean (prom, tf, splice) or the non-human one
@@ -230,9 +213,14 @@ class GueTask:
     warmup_steps: int = 50
     eval_steps: int = 200  # dev evaluation interval (optimizer steps)
     batch_size: int = 8
-    grad_accum: int = 1
+    grad_accum: int = 4  # 8 x 4 = 32 examples per optimizer step
     lr: float = 3e-5
     max_steps: int | None = None  # overrides epochs when set (Hugging Face Trainer semantics)
+    precision: str = "auto"
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
 
 
 GUE_TASKS: tuple[GueTask, ...] = (
@@ -248,7 +236,7 @@ GUE_TASKS: tuple[GueTask, ...] = (
     GueTask("prom/prom_core_tata", True, 80, 10),
     GueTask("splice/reconstructed", True, 410, 5),
     *(GueTask(f"tf/{i}", True, 110, 3, warmup_steps=30) for i in range(5)),
-    GueTask("virus/covid", False, 1024, 9, grad_accum=4),
+    GueTask("virus/covid", False, 1024, 9, grad_accum=8),
 )
 
 GUE_FILES = ("train.csv", "dev.csv", "test.csv")

@@ -1,17 +1,21 @@
 """Compare masking strategies in one command: pretrain each, then evaluate each.
 
-    python launchers/compare.py --output-dir runs/compare --max-steps 300 \\
-        --fewshot prom-core/10=/path/prom-core/10/train.tsv:/path/prom-core/test.tsv --runs 2
+    python launchers/compare.py --output-dir runs/compare --max-steps 300 --shots 10 \\
+        --fewshot prom-core=/path/prom-core/1000/train.tsv:/path/prom-core/test.tsv --runs 10
     python launchers/compare.py --output-dir runs/grch38-cmp --config launchers/configs/reference.yaml \\
-        --data-dir data/grch38 --model dnabert --num-gpus 8 --fewshot /path/prom-core/10 \\
+        --data-dir data/grch38 --model dnabert --num-gpus 8 --shots 10 \\
+        --fewshot prom-core=/path/prom-core/1000/train.tsv:/path/prom-core/test.tsv \\
         -- --zero-stage 2 --micro-batch-size 25
 
 Every strategy (default: random, genemask, global, cm_step, cm_gems) is pretrained with the same
 config, seed and data order as a subprocess of launchers/pretrain.py (under `deepspeed --num_gpus N`
 when GPUs are used, else plain python), into OUTPUT_DIR/<strategy>. Then each export is finetuned on
-every --fewshot task (mean and std over --runs seeded runs). Written to OUTPUT_DIR: comparison.md
-(strategy x task table, final reference perplexity, switch step), ref_perplexity.png,
-fewshot_accuracy.png, comparison.json, logs/<strategy>.log. MLflow: one parent run (OUTPUT_DIR's
+every --fewshot task: --runs seeded runs, run r on its own draw of --shots examples per class from
+the task's training file (the same draws for every strategy), mean and std. Written to OUTPUT_DIR:
+comparison.md (strategy x task table, final reference perplexity, switch step; each model's
+perplexity under the random, genemask and global validation maskings; n per class and pool size),
+ref_perplexity.png, fewshot_accuracy.png, comparison.json, logs/<strategy>.log. MLflow, in the
+store pretraining and finetuning use from this working directory: one parent run (OUTPUT_DIR's
 name) holding the report as artifacts, one child run per strategy (its pretraining run, plus the
 few-shot metrics fewshot/<task>/<metric>_mean|_std).
 

@@ -1,13 +1,15 @@
 """cmgems-gue: finetune and test one or more exported models on every GUE task present.
 
 GUE_ROOT is the benchmark as DNABERT-2 distributes it (EMP/H3 ... virus/covid, each folder with
-train.csv, dev.csv, test.csv). Each task uses DNABERT-2's settings for DNABERT k-mer models
-(MAGICS-LAB/DNABERT_2 finetune/scripts/run_dnabert1.sh: max length, epochs, learning rate, batch,
-warmup, evaluation interval; weights of lowest dev loss are tested). The result is a Table-2-style
-markdown: test MCC x 100 per task (mean +- std over runs), the human and non-human means, one
-column per model; plus a JSON with every run.
+train.csv, dev.csv, test.csv). Each task uses the published settings for DNABERT k-mer models
+(DNABERT-2's finetune/scripts/run_dnabert1.sh and CM-GEMS' GUE script: max length, epochs,
+learning rate 3e-5, warmup, evaluation interval, a global batch of 32 per optimizer step (here
+8 x 4 accumulated on one device; virus/covid 8 x 8), fp16 autocast on GPU (bf16 where the GPU has
+it; fp32 on CPU), seed 42, one run; the weights of lowest dev loss are tested). The result is a
+Table-2-style markdown: test MCC x 100 per task (mean +- std over runs), the human and non-human
+means, one column per model, then the settings every task ran with; plus a JSON with every run.
 
-    cmgems-gue GUE/ runs/export/random runs/export/cm_gems --out results/gue --runs 3
+    cmgems-gue GUE/ runs/random/export runs/cm_gems/export --out results/gue
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from cmgems.errors import EXIT_INPUT_ERROR, InputError
 from cmgems.finetune import EvalRuns, FinetuneConfig
 from cmgems.gue import OVERRIDES, run_suite
 
-RUN_DEFAULTS = {"seed": 42}  # DNABERT-2's seed
+RUN_DEFAULTS = {"seed": 42, "runs": 1}  # DNABERT-2's and CM-GEMS' scripts: one run, seed 42
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these tasks, e.g. EMP/H3 prom/prom_core_all (default: all present)")
     add_arguments(p, FinetuneConfig, only=OVERRIDES,
                   defaults={name: None for name in OVERRIDES if name != "device"},
-                  title="overrides of DNABERT-2's per-task settings, for every task "
+                  title="overrides of the published per-task settings, for every task "
                         "(default: each task's own; --epochs alone also drops the mouse tasks' "
                         "max steps)")
     runs = add_arguments(p, EvalRuns, title="runs and results", defaults=RUN_DEFAULTS)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         md = run_suite(args.gue_root, args.model_dirs, args.out, overrides=args,
-                       runs=from_args(EvalRuns, args, RUN_DEFAULTS), only=args.tasks)
+                       runs=from_args(EvalRuns, args, RUN_DEFAULTS), only=args.tasks,
+                       progress=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR

@@ -1,23 +1,25 @@
-"""The strategy comparison: task/strategy parsing, and one real end-to-end comparison (two DeepSpeed
-pretraining subprocesses on CPU, few-shot finetuning, a SQLite MLflow store) re-run to check that
-finished runs are skipped."""
+"""The strategy comparison: task/strategy parsing, the report's tables, and one real end-to-end
+comparison (two DeepSpeed pretraining subprocesses on CPU, few-shot finetuning on files made from
+the bundled genome, the SQLite MLflow store of the working directory) re-run to check that finished
+runs are skipped."""
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED, run_module
+from conftest import ROOT, run_module
 from cmgems.compare import (FewshotTask, config_mismatch, finished_result, parse_fewshot,
                             parse_strategies)
+from cmgems.compare_report import markdown_table
 from cmgems.errors import InputError
+from fewshot_files import shuffled_pool, write_fewshot_tsv
 
 COMPARE = str(ROOT / "launchers" / "compare.py")
-PROM = SHARED / "fewshot" / "prom-core"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_PRETRAIN = ("--max-length 128 --micro-batch-size 4 --grad-accum 1 --eval-interval 2 "
                  "--eval-batches 2 --threshold 1e9 --warmup-steps 2 --num-workers 1 "
@@ -25,24 +27,24 @@ TINY_PRETRAIN = ("--max-length 128 --micro-batch-size 4 --grad-accum 1 --eval-in
 
 
 @pytest.fixture(scope="module")
-def test60(tmp_path_factory) -> Path:
-    """60 rows of the prom-core test file (30 per class), so each finetuning tests in a blink."""
-    lines = (PROM / "test.tsv").read_text().splitlines()
-    by_label = {lab: [r for r in lines[1:] if r.rstrip().endswith(lab)] for lab in ("0", "1")}
-    rng = random.Random(0)
-    rows = rng.sample(by_label["0"], 30) + rng.sample(by_label["1"], 30)
-    path = tmp_path_factory.mktemp("fewshot") / "test60.tsv"
-    path.write_text("\n".join([lines[0], *rows]) + "\n")
-    return path
+def prom(tmp_path_factory) -> Path:
+    """GeneMask's few-shot layout, made from the bundled genome: prom/10/train.tsv (one draw of
+    10 per class), prom/100/train.tsv (a pool of 100 per class) and prom/test.tsv (30 per
+    class, so each finetuning tests in a blink)."""
+    root = tmp_path_factory.mktemp("fewshot") / "prom"
+    rng = np.random.default_rng(0)
+    for name, per_class in (("10/train.tsv", 10), ("100/train.tsv", 100), ("test.tsv", 30)):
+        write_fewshot_tsv(root / name, shuffled_pool(rng, [per_class] * 2, length=60))
+    return root
 
 
 # ---------------------------------------------------------------------- parsing, in process
-def test_fewshot_specs(tmp_path, test60):
-    train = PROM / "10" / "train.tsv"
+def test_fewshot_specs(tmp_path, prom):
+    train, test60 = prom / "10" / "train.tsv", prom / "test.tsv"
     t = parse_fewshot(f"prom={train}:{test60}")
     assert (t.name, t.train, t.test) == ("prom", train, test60)
-    folder = parse_fewshot(str(PROM / "10"))  # GeneMask layout: test.tsv one level up
-    assert (folder.name, folder.train, folder.test) == ("prom-core/10", train, PROM / "test.tsv")
+    folder = parse_fewshot(str(prom / "10"))  # GeneMask layout: test.tsv one level up
+    assert (folder.name, folder.train, folder.test) == ("prom/10", train, prom / "test.tsv")
     assert parse_fewshot(f"{train}:{test60}").name == "10/train"
     with pytest.raises(InputError, match="missing.tsv does not exist"):
         parse_fewshot(f"x={train}:{tmp_path / 'missing.tsv'}")
@@ -79,12 +81,13 @@ def test_finished_and_mismatched_runs(tmp_path):
 @pytest.mark.slow
 def test_cli_refuses_bad_input_before_any_run(tmp_path):
     out = tmp_path / "cmp"
-    res = run_module(COMPARE, "--output-dir", str(out), "--", "--output-dir", "x", check=False)
+    res = run_module(COMPARE, "--output-dir", str(out), "--", "--output-dir", "x", check=False,
+                     cwd=tmp_path)
     assert res.returncode == 2 and "--output-dir cannot be passed through" in res.stderr
     res = run_module(COMPARE, "--output-dir", str(out), "--fewshot", "t=/nonexistent.tsv:b.tsv",
-                     check=False)
+                     check=False, cwd=tmp_path)
     assert res.returncode == 2 and "/nonexistent.tsv does not exist" in res.stderr
-    assert not out.exists()  # nothing written for a refused command line
+    assert not out.exists() and not (tmp_path / "runs").exists()  # nothing written
 
 
 def test_help_explains_every_option():
@@ -93,6 +96,31 @@ def test_help_explains_every_option():
                 "--num-gpus", "--pretrain-args", "--fewshot", "--runs", "--shots",
                 "--finetune-epochs", "--experiment"):
         assert opt in out
+
+
+def test_report_shows_switch_steps_and_the_perplexity_matrix(tmp_path):
+    """Every cm_gems run's switch step ("none" when it never switched), and each model under each
+    frozen validation masking, "n/a" for a run whose result.json lacks final_ppl."""
+    def result(ppl_ref, events=(), final=None):
+        r = {"history": [{"step": 10, "ppl_ref": ppl_ref}], "events": list(events)}
+        return {**r, "final_ppl": final} if final is not None else r
+
+    results = {"random": result(9.0, final={"random": 9.0, "genemask": 12.5, "global": 30.25}),
+               "global": result(11.0),
+               "cm_gems": result(8.5, [{"step": 4, "from": "genemask", "to": "global"}],
+                                 {"random": 8.5, "genemask": 10.0, "global": 20.0}),
+               "cm_step": result(10.0, final={"random": 10.0, "global": 25.0})}
+    md = markdown_table(list(results), results, [], {}).splitlines()
+    main = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+            for r in md[2:6]}
+    assert main["cm_gems"][3] == "4" and main["random"][3] == "—"
+    at = md.index("| strategy | random masking | genemask masking | global masking |")
+    assert md[at + 2:at + 6] == ["| random | 9.000 | 12.500 | 30.250 |",
+                                 "| global | n/a | n/a | n/a |",
+                                 "| cm_gems | 8.500 | 10.000 | 20.000 |",
+                                 "| cm_step | 10.000 | n/a | 25.000 |"]
+    never = markdown_table(["cm_gems"], {"cm_gems": result(8.0)}, [], {})
+    assert "| cm_gems | cm_gems | 8.000 (step 10) | none |" in never
 
 
 # ---------------------------------------------------------------------- end to end
@@ -105,25 +133,29 @@ def store_rows(db: Path, sql: str, *args) -> list[tuple]:
 def test_failed_pretraining_names_strategy_and_log(tiny_dataset, tmp_path):
     out = tmp_path / "cmp"
     res = run_module(COMPARE, "--output-dir", str(out), "--strategies", "random",
-                     "--data-dir", str(tiny_dataset), "--pretrain-args", "--lr -1", check=False)
+                     "--data-dir", str(tiny_dataset), "--pretrain-args", "--lr -1", check=False,
+                     cwd=tmp_path)
     log = out / "logs" / "random.log"
     assert res.returncode == 2, res.stderr[-2000:]  # pretraining's own input error, passed on
     assert f"pretraining of strategy 'random' failed (exit 2); full log: {log}" in res.stderr
     assert "lr must be > 0" in log.read_text()
-    status = store_rows(out / "mlflow.db", "SELECT status FROM runs")
+    assert not (out / "mlflow.db").exists()  # the one store of the working directory
+    status = store_rows(tmp_path / "runs" / "mlflow.db", "SELECT status FROM runs")
     assert status == [("FAILED",)]  # the parent run; no child was ever created
     assert not (out / "comparison.md").exists()
 
 
 @pytest.mark.slow
-def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, test60, tmp_path):
+def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, prom, tmp_path):
     out = tmp_path / "cmp"
+    pool, test = prom / "100" / "train.tsv", prom / "test.tsv"
     args = [COMPARE, "--output-dir", str(out), "--strategies", "random,cm_gems",
             "--data-dir", str(tiny_dataset), "--max-steps", "6", "--num-gpus", "0",
-            "--fewshot", f"prom10={PROM / '10' / 'train.tsv'}:{test60}", "--runs", "1",
+            "--fewshot", f"prom10={pool}:{test}", "--shots", "10", "--runs", "2",
             "--finetune-epochs", "2", "--pretrain-args", TINY_PRETRAIN]
-    first = run_module(*args, timeout=900)
+    first = run_module(*args, timeout=900, cwd=tmp_path)
     assert "skipping" not in first.stdout
+    assert "prom10: accuracy" in first.stdout and "10 per class from a pool of 200" in first.stdout
 
     # The table: one row per strategy, columns for perplexity, switch step and the task.
     md = (out / "comparison.md").read_text().splitlines()
@@ -147,14 +179,34 @@ def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, test60, tmp_p
     # evaluation (after 2 steps) is close but not identical.
     assert results["random"]["history"][0]["step"] == results["cm_gems"]["history"][0]["step"] == 2
 
+    # The 3 x 5 perplexity matrix (here 3 x 2) from result.json's final_ppl, n/a where absent.
+    at = md.index("| strategy | random masking | genemask masking | global masking |")
+    matrix = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]]
+              for r in md[at + 2:at + 4]}
+    for s in ("random", "cm_gems"):
+        final = results[s].get("final_ppl") or {}
+        assert matrix[s] == [f"{final[m]:.3f}" if m in final else "n/a"
+                             for m in ("random", "genemask", "global")]
+    # How the few-shot sets were drawn, and the same draws for both strategies.
+    assert any(line.startswith("- prom10: 2 run(s), seeds 0-1; training: 10 per class drawn per "
+                               f"run from a pool of 200 (100, 100 per class; {pool})")
+               for line in md)
+    fs = {s: json.loads((out / s / "fewshot" / "prom10.json").read_text()) for s in rows}
+    assert [r["train_rows"] for r in fs["random"]["runs"]] == \
+        [r["train_rows"] for r in fs["cm_gems"]["runs"]]
+    assert fs["random"]["runs"][0]["train_rows"] != fs["random"]["runs"][1]["train_rows"]
+    assert any(line.startswith("| random | prom10 | 2 | 10 | 200 | ") for line in md)
+
     for png in ("ref_perplexity.png", "fewshot_accuracy.png"):
         data = (out / png).read_bytes()
         assert data.startswith(PNG_MAGIC)
         img = matplotlib.image.imread(out / png)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
 
-    # MLflow: one parent, a child per strategy (the pretraining run) carrying its few-shot metrics.
-    db = out / "mlflow.db"
+    # MLflow: one parent, a child per strategy (the pretraining run) carrying its few-shot metrics,
+    # in the store of the working directory that pretraining and finetuning use (runs/).
+    db = tmp_path / "runs" / "mlflow.db"
+    assert not (out / "mlflow.db").exists()
     runs = dict(store_rows(db, "SELECT name, run_uuid FROM runs"))
     assert set(runs) == {"cmp", "cmp-random", "cmp-cm_gems"}
     parent = runs["cmp"]
@@ -174,10 +226,12 @@ def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, test60, tmp_p
     client = MlflowClient(f"sqlite:///{db}")
     assert {a.path for a in client.list_artifacts(parent)} >= {
         "comparison.md", "comparison.json", "ref_perplexity.png", "fewshot_accuracy.png"}
+    assert {a.path for a in client.list_artifacts(runs["cmp-random"], "fewshot")} == {
+        "fewshot/prom10.json", "fewshot/prom10.predictions.tsv"}
 
     # Re-run: both pretrainings and few-shot results are reused, nothing new in the store.
     stamps = {s: (out / s / "result.json").stat().st_mtime_ns for s in rows}
-    second = run_module(*args, timeout=300)
+    second = run_module(*args, timeout=300, cwd=tmp_path)
     for s in ("random", "cm_gems"):
         assert f"{s}: finished run found in {out / s} (step 6), skipping its pretraining" \
             in second.stdout
@@ -187,7 +241,7 @@ def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, test60, tmp_p
     assert (out / "comparison.md").read_text().splitlines() == md
 
     # A finished run is never reused for a different step budget.
-    res = run_module(*[a if a != "6" else "8" for a in args], check=False)
+    res = run_module(*[a if a != "6" else "8" for a in args], check=False, cwd=tmp_path)
     assert res.returncode == 2
     assert f"{out / 'random'}: holds a finished run with other settings (max_steps is 6 there, " \
         "8 requested)" in res.stderr

@@ -1,5 +1,6 @@
 """The GUE suite end to end on a tiny GUE-shaped folder: two models, three tasks, the markdown
-table, the JSON, MLflow runs; DNABERT-2's per-task settings; bad inputs exit 2."""
+table with the settings, the JSON, MLflow runs; the published per-task settings (32 examples per
+optimizer step, seed 42, one run, autocast on GPU); bad inputs exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,8 @@ from cmgems.errors import InputError
 from cmgems.tasks import GUE_TASKS, discover_gue_tasks
 from conftest import run_module
 from launchers import gue
-from test_finetune import easy_rows, make_model, one_torch_thread, write_csv  # noqa: F401
+from fewshot_files import easy_rows, write_csv
+from test_finetune import make_model, one_torch_thread  # noqa: F401
 
 TINY = {"EMP/H3": False, "prom/prom_core_all": True, "tf/0": True}
 
@@ -32,8 +34,9 @@ def make_gue(root: Path, seed: int = 0) -> Path:
 
 
 def cells(md: str) -> dict[str, list[str]]:
+    """The MCC table's rows (the settings table after "## Settings" is left out)."""
     rows = {}
-    for line in md.splitlines():
+    for line in md.split("## Settings")[0].splitlines():
         if line.startswith("| ") and not line.startswith("| Task"):
             parts = [p.strip() for p in line.strip("|").split("|")]
             rows[parts[0].replace("**", "")] = [p.replace("**", "") for p in parts[1:]]
@@ -45,7 +48,7 @@ def test_suite_end_to_end_two_models(tmp_path):
     models = [make_model(tmp_path / "random" / "export", seed=1),
               make_model(tmp_path / "cm_gems" / "export", seed=2)]
     out = tmp_path / "out"
-    rc = gue.main([str(root), *map(str, models), "--out", str(out), "--epochs", "1", "--runs", "1",
+    rc = gue.main([str(root), *map(str, models), "--out", str(out), "--epochs", "1",
                    "--runs-root", str(tmp_path / "runs"), "--experiment", "gue-test"])
     assert rc == 0
     md = (out / "gue.md").read_text()
@@ -63,11 +66,20 @@ def test_suite_end_to_end_two_models(tmp_path):
             assert res[task]["runs"][0]["dev_metrics"] is not None
         human = np.mean([100 * res[t]["mean"]["mcc"] for t, h in TINY.items() if h])
         assert float(rows["Human mean (2 tasks)"][col]) == pytest.approx(human, abs=0.006)
-    # The tasks' own settings, only the epochs overridden.
-    params = data["results"]["random/export"]["prom/prom_core_all"]["params"]
+    # The tasks' own settings, only the epochs overridden; one run, seed 42 by default.
+    res = data["results"]["random/export"]["prom/prom_core_all"]
+    params = res["params"]
     assert params["max_length"] == 80 and params["lr"] == 3e-5 and params["epochs"] == 1
-    assert params["batch_size"] == 8 and params["warmup_steps"] == 50
-
+    assert params["batch_size"] == 8 and params["grad_accum"] == 4 and params["warmup_steps"] == 50
+    assert params["precision"] == "auto" and res["runs"][0]["precision"] == "fp32"  # CPU
+    assert [r["seed"] for r in res["runs"]] == [42]
+    # 32 training rows, 8 x 4 per optimizer step: one step per epoch.
+    assert res["runs"][0]["steps"] == 1
+    # The report states the settings each task ran with.
+    settings = md.split("## Settings")[1]
+    assert "| prom/prom_core_all | 80 | 1 | — | 3e-05 | 8 x 4 = 32 | 50 | 400 | fp32 (auto) " \
+           "| 42 |" in settings
+    assert data["settings"]["EMP/H3"]["grad_accum"] == 4
     client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gue-test")
     runs = client.search_runs([exp.experiment_id])
@@ -97,12 +109,21 @@ def test_task_settings_follow_dnabert2_scripts():
     assert len(GUE_TASKS) == 28
     assert (by["prom/prom_core_tata"].max_length, by["prom/prom_core_tata"].epochs) == (80, 10)
     assert (by["splice/reconstructed"].max_length, by["splice/reconstructed"].epochs) == (410, 5)
-    assert by["mouse/3"].max_steps == 1000 and by["virus/covid"].grad_accum == 4
+    assert by["mouse/3"].max_steps == 1000
+    # A global batch of 32 per optimizer step on one device; covid accumulates twice as much
+    # (CM-GEMS' script: 2 GPUs x 8 x 4 = 64 against 2 x 8 x 2 = 32).
+    assert {t.global_batch for t in GUE_TASKS if t.name != "virus/covid"} == {32}
+    assert by["virus/covid"].global_batch == 64
+    assert {t.precision for t in GUE_TASKS} == {"auto"}
     human = {t.name.split("/")[0] for t in GUE_TASKS if t.human}
     assert human == {"prom", "tf", "splice"}
-    ns = argparse.Namespace(lr=None, epochs=None, max_steps=None, max_length=None, device="cpu")
+    ns = argparse.Namespace(lr=None, epochs=None, max_steps=None, max_length=None, batch_size=None,
+                            grad_accum=None, precision=None, device="cpu")
     cfg = gue_lib.task_config(by["mouse/0"], ns)
     assert (cfg.max_steps, cfg.max_length, cfg.warmup_steps, cfg.lr) == (1000, 110, 30, 3e-5)
+    assert (cfg.global_batch, cfg.precision) == (32, "auto")
+    ns.precision = "fp32"
+    assert gue_lib.task_config(by["mouse/0"], ns).precision == "fp32"
     ns.epochs = 1
     assert gue_lib.task_config(by["mouse/0"], ns).max_steps is None
 
