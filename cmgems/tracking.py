@@ -84,9 +84,9 @@ class Tracker:
         self._client = None
         self.tracking_uri = tracking_uri
         self.reused = False  # reopen(): the run of an earlier invocation was continued
+        self._system_metrics = None  # MLflow's monitor, once started
         if not enabled:
             return
-        self._system_metrics = None
         try:
             if run_id is None:
                 self._create_run()

@@ -141,6 +141,15 @@ def test_system_metrics(uri, exp, monkeypatch):
     assert "system/system_memory_usage_megabytes" in metrics
 
 
+def test_disabled_tracker_does_nothing(tmp_path):
+    off = Tracker(False)
+    off.start_system_metrics()
+    off.log_dataset("d", "0", tmp_path, {})
+    assert off.log_hf_model(tmp_path) is None
+    off.finish()
+    assert off.summary()["failed_calls"] == 0
+
+
 def test_model_logging_never_raises(uri, exp, tmp_path):
     down = Tracker(True, "http://127.0.0.1:9", exp, "r")  # nothing listens on port 9
     assert down.log_hf_model(tmp_path) is None
