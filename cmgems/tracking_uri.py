@@ -97,12 +97,14 @@ def relocate_artifacts(db_path: str | Path) -> int:
     new = here.as_uri()
     try:
         with sqlite3.connect(db_path, timeout=30) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            if "experiments" not in tables:  # a store MLflow is still creating
+                return 0
             rows = db.execute("SELECT artifact_location FROM experiments").fetchall()
             # only folders that are gone: a copied store may still share the original's
             old = {r for r in {_root_of(r[0]) for r in rows} - {None, new}
                    if not Path(unquote(urlparse(r).path)).exists()}
             changed = 0
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
             for prefix in old:
                 for table, column in _LOCATIONS:
                     if table in tables:

@@ -235,7 +235,7 @@ class Trainer:
 
     def _start_tracking(self, resumed: bool) -> None:
         cfg = self.cfg
-        uri = resolve_tracking_uri(self.out.parent, cfg.tracking_uri)
+        uri = resolve_tracking_uri(self.out.parent, cfg.tracking_uri) if self.dist.is_main else ""
         self.tracker = Tracker(self.dist.is_main, uri, cfg.experiment, self.run_name,
                                run_id=self.state.mlflow_run_id, parent_run_id=cfg.parent_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
