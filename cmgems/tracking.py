@@ -357,8 +357,10 @@ def _log_transformers_model(tracker: Tracker, model_dir: Path, name: str,
              "tokenizer": AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)},
             name=name, task="fill-mask", run_id=tracker.run_id, step=step,
             registered_model_name=registered,
-            # a card of our own keeps MLflow from looking the model up on the Hugging Face Hub
-            model_card=ModelCard(card.read_text()) if card.is_file() else None,
+            # a card of our own (empty if need be) keeps MLflow from looking the model up on
+            # the Hugging Face Hub, and from warning that the Hub has no license for it
+            model_card=ModelCard(card.read_text() if card.is_file()
+                                 else "---\nlibrary_name: transformers\n---\n"),
             # given, not inferred: inference loads the model again in a subprocess
             pip_requirements=[f"transformers=={transformers.__version__}",
                               f"torch=={torch.__version__.split('+')[0]}",
