@@ -138,6 +138,7 @@ def test_trainer_switches_stage_and_logs_it_to_mlflow(tiny_dataset, tmp_path, mo
     from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the experiment MLflowCallback makes keeps artifacts in ./mlruns
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-trainer")
     collator = RecordingCollator.for_dataset(tiny_dataset, mode="cm_gems", seed=0)
     torch.manual_seed(0)

@@ -81,7 +81,7 @@ def test_vocab_file_is_checked(tmp_path):
     assert DNAKmerTokenizer(vocab_file=str(bad)).k == 4
 
 
-def test_long_sequence_is_encoded_at_numpy_speed():
+def test_long_sequence_gives_the_training_ids():
     seq = random_dna(np.random.default_rng(0), 200_000)
     tok = DNAKmerTokenizer(k=6)
     ids = tok(seq, add_special_tokens=False)["input_ids"]
