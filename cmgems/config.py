@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from cmgems.curriculum import MODES
 from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, STRATEGIES
 from cmgems.options import from_args, load_file, option
+from cmgems.tracking_uri import check_tracking_uri
 
 MODELS = ("logo", "dnabert")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -96,6 +98,16 @@ class PretrainConfig:
     run_name: str = _f("", "Run name (MLflow run name too); default <model>-<mode>-<time>.")
     experiment: str = _f("cmgems", "MLflow experiment name.")
     parent_run_id: str = _f("", "MLflow run to nest this run under (a comparison's parent run).")
+    tracking_uri: str = _f("", "MLflow store; empty = MLFLOW_TRACKING_URI if set, else "
+                           "sqlite:///<parent of output_dir>/mlflow.db (runs/mlflow.db by "
+                           "default).")
+    log_model: bool = _f(True, "Log each export as an MLflow model (transformers flavour, "
+                         "fill-mask, with its tokenizer); --no-log-model logs none.")
+    register_model: str = _f("", "Register the final export in the MLflow model registry under "
+                             "this name (a new version per run); empty registers nothing.")
+    system_metrics: bool = _f(True, "Log CPU, memory, disk, network (and GPU) use as MLflow "
+                              "system/* metrics, every 10 s unless "
+                              "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says; needs psutil.")
 
     def __post_init__(self):
         errors = []
@@ -125,6 +137,15 @@ class PretrainConfig:
                 errors.append(f"p_{strategy} must be in (0, 1), got {p}")
         if not self.lr > 0:
             errors.append(f"lr must be > 0, got {self.lr}")
+        if self.register_model and not self.log_model:
+            errors.append("register_model needs log_model (the registry holds logged models)")
+        try:  # a store MLflow cannot open is refused now, not after DeepSpeed has started
+            env = os.environ.get("MLFLOW_TRACKING_URI", "")
+            if self.tracking_uri or env:
+                check_tracking_uri(self.tracking_uri or env,
+                                   "tracking_uri" if self.tracking_uri else "MLFLOW_TRACKING_URI")
+        except InputError as e:
+            errors.append(str(e))
         if errors:
             raise InputError("invalid config: " + "; ".join(errors))
 

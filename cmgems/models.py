@@ -9,7 +9,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from cmgems.errors import InputError
-from cmgems.tokens import PAD_ID, k_from_vocab_size, vocab_size, write_vocab
+from cmgems.tokenizer import DNAKmerTokenizer
+from cmgems.tokens import PAD_ID, k_from_vocab_size, vocab_size
 
 ARCHITECTURES = {
     # BERT-base, as DNABERT.
@@ -54,10 +55,30 @@ def flops_per_token(config: BertConfig, seq_len: int) -> float:
     return 6.0 * (dense + attention)
 
 
+def save_tokenizer(out_dir: str | Path, k: int, max_length: int) -> DNAKmerTokenizer:
+    """The export's tokenizer, by save_pretrained: vocab.txt, tokenizer_config.json and a copy of
+    cmgems/tokenizer.py that auto_map names, so that AutoTokenizer with trust_remote_code=True
+    reads raw DNA where cmgems is not installed."""
+    out_dir = Path(out_dir)
+    tokenizer = DNAKmerTokenizer(k=k, model_max_length=max_length)
+    tokenizer.register_for_auto_class("AutoTokenizer")
+    tokenizer.save_pretrained(out_dir)
+    # save_pretrained names the class it saved. Without trust_remote_code transformers builds the
+    # class named here instead: BertTokenizer reads the same vocab.txt (k-mer text only); with
+    # trust_remote_code, auto_map's DNAKmerTokenizer is used whatever this says.
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "BertTokenizer"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return tokenizer
+
+
 def export(state_dict: dict[str, torch.Tensor], config: BertConfig, out_dir: str | Path,
-           extra: dict | None = None) -> Path:
-    """save_pretrained + vocab.txt (+ cmgems.json): loadable by AutoModelForMaskedLM and
-    AutoModelForSequenceClassification, and by DNABERT finetune scripts."""
+           info: dict | None = None, card: str | None = None) -> Path:
+    """An HF model directory: the model and its tokenizer by save_pretrained, cmgems.json (k and
+    `info`: the run, data and curriculum it came from) and the model card README.md (`card`).
+    Loadable by AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer,
+    pipeline("fill-mask") and DNABERT's finetune scripts."""
     out_dir = Path(out_dir)
     model = BertForMaskedLM(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -68,8 +89,8 @@ def export(state_dict: dict[str, torch.Tensor], config: BertConfig, out_dir: str
                          f"unexpected {unexpected}")
     model.save_pretrained(out_dir)
     k = k_from_vocab_size(config.vocab_size)
-    write_vocab(out_dir / "vocab.txt", k)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 512}))
-    (out_dir / "cmgems.json").write_text(json.dumps({"k": k, **(extra or {})}, indent=2))
+    save_tokenizer(out_dir, k, config.max_position_embeddings)
+    (out_dir / "cmgems.json").write_text(json.dumps({"k": k, **(info or {})}, indent=2))
+    if card is not None:
+        (out_dir / "README.md").write_text(card)
     return out_dir

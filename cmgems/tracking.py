@@ -9,9 +9,15 @@ Pretraining, finetuning and the strategy comparison all log through Tracker. `ch
 under this one (a finetuning task's seeds), `parent_run_id` under a run of another process (a
 comparison's pretrainings), and `reopen()` continues the run that an earlier invocation of the same
 command started (the comparison's parent run).
+
+Runs carry the tags MLflow's own start_run sets (user, source, git commit); `log_dataset` records a
+dataset input, `log_hf_model` an export as a transformers-flavour model (optionally registered),
+`start_system_metrics` MLflow's system/* monitor. A deleted experiment or run is restored, with a
+warning, rather than silently logging nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cmgems.io import atomic_path
+from cmgems.tracking_uri import artifact_root
 
 # A dead server must cost seconds, not MLflow's default minutes of retries with backoff.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -40,12 +47,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts of a SQLite store live beside it, not in ./mlruns of whatever the cwd was; a
-    server decides for itself."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
+def source_tags() -> dict[str, str]:
+    """The tags MLflow's own start_run would set (mlflow.user, mlflow.source.name and .type,
+    mlflow.source.git.commit when the entry point lies in a git checkout); a console script
+    outside any checkout gets the commit of the cmgems checkout running, if it is one."""
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.git_utils import get_git_commit
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    tags = resolve_tags()
+    if MLFLOW_GIT_COMMIT not in tags:
+        commit = get_git_commit(str(Path(__file__).resolve().parent))
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 class Tracker:
@@ -69,13 +84,14 @@ class Tracker:
         self._client = None
         self.tracking_uri = tracking_uri
         self.reused = False  # reopen(): the run of an earlier invocation was continued
+        self._system_metrics = None  # MLflow's monitor, once started
         if not enabled:
             return
         try:
             if run_id is None:
                 self._create_run()
             else:
-                self.client.update_run(run_id, status="RUNNING")
+                self._reopen_run(run_id)
         except Exception as e:  # noqa: BLE001 - any store failure must not stop training
             self._failed("start the run", e)
 
@@ -113,11 +129,29 @@ class Tracker:
 
     def _create_run(self) -> None:
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.experiment, artifact_location=_artifact_location(self.tracking_uri))
-        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
+        if exp is None:
+            exp_id = self.client.create_experiment(
+                self.experiment, artifact_location=artifact_root(self.tracking_uri))
+        else:
+            exp_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                # MLflow refuses runs in a deleted experiment: the run would log nothing at all.
+                self.client.restore_experiment(exp_id)
+                log.warning("MLflow: experiment %r (id %s) in %s had been deleted; restored it "
+                            "to log this run (delete it again afterwards, or choose another "
+                            "experiment name)", self.experiment, exp_id, self.tracking_uri)
+        tags = source_tags()
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name,
                                              tags=tags).info.run_id
+
+    def _reopen_run(self, run_id: str) -> None:
+        if self.client.get_run(run_id).info.lifecycle_stage == "deleted":
+            self.client.restore_run(run_id)
+            log.warning("MLflow: run %s in %s had been deleted; restored it to continue logging "
+                        "into it", run_id, self.tracking_uri)
+        self.client.update_run(run_id, status="RUNNING")
 
     def _failed(self, what: str, err: Exception) -> None:
         self.failed_calls += 1
@@ -220,12 +254,66 @@ class Tracker:
     def set_tag(self, key: str, value: Any) -> None:
         self._call(f"set tag {key}", lambda: self.client.set_tag(self.run_id, key, str(value)))
 
+    def log_dataset(self, name: str, digest: str, source: str | Path, profile: dict,
+                    context: str = "training") -> None:
+        """A dataset input of the run (MLflow's log_input): where it is, its digest and a profile
+        of figures; the data itself stays where it is."""
+        def log():
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            # a "local" source, as MLflow's LocalArtifactDatasetSource writes it
+            where = json.dumps({"uri": str(Path(source).resolve())})
+            dataset = Dataset(name=name, digest=digest, source_type="local", source=where,
+                              profile=json.dumps(profile))
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+                dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        self._call(f"log dataset {name}", log)
+
+    def log_hf_model(self, model_dir: str | Path, name: str = "model",
+                     registered_model_name: str = "", step: int = 0) -> str | None:
+        """An exported masked language model (with its tokenizer, custom code included) as an
+        MLflow model of the transformers flavour (a fill-mask pipeline), registered under
+        `registered_model_name` if given; its URI, or None when it could not be logged (warned
+        about, training goes on)."""
+        logged: list = []
+
+        def log():
+            logged.append(_log_transformers_model(self, Path(model_dir), name,
+                                                  registered_model_name or None, step))
+        self._call(f"log the model in {model_dir}", log)
+        return logged[0] if logged else None
+
+    def start_system_metrics(self, resume: bool = False) -> None:
+        """MLflow's monitor of CPU, memory, disk, network (and GPU) use, as system/* metrics,
+        every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default); needs psutil.
+        It runs in a thread of its own and stops by itself if the store goes away."""
+        import importlib.util
+        if not self.enabled or self.run_id is None or self._system_metrics is not None:
+            return
+        if importlib.util.find_spec("psutil") is None:
+            log.info("MLflow: no system metrics (psutil is not installed)")
+            return
+
+        def start():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            # its start/stop notices are no news in a run's log; its warnings still show
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri,
+                                           resume_logging=resume)
+            monitor.start()
+            self._system_metrics = monitor
+        self._call("start system metrics", start)
+
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         if Path(path).exists():
             self._call(f"log artifact {path}",
                        lambda: self.client.log_artifact(self.run_id, str(path), subdir))
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system_metrics is not None:
+            monitor, self._system_metrics = self._system_metrics, None
+            self._call("stop system metrics", monitor.finish)
         self.flush()
         self._call("end the run", lambda: self.client.set_terminated(self.run_id, status))
 
@@ -250,3 +338,53 @@ def _kept_run_id(state_path: Path, tracking_uri: str) -> str | None:
     except Exception:  # noqa: BLE001 - deleted, unknown or unreadable: a fresh run
         return None
     return state["parent_run_id"]
+
+
+def _log_transformers_model(tracker: Tracker, model_dir: Path, name: str,
+                            registered: str | None, step: int) -> str:
+    import mlflow.transformers
+    import numpy
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    card = model_dir / "README.md"
+    experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    with _fluent_store(tracker.tracking_uri, experiment_id):
+        info = mlflow.transformers.log_model(
+            {"model": AutoModelForMaskedLM.from_pretrained(model_dir),
+             "tokenizer": AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)},
+            name=name, task="fill-mask", run_id=tracker.run_id, step=step,
+            registered_model_name=registered,
+            # a card of our own (empty if need be) keeps MLflow from looking the model up on
+            # the Hugging Face Hub, and from warning that the Hub has no license for it
+            model_card=ModelCard(card.read_text() if card.is_file()
+                                 else "---\nlibrary_name: transformers\n---\n"),
+            # given, not inferred: inference loads the model again in a subprocess
+            pip_requirements=[f"transformers=={transformers.__version__}",
+                              f"torch=={torch.__version__.split('+')[0]}",
+                              f"numpy=={numpy.__version__}"])
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _fluent_store(tracking_uri: str, experiment_id: str):
+    """mlflow.transformers logs through MLflow's fluent API, which takes the store and the
+    experiment from process-wide settings (and sets MLFLOW_TRACKING_URI for subprocesses): set
+    them for the call, then put back what was there, so no later store lookup of this process
+    (resolve_tracking_uri reads that variable) goes astray."""
+    import mlflow
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -29,6 +29,8 @@ from cmgems.data import SampleDataset, TrainBatches, eval_loader
 from cmgems.engine import build_ds_config, resolve_precision
 from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
+from cmgems.model_card import dataset_summary
+from cmgems.model_card import render as render_model_card
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.packing import choose_attention
 from cmgems.plots import perplexity_plot
@@ -246,12 +248,14 @@ class Trainer:
 
     def _start_tracking(self, resumed: bool) -> None:
         cfg = self.cfg
-        uri = resolve_tracking_uri(self.out.parent)
+        uri = resolve_tracking_uri(self.out.parent, cfg.tracking_uri) if self.dist.is_main else ""
         self.tracker = Tracker(self.dist.is_main, uri, cfg.experiment, self.run_name,
                                run_id=self.state.mlflow_run_id, parent_run_id=cfg.parent_run_id)
         self.state.mlflow_run_id = self.tracker.run_id
         if not self.dist.is_main:
             return
+        if cfg.system_metrics:
+            self.tracker.start_system_metrics(resume=resumed)
         if resumed:
             self.tracker.skip_logged_steps()
             self.tracker.set_tag("resumed_at_step", self.state.step)
@@ -271,6 +275,8 @@ class Trainer:
                          "python": sys.version.split()[0]},
         })
         self.tracker.set_tag("output_dir", str(self.out.resolve()))
+        data = dataset_summary(self.manifest, cfg.data_dir)
+        self.tracker.log_dataset(data["name"], data["manifest_checksum"][:16], data["path"], data)
         for path in (self.out / "config.json", self.out / "ds_config.json",
                      Path(cfg.data_dir) / "npmi.tsv", Path(cfg.data_dir) / "manifest.json"):
             self.tracker.log_artifact(path)
@@ -467,6 +473,33 @@ class Trainer:
             return {k.removeprefix("model."): v.detach().float().cpu().clone()
                     for k, v in self.engine.module.state_dict().items()}
 
+    def _export_info(self) -> dict:
+        """cmgems.json of an export: where the model came from (the model card renders it)."""
+        cfg, st, events = self.cfg, self.state, self.schedule.events
+        return {"run_name": self.run_name, "step": st.step, "max_steps": cfg.max_steps,
+                "mode": cfg.mode, "model": cfg.model, "n_params": self.n_params,
+                "max_length": cfg.max_length, "seed": cfg.seed,
+                "mlflow_run_id": self.tracker.run_id,
+                "mlflow_tracking_uri": self.tracker.tracking_uri,
+                "curriculum": {"mode": cfg.mode, "threshold": cfg.threshold,
+                               "patience": cfg.patience, "min_switch_step": cfg.min_switch_step,
+                               "switch_step": events[0]["step"] if events else None,
+                               "events": events},
+                "evaluation": st.history[-1] if st.history else None,
+                "data": dataset_summary(self.manifest, cfg.data_dir)}
+
+    def _export(self, state: dict, path: Path, final: bool) -> None:
+        """Rank 0: the HF export of `state` at this step (model card included), logged as an
+        MLflow model; the final one is registered under --register-model if given."""
+        info = self._export_info()
+        export(state, self.bert_config, path, info, render_model_card(info, self.bert_config))
+        if self.cfg.log_model:
+            uri = self.tracker.log_hf_model(
+                path, name="model" if final else path.name, step=self.state.step,
+                registered_model_name=self.cfg.register_model if final else "")
+            if uri and final:
+                self.tracker.set_tag("model_uri", uri)
+
     def _finish(self, stopped_by: str | None) -> dict:
         st, out = self.state, self.out
         result = {"step": st.step, "stopped_by": stopped_by, "output_dir": str(out),
@@ -475,15 +508,15 @@ class Trainer:
         if stopped_by is None:
             state = self._full_state_dict()
             if self.dist.is_main:
-                export(state, self.bert_config, out / "export",
-                       {"run_name": self.run_name, "step": st.step, "mode": self.cfg.mode})
+                self._export(state, out / "export", final=True)
         if self.dist.is_main:
             if st.history:
                 plot = perplexity_plot(st.history, self.schedule.events, out / "perplexity.png",
                                        f"{self.run_name} ({self.cfg.model}, {self.cfg.mode})")
                 self.tracker.log_artifact(plot)
             self._write_events()
-            self.tracker.log_artifact(out / "export" / "config.json", "export")
+            for name in ("config.json", "cmgems.json", "README.md"):
+                self.tracker.log_artifact(out / "export" / name, "export")
             self.tracker.finish("FINISHED" if stopped_by is None else "KILLED")
             result["mlflow_run_id"] = self.tracker.run_id
             result["tracking"] = self.tracker.summary()
