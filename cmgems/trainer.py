@@ -26,7 +26,7 @@ from cmgems.config import PretrainConfig
 from cmgems.options import resume_fields
 from cmgems.curriculum import make_schedule
 from cmgems.data import SampleDataset, TrainBatches, eval_loader
-from cmgems.engine import build_ds_config, resolve_precision
+from cmgems.engine import build_ds_config, ds_config_path, initialize, resolve_precision
 from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
 from cmgems.models import build_model, count_parameters, export, flops_per_token
@@ -216,20 +216,19 @@ class Trainer:
                              f"{self.dist.world_size} ranks")
 
     def _build_engine(self) -> None:
-        import deepspeed
-
         cfg = self.cfg
+        # Before the model: a precision the device lacks is refused in a second, not after a
+        # BERT-base is built.
+        self.precision = resolve_precision(cfg.precision, self.dist.device)
+        self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.k, cfg.init_from)
         self.bert_config = model.config
         self.n_params = count_parameters(model)
-        self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device)
-        self.precision = resolve_precision(cfg.precision, self.dist.device)
         self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
         self.peak_tflops = peak_tflops(self.dist.device, self.precision)
-        self.engine, _, _, _ = deepspeed.initialize(model=MaskedLM(model),
-                                                    model_parameters=model.parameters(),
-                                                    config=self.ds_config)
+        self.engine = initialize(MaskedLM(model), self.ds_config, ds_config_path(cfg),
+                                 cfg.weight_decay)
 
     def _start_tracking(self, resumed: bool) -> None:
         cfg = self.cfg
