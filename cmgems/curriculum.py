@@ -40,6 +40,14 @@ def check_mode(mode) -> str:
     return mode
 
 
+PMI_STRATEGIES = ("genemask", "global")
+
+
+def uses_pmi(name: str) -> bool:
+    """Whether a mode (or a strategy name) masks by NPMI: everything but random."""
+    return name in ("cm_step", "cm_gems") or name.removeprefix("fixed:") in PMI_STRATEGIES
+
+
 def first_strategy(mode: str) -> str:
     """The strategy a mode starts with: what the frozen validation masking uses by default."""
     return {"cm_step": "random", "cm_gems": "genemask"}.get(check_mode(mode),
