@@ -212,9 +212,13 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, is_main: b
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
                                save_latest=False)
+        _fault_pause(step)
     except Exception as e:  # noqa: BLE001 - torch.save and DeepSpeed raise many kinds
         failure = write_failure(e, ckpt_dir)
-    _fault_pause(step)
+    except BaseException:  # Ctrl-C while writing: no half-written directory stays behind
+        if is_main:
+            _remove(tag_dir)
+        raise
     # Every rank's files are on disk (or some rank failed) before the pointer moves.
     if distributed.any_rank(failure is not None):
         failure = failure or "another rank could not write its files"
