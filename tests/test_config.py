@@ -166,3 +166,26 @@ def test_refused_file_value_names_the_file(tmp_path):
     cfg.write_text("beta2: 1.0\n")
     with pytest.raises(InputError, match=rf"{cfg}: invalid config: beta2 must be in \[0, 1\)"):
         from_sources(str(cfg), _parse([]))
+
+
+# ---------------------------------------------------------------------- the presets
+PAPER = {"mode": "cm_gems", "max_steps": 10_000, "max_length": 512, "micro_batch_size": 10,
+         "grad_accum": 25, "lr": 8e-4, "beta1": 0.9, "beta2": 0.98, "eps": 1e-6,
+         "weight_decay": 0.01, "warmup_steps": 500, "grad_clip": 1.0, "threshold": 1.0,
+         "patience": 1, "export_interval": 1000, "save_interval": 1000, "seed": 42,
+         "data_dir": "data/grch38", "cm_step_draw": "batch"}
+
+
+@pytest.mark.parametrize("preset,model", [("paper.yaml", "dnabert"), ("paper-logo.yaml", "logo")])
+def test_paper_presets_hold_the_published_protocol(preset, model):
+    from conftest import ROOT
+    path = ROOT / "launchers" / "configs" / preset
+    cfg = from_sources(str(path), _parse([]))
+    assert cfg.model == model
+    for name, value in PAPER.items():
+        assert getattr(cfg, name) == value, name
+    assert cfg.micro_batch_size * cfg.grad_accum == 250
+    # a 1K model must be able to switch before its last step: decisions at 200, 300, ... < 1000
+    assert cfg.eval_interval * 2 < 1000 and 1000 % cfg.eval_interval == 0
+    assert cfg.export_interval == 1000 and cfg.max_steps % cfg.export_interval == 0
+    assert "--valid-fraction 0.1" in path.read_text()   # how the dataset is built
