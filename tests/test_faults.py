@@ -539,7 +539,8 @@ def test_damaged_pointer_is_refused_and_destroys_nothing(how, tiny_dataset, refe
     assert _listing(ckpt) == before            # nothing pruned, nothing written
     assert len(_runs_in(out)) == runs_before   # no new MLflow run
     assert not (out / ".cmgems.lock").exists()
-    record(f"checkpoint pointer {how}", f"exit 2: `{line.replace(str(out) + '/', '')}`", "-",
+    # the message holds a `command`: a double-backtick code span keeps the table's markdown
+    record(f"checkpoint pointer {how}", f"exit 2: `` {line.replace(str(out) + '/', '')} ``", "-",
            "none (every checkpoint kept, no MLflow run started)")
 
 
