@@ -79,12 +79,12 @@ class PretrainConfig:
                                high=MAX_BATCH)
     grad_accum: int = _f(25, "Micro-batches accumulated per optimizer step.", resume=True, low=1,
                          high=MAX_BATCH)
-    lr: float = _f(8e-4, "Peak learning rate (AdamW).", resume=True, low=0, high=1, open="low")
+    lr: float = _f(8e-4, "Peak learning rate (AdamW).", resume=True, low=0, open="low")
     beta1: float = _f(0.9, "AdamW beta1.", low=0, high=1, open="high")
     beta2: float = _f(0.98, "AdamW beta2.", low=0, high=1, open="high")
-    eps: float = _f(1e-6, "AdamW epsilon.", low=0, high=1, open="low")
+    eps: float = _f(1e-6, "AdamW epsilon.", low=0, open="low")
     weight_decay: float = _f(0.01, "AdamW weight decay (decoupled), not applied to biases and "
-                             "LayerNorm weights.", low=0, high=1)
+                             "LayerNorm weights.", low=0)
     warmup_steps: int = _f(500, "Linear warmup steps, then linear decay to 0 at max_steps.",
                            resume=True, low=0, high=MAX_STEPS)
     grad_clip: float = _f(1.0, "Gradient norm clipping (0 disables).", low=0)
