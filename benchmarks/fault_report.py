@@ -1,7 +1,7 @@
 """Fault report: run every fault and bad-input scenario (tests/test_faults.py, tests/test_bad_inputs.py)
 and print what happened in each, as the tables of docs/faults.md and docs/errors.md.
 
-    python benchmarks/fault_report.py            # all scenarios (about 10 minutes on 2 shared cores)
+    python benchmarks/fault_report.py            # all scenarios (about 20 minutes on 2 shared cores)
     python benchmarks/fault_report.py -k kill9   # a subset (pytest -k expression)
 
 The scenarios are the tests themselves: each test appends its row (scenario, what happened, steps

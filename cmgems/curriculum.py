@@ -1,8 +1,14 @@
 """Masking curricula: which strategy each sample of a training step is masked with.
 
 - fixed:<strategy>: one strategy throughout (random, genemask or global).
-- cm_step (CM-Step baseline): training is cut into 100 equal blocks of max_steps; a sample in
-  block b (0..99, b = step * 100 // max_steps) uses global with probability b / 100, else random.
+- cm_step (CM-Step baseline): training is cut into 100 equal blocks of max_steps; in block b
+  (0..99, b = step * 100 // max_steps) global is used with probability b / 100, else random.
+  The paper leaves open what one draw covers. `draw="batch"` (the default): one draw per
+  micro-batch, all its samples masked alike, as the public CM-Step code does (it draws once per
+  call of its collator, i.e. per micro-batch of 10 before gradient accumulation); the numbers
+  the paper reports come from that code. `draw="sample"`: one draw per sample, which gives every
+  micro-batch the same expected mix with less variance between micro-batches. Both keep the
+  expected share of global at b / 100 in block b.
 - cm_gems (CM-GEMS): genemask until the drop in validation perplexity between two consecutive
   evaluations falls below `threshold` for `patience` consecutive evaluations (and not before
   `min_steps`), then global for the rest of training; it never switches back.
@@ -22,6 +28,7 @@ from cmgems.errors import InputError
 from cmgems.masking import STRATEGIES
 
 CM_STEP_BLOCKS = 100
+CM_STEP_DRAWS = ("batch", "sample")
 # Every schedule's name: one fixed strategy, or one of the two curricula.
 MODES = tuple(f"fixed:{s}" for s in STRATEGIES) + ("cm_step", "cm_gems")
 
@@ -31,6 +38,14 @@ def check_mode(mode) -> str:
         raise InputError(f"curriculum: unknown mode {mode!r} (expected "
                          f"fixed:{'|'.join(STRATEGIES)}, cm_step or cm_gems)")
     return mode
+
+
+PMI_STRATEGIES = ("genemask", "global")
+
+
+def uses_pmi(name: str) -> bool:
+    """Whether a mode (or a strategy name) masks by NPMI: everything but random."""
+    return name in ("cm_step", "cm_gems") or name.removeprefix("fixed:") in PMI_STRATEGIES
 
 
 def first_strategy(mode: str) -> str:
@@ -51,6 +66,8 @@ class ScheduleConfig:
     """cm_gems: consecutive evaluations below the threshold needed for the switch."""
     min_steps: int = 0
     """cm_gems: no switch at an evaluation before this step."""
+    draw: str = "batch"
+    """cm_step: one random-or-global draw per micro-batch ("batch") or per sample ("sample")."""
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -67,6 +84,9 @@ class ScheduleConfig:
         if not isinstance(self.min_steps, int) or self.min_steps < 0:
             raise InputError(f"curriculum min_steps: must be an integer >= 0, "
                              f"got {self.min_steps!r}")
+        if self.draw not in CM_STEP_DRAWS:
+            raise InputError(f"curriculum draw: must be one of {CM_STEP_DRAWS}, "
+                             f"got {self.draw!r}")
 
 
 @dataclass
@@ -131,8 +151,13 @@ class CMStepSchedule(_Schedule):
         return block / CM_STEP_BLOCKS
 
     def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
-        draws = torch.rand(batch_size, generator=generator, device=generator.device)
+        # The generator is the micro-batch's own (seed, micro-batch, rank): either reading is a
+        # pure function of those, so a resumed run draws the same.
+        n = 1 if self.config.draw == "batch" else batch_size
+        draws = torch.rand(n, generator=generator, device=generator.device)
         use_global = (draws < self.global_probability(step)).tolist()
+        if self.config.draw == "batch":
+            use_global = use_global * batch_size
         return ["global" if g else "random" for g in use_global]
 
 
@@ -175,8 +200,8 @@ class CMGemsSchedule(_Schedule):
 
 
 def make_schedule(mode: str, max_steps: int, threshold: float = 1.0, patience: int = 1,
-                  min_steps: int = 0) -> _Schedule:
-    config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps)
+                  min_steps: int = 0, draw: str = "batch") -> _Schedule:
+    config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps, draw)
     if mode == "cm_step":
         return CMStepSchedule(config)
     if mode == "cm_gems":

@@ -64,6 +64,17 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any (collective; a barrier too)."""
+    if not torch.distributed.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item() > 0
+
+
 def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
@@ -74,13 +85,15 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
     """Leave no process group and none of DeepSpeed's shared-memory allreduce buffers (66 MB per
-    rank in /dev/shm, which DeepSpeed never removes)."""
+    rank in /dev/shm, which DeepSpeed never removes). wait=False (a failing rank) leaves without
+    the barrier: the other ranks may never reach it."""
     import glob
 
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     local = os.environ.get("LOCAL_RANK", "0")

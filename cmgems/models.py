@@ -28,17 +28,57 @@ def bert_config(name: str, k: int) -> BertConfig:
                       type_vocab_size=2, **ARCHITECTURES[name])
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Tied to the word embeddings: a state dict may leave it out.
+TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
 def build_model(name: str, k: int, init_from: str = "") -> BertForMaskedLM:
-    """A fresh model (initialised under the caller's seeded RNG), or one loaded from an HF dir."""
+    """A fresh model (initialised under the caller's seeded RNG), or one loaded from an HF dir.
+
+    A directory to initialise from must hold a readable BERT config.json and weights that fill
+    every parameter with finite numbers: transformers would otherwise initialise missing tensors
+    at random with a warning, and a model that trains from partly random weights is a silent
+    wrong result."""
     if not init_from:
         return BertForMaskedLM(bert_config(name, k))
     path = Path(init_from)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
-    model = BertForMaskedLM.from_pretrained(path)
-    if model.config.vocab_size != vocab_size(k):
-        raise InputError(f"{path}: vocab size {model.config.vocab_size} is not the k={k} "
+    try:
+        config = BertConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{path / 'config.json'}: not a readable BERT config ({_reason(e)})") \
+            from None
+    weights = next((path / w for w in WEIGHT_FILES if (path / w).is_file()), None)
+    if weights is None:
+        raise InputError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
+    if config.vocab_size != vocab_size(k):
+        raise InputError(f"{path}: vocab size {config.vocab_size} is not the k={k} "
                          f"vocabulary ({vocab_size(k)}) of the dataset")
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of missing keys: the error below says it
+    try:
+        model, info = BertForMaskedLM.from_pretrained(path, config=config,
+                                                      output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - safetensors, torch.load and transformers each differ
+        raise InputError(f"{weights}: cannot load the weights (truncated or corrupt? "
+                         f"{_reason(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(m for m in info.get("missing_keys", ()) if m not in TIED)
+    wrong = sorted(map(str, info.get("mismatched_keys", ())))
+    if missing or wrong:
+        raise InputError(f"{weights}: does not fill the model: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, wrong shape {wrong[:5]}")
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise InputError(f"{weights}: tensor {bad} holds NaN or infinite values")
     return model
 
 

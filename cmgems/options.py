@@ -27,14 +27,66 @@ from cmgems.errors import InputError
 
 
 def option(default, help: str, *, resume: bool = False, flag: str | None = None,
-           choices: tuple | None = None, cli: bool = True):
+           choices: tuple | None = None, cli: bool = True, low: float | None = None,
+           high: float | None = None, open: str = ""):
     """A config field: its default, its --help text, and
     resume: the field shapes what a run computes, so a resume must keep the checkpoint's value;
     flag: the command-line spelling when it is not --field-name; choices: allowed values;
-    cli: False keeps the field off the command line (set by code or tests only)."""
+    cli: False keeps the field off the command line (set by code or tests only);
+    low, high: the allowed range of a number (either may be None: unbounded on that side);
+    open: "low", "high" or "both": which of those bounds is itself excluded.
+    check_fields() checks ranges and choices, and that every float is finite."""
+    if open not in ("", "low", "high", "both"):
+        raise ValueError(f"open must be '', 'low', 'high' or 'both', got {open!r}")
     return field(default=default, metadata={"help": help, "resume": resume, "flag": flag,
-                                            "choices": choices, "cli": cli})
+                                            "choices": choices, "cli": cli, "low": low,
+                                            "high": high, "open": open})
 
+
+def _range_text(low, high, open: str) -> str:
+    """'> 0', '>= 1', '<= 512', 'in (0, 1)', 'in [0, 1)': the form of every range message."""
+    lo_open, hi_open = open in ("low", "both"), open in ("high", "both")
+    if high is None:
+        return f"{'>' if lo_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if hi_open else '<='} {high}"
+    return f"in {'(' if lo_open else '['}{low}, {high}{')' if hi_open else ']'}"
+
+
+def _field_error(name: str, typ: type, value, meta) -> str | None:
+    """Why `value` is not allowed for the field, or None."""
+    if value is None:
+        return None
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        return f"{name} must be one of {tuple(choices)}, got {value!r}"
+    if typ not in (int, float):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (typ is int and not isinstance(value, int)):
+        return f"{name} must be {'an integer' if typ is int else 'a number'}, got {value!r}"
+    if typ is float and not math.isfinite(value):
+        return f"{name} must be a finite number, got {value}"
+    low, high, open = meta.get("low"), meta.get("high"), meta.get("open", "")
+    if low is None and high is None:
+        return None
+    below = low is not None and (value <= low if open in ("low", "both") else value < low)
+    above = high is not None and (value >= high if open in ("high", "both") else value > high)
+    if below or above:
+        return f"{name} must be {_range_text(low, high, open)}, got {value}"
+    return None
+
+
+def check_fields(obj) -> list[str]:
+    """Every declared constraint a dataclass instance breaks (ranges, choices, finiteness), one
+    message per field in declaration order: `lr must be > 0, got 0.0`. For __post_init__."""
+    typed = field_types(type(obj))
+    errors = []
+    for f in dataclasses.fields(obj):
+        err = _field_error(f.name, typed[f.name], getattr(obj, f.name), f.metadata)
+        if err:
+            errors.append(err)
+    return errors
 
 
 def _base_type(hint) -> type:
@@ -143,36 +195,100 @@ def from_args(cls, args: argparse.Namespace, base: dict[str, Any] | None = None,
 
 
 def _coerce(name: str, typ: type, value: Any, where: str):
-    """Type-check a value from YAML/JSON (strict: 3 for a float is fine, '3' for an int is not)."""
+    """Type-check a value from YAML/JSON (strict: 3 for a float is fine, '3' for an int is not).
+
+    A float field also takes a decimal string: YAML 1.1 (PyYAML) reads `lr: 1e-4` as the string
+    '1e-4' (its floats need a dot), and refusing what every user writes helps nobody."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return parse_float(value)
+        except ValueError:
+            pass
     if typ is tuple and isinstance(value, list):  # YAML and JSON spell a tuple as a list
         return tuple(value)
-    if typ is bool and not isinstance(value, bool) or not isinstance(value, typ):
+    if typ is bool and not isinstance(value, bool) or not isinstance(value, typ) or \
+            typ is int and isinstance(value, bool):
         raise InputError(f"{where}: field {name!r} must be {typ.__name__}, "
                          f"got {type(value).__name__} {value!r}")
     return value
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"key {key!r} given twice (lines {first} and {second}); keep one")
+        self.line = second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently:
+    a config whose second `lr:` overrides the first is a typo nobody sees), and reads numbers
+    as YAML 1.2 does: plain decimals only. YAML 1.1 reads `0_5` as 5, `0o17`/`017` as octal and
+    `1:30` as 90; here they stay strings, which a number field refuses."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers
+                if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, seen[key] + 1, key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(  # decimal: PyYAML's would read 017 as octal 15
+    "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10))
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _unique_pairs(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} given twice")
+    return dict(pairs)
 
 
 def load_file(path: str | Path, cls) -> dict[str, Any]:
     """The fields of a YAML or JSON config file, type-checked against dataclass `cls`."""
     typed = field_types(cls)
     path = Path(path)
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot read config ({e.strerror})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}); save the config as UTF-8") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON" else \
+            yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise InputError(f"{path}:{e.line}: {e}") from None
     except (ValueError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())  # YAML's message spans lines; an error is one line
-        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                         f"({reason})") from None
+        raise InputError(f"{path}: not valid {kind} ({reason})") from None
     data = data or {}
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config is a mapping of field: value, got "
                          f"{type(data).__name__}")
-    unknown = sorted(set(data) - set(typed))
+    unknown = sorted(set(map(str, data)) - set(typed))
     if unknown:
         raise InputError(f"{path}: unknown config field(s) {unknown}; see --help for the fields")
     return {k: _coerce(k, typed[k], v, str(path)) for k, v in data.items()}

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -24,17 +25,19 @@ import torch.nn.functional as F
 from cmgems import checkpoint, distributed
 from cmgems.config import PretrainConfig
 from cmgems.options import resume_fields
-from cmgems.curriculum import make_schedule
+from cmgems.curriculum import make_schedule, uses_pmi
 from cmgems.data import SampleDataset, TrainBatches, eval_loader
-from cmgems.engine import build_ds_config, resolve_precision
+from cmgems.engine import build_ds_config, ds_config_path, initialize, resolve_precision
 from cmgems.errors import InputError
-from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
+from cmgems.io import atomic_path
+from cmgems.masking import DEFAULT_PROBABILITY, STRATEGIES, mask_batch, mask_stats
 from cmgems.model_card import dataset_summary
 from cmgems.model_card import render as render_model_card
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.packing import choose_attention
 from cmgems.plots import perplexity_plot
 from cmgems.rng import derive_seed, generator
+from cmgems.run_dir import RunDir, publish_dir
 from cmgems.shards import Manifest, ShardSet, verify
 from cmgems.tracking import Tracker
 from cmgems.tracking_uri import resolve_tracking_uri
@@ -46,6 +49,14 @@ REFERENCE_STRATEGY = "random"
 REFERENCE_P = DEFAULT_PROBABILITY[REFERENCE_STRATEGY]
 # bf16 dense peak of the GPUs MFU is reported for; other devices report achieved TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Fault injection (tests, docs/faults.md): the loss of this 1-based optimizer step is made NaN
+# before its backward pass, as a diverging run's would be.
+FAULT_NAN_ENV = "CMGEMS_FAULT_NAN_LOSS"
+
+
+class TrainingDiverged(InputError):
+    """The loss stopped being a finite number: the settings (lr, warmup, precision) need
+    changing; the last finite step is checkpointed."""
 
 
 class MaskedLM(torch.nn.Module):
@@ -94,6 +105,8 @@ class StepResult:
     data_seconds: float = 0.0        # reading, masking and packing
     mask_stats: dict = field(default_factory=dict)  # of the first micro-batch, on logged steps
     grad_norm: float | None = None   # measured here on logged ZeRO-0 steps
+    stop: str | None = None          # the signal that asks this run to stop after this step
+    finite: bool = True              # the step's loss is finite on every rank
 
 
 class Throughput:
@@ -140,16 +153,31 @@ class RunState:
 
 
 class StopFlag:
-    """SIGTERM (Slurm preemption, kill) and SIGUSR1 (Slurm's warning before a time limit) ask for
-    a checkpoint at the next step boundary, then a clean exit."""
+    """SIGTERM (Slurm preemption, kill), SIGUSR1 (Slurm's warning before a time limit) and SIGINT
+    (Ctrl-C) ask for a checkpoint at the next step boundary, then a clean exit. A second Ctrl-C
+    stops at once (KeyboardInterrupt), keeping the checkpoints already written.
+
+    Installed before any DataLoader worker is forked: the workers inherit these handlers, so a
+    Ctrl-C to the whole process group does not end them mid-epoch."""
 
     def __init__(self):
         self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
+        if _in_dataloader_worker():
+            return  # the training process decides; it ends its workers when it stops
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step with a checkpoint (again: stop now)",
+                  file=sys.stderr, flush=True)
+
+
+def _in_dataloader_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
 
 
 def default_output_dir(cfg: PretrainConfig) -> tuple[str, Path]:
@@ -168,41 +196,101 @@ class Trainer:
             name, out = distributed.broadcast_object((name, out))
         self.run_name, self.out = name, out
         self.ckpt_dir = self.out / "checkpoints"
-        self._check_output_dir(resume)
-        self._load_data()
-        self._build_engine()
-        self.schedule = make_schedule(cfg.mode, cfg.max_steps, threshold=cfg.threshold,
-                                      patience=cfg.patience, min_steps=cfg.min_switch_step)
-        self.state = RunState()
+        self.run_dir = RunDir(self.out, self.dist.is_main)
+        self.tracker = None
         self.timings: list[tuple[float, float]] = []  # per step: (seconds, data + masking seconds)
-        client = checkpoint.load(self.engine, self.ckpt_dir) if resume else None
-        if client is not None:
-            self._check_resumable(client.get("config", {}))
-            self.state = RunState(**client["run"])
-            self.schedule.load_state_dict(client["curriculum"])
-        self._start_tracking(resumed=client is not None)
+        nan_at = os.environ.get(FAULT_NAN_ENV, "")
+        self._nan_at = int(nan_at) if nan_at else None
+        try:
+            self.run_dir.acquire(resume)
+            self._load_data()
+            tag = self._resumable() if resume else None  # refused before a model is built
+            self._build_engine()
+            self.schedule = make_schedule(cfg.mode, cfg.max_steps, threshold=cfg.threshold,
+                                          patience=cfg.patience, min_steps=cfg.min_switch_step,
+                                          draw=cfg.cm_step_draw)
+            self.state = RunState()
+            if tag is not None:
+                self._load_checkpoint(tag)
+            self._start_tracking(resumed=tag is not None)
+        except BaseException as e:
+            self._abort(e)
+            raise
 
     # ---------------------------------------------------------------- set-up
-    def _check_output_dir(self, resume: bool) -> None:
-        exists = checkpoint.latest_tag(self.ckpt_dir) is not None
-        if exists and not resume:
-            raise InputError(f"{self.out}: holds checkpoints of an earlier run; pass --resume to "
-                             f"continue it, or choose another --output-dir")
+    def _resumable(self) -> str | None:
+        """The checkpoint --resume continues from (None: the run never completed one, so it
+        starts at step 0). Its pointer, files, dataset and config are checked before DeepSpeed
+        reads a byte; every rank raises rank 0's refusal."""
+        err, tag = None, None
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.ckpt_dir.mkdir(exist_ok=True)
+            try:
+                tag = checkpoint.resumable_tag(self.ckpt_dir)
+                record = checkpoint.read_record(self.ckpt_dir / tag) if tag else None
+                if record is not None:
+                    self._check_resumable(record.get("config", {}), record.get("data", {}))
+            except InputError as e:
+                err = e
+        err, tag = distributed.broadcast_object((err, tag))
+        if err is not None:
+            raise err
+        return tag
 
-    def _check_resumable(self, saved: dict) -> None:
+    def _load_checkpoint(self, tag: str) -> None:
+        client = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self._check_resumable(client.get("config", {}), client.get("data", {}))
+        self.state = RunState(**client["run"])
+        self.schedule.load_state_dict(client["curriculum"])
+
+    def _data_identity(self) -> dict:
+        return {"manifest_checksum": self.manifest.checksum(),
+                "data_dir": str(Path(self.cfg.data_dir).resolve())}
+
+    def _check_resumable(self, saved: dict, data: dict) -> None:
         now = self.cfg.to_dict()
         diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in resume_fields(PretrainConfig)
                 if k in saved and saved[k] != now[k]]
         if diff:
             raise InputError(f"{self.ckpt_dir}: the checkpoint was made with another config ("
                              + "; ".join(diff) + "); resume with the original settings")
+        mine = self._data_identity()
+        if data.get("manifest_checksum") not in (None, mine["manifest_checksum"]):
+            raise InputError(
+                f"{self.ckpt_dir}: the checkpoint was trained on the dataset in "
+                f"{data.get('data_dir', '?')} (manifest checksum "
+                f"{data['manifest_checksum'][:12]}), not on {mine['data_dir']} (manifest "
+                f"checksum {mine['manifest_checksum'][:12]}); resume with --data-dir "
+                f"{data.get('data_dir', '?')}")
+
+    def _check_scored(self) -> None:
+        """PMI masking ranks tokens by NPMI: on a table that scores little, it ranks ties, which
+        is random masking under another name. Refuse it rather than report it as PMI masking."""
+        self.scored_fraction = self._scored_fraction()
+        wanted = [s for s in (self.cfg.mode, self.cfg.eval_strategy) if s and uses_pmi(s)]
+        if wanted and self.scored_fraction < self.cfg.min_scored_fraction:
+            raise InputError(
+                f"{Path(self.cfg.data_dir) / 'manifest.json'}: its NPMI table scores "
+                f"{self.scored_fraction:.1%} of the {4 ** self.k:,} {self.k}-mers, below "
+                f"min_scored_fraction {self.cfg.min_scored_fraction:g}: {wanted[0]} would mask "
+                f"by ties; rebuild with a lower --min-count or a larger genome (or pass "
+                f"--min-scored-fraction to accept it)")
+
+    def _scored_fraction(self) -> float:
+        stats = self.manifest.stats or {}
+        if "npmi_scored_fraction" in stats:
+            return float(stats["npmi_scored_fraction"])
+        if "npmi_scored" in stats:
+            return int(stats["npmi_scored"]) / 4 ** self.k
+        from cmgems.npmi_table import load_table  # a manifest from before the stats had it
+        import numpy as np
+        table = load_table(Path(self.cfg.data_dir) / "npmi.tsv", self.k)
+        return float((~np.isnan(table)).mean())
 
     def _load_data(self) -> None:
         cfg = self.cfg
         self.manifest = Manifest.load(cfg.data_dir)
+        self.k = self.manifest.k
+        self._check_scored()
         if cfg.verify_data:
             # Rank 0 hashes every shard; all ranks fail together with its message.
             err = None
@@ -214,7 +302,6 @@ class Trainer:
             err = distributed.broadcast_object(err)
             if err is not None:
                 raise err
-        self.k = self.manifest.k
         self.train_set = SampleDataset(ShardSet(cfg.data_dir, "train", self.manifest),
                                        cfg.max_length)
         self.valid_set = SampleDataset(ShardSet(cfg.data_dir, "valid", self.manifest),
@@ -229,22 +316,21 @@ class Trainer:
                              f"{self.dist.world_size} ranks")
 
     def _build_engine(self) -> None:
-        import deepspeed
-
         cfg = self.cfg
+        # Before the model: a precision the device lacks is refused in a second, not after a
+        # BERT-base is built.
+        self.precision = resolve_precision(cfg.precision, self.dist.device)
+        self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, self.k, cfg.init_from)
         self.bert_config = model.config
         self.n_params = count_parameters(model)
-        self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device)
-        self.precision = resolve_precision(cfg.precision, self.dist.device)
         self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
         self.peak_tflops = peak_tflops(self.dist.device, self.precision)
         self.packer = choose_attention(model, cfg.packing, cfg.max_length, self.dist.device,
                                        self.precision)
-        self.engine, _, _, _ = deepspeed.initialize(model=MaskedLM(model),
-                                                    model_parameters=model.parameters(),
-                                                    config=self.ds_config)
+        self.engine = initialize(MaskedLM(model), self.ds_config, ds_config_path(cfg),
+                                 cfg.weight_decay)
 
     def _start_tracking(self, resumed: bool) -> None:
         cfg = self.cfg
@@ -269,6 +355,7 @@ class Trainer:
             "config": cfg.to_dict(), "ds": self.ds_config, "world_size": self.dist.world_size,
             "precision": self.precision, "n_params": self.n_params,
             "data.manifest_checksum": self.manifest.checksum(), "data.k": self.k,
+            "data.scored_fraction": self.scored_fraction,
             "data.train_samples": len(self.train_set), "data.valid_samples": len(self.valid_set),
             "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                          "transformers": transformers.__version__, "mlflow": mlflow.__version__,
@@ -317,6 +404,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
+        """Train to max_steps (or a stop signal); the run's result. On any failure the MLflow run
+        ends FAILED (KILLED for a second Ctrl-C), the lock is released and an empty
+        checkpoints/ is removed before the error goes up."""
+        try:
+            stopped_by = self._loop()
+            return self._finish(stopped_by)
+        except BaseException as e:
+            self._abort(e)
+            raise
+
+    def _loop(self) -> str | None:
         cfg, st = self.cfg, self.state
         eval_strategy = cfg.eval_strategy or self.schedule.first_strategy
         stream = self.batches.from_position(st.step * cfg.grad_accum)
@@ -328,9 +426,11 @@ class Trainer:
                 t_step = time.perf_counter()
                 log_now = (st.step + 1) % cfg.log_interval == 0 or st.step + 1 == cfg.max_steps
                 out = self._train_step(st.step, stream, log_now)
+                if not out.finite:
+                    self._diverged(out)
                 st.step += 1
                 meter.add(out)
-                stopped_by = self._stop_requested()
+                stopped_by = out.stop
                 if log_now:
                     self._log(self._train_metrics(out, meter), progress, last_ppl)
                     meter.reset()  # the logging itself stays out of throughput
@@ -340,6 +440,8 @@ class Trainer:
                         last_ppl = self._evaluate_and_observe(eval_strategy)
                     if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
                         self._save()
+                    if cfg.export_interval and st.step % cfg.export_interval == 0:
+                        self._export_step()
                 if progress is not None:
                     progress.update(1)
                 if stopped_by:
@@ -347,7 +449,7 @@ class Trainer:
         finally:  # an error mid-run must not print onto the progress bar's line
             if progress is not None:
                 progress.close()
-        return self._finish(stopped_by)
+        return stopped_by
 
     def _train_step(self, step: int, stream, log_now: bool) -> StepResult:
         """One optimizer step over grad_accum micro-batches: read, mask, forward, backward."""
@@ -373,25 +475,59 @@ class Trainer:
             out.data_seconds += time.perf_counter() - t0
             torch.manual_seed(derive_seed(cfg.seed, index, rank, "dropout"))
             loss, loss_sum, n = self.engine(**model_inputs)
+            if self._nan_at == step + 1:
+                loss, loss_sum = loss * math.nan, loss_sum * math.nan
             self.engine.backward(loss)
             if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
                 out.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
-            self.engine.step()
             out.loss_sum += loss_sum.double()
             out.n_predicted += n.double()
             out.samples += layout.samples
             out.tokens += layout.real_tokens
             out.slots += layout.slots
+            if micro == cfg.grad_accum - 1:
+                # The step's one host sync, before its update: a non-finite loss never reaches
+                # the weights.
+                out.stop, out.finite = self._step_flags(out.loss_sum)
+                if not out.finite:
+                    return out
+            self.engine.step()
         return out
 
-    def _stop_requested(self) -> str | None:
-        """The signal asking this run to stop, if any rank got one: all stop at the same step."""
-        if self.dist.world_size == 1:  # nothing to agree on: no collective, no device read-back
-            return self.stop.requested
-        flag = torch.tensor([float(self.stop.requested is not None)], device=self.dist.device)
-        if distributed.all_reduce_max(flag).item() > 0:
-            return self.stop.requested or "signal on another rank"
-        return None
+    def _step_flags(self, loss_sum: torch.Tensor) -> tuple[str | None, bool]:
+        """(the signal asking this run to stop, if any rank got one; whether the step's loss is
+        finite on every rank), from one all-reduce: all ranks stop at the same step."""
+        stop = torch.tensor(float(self.stop.requested is not None), dtype=torch.float64,
+                            device=loss_sum.device)
+        bad = (~torch.isfinite(loss_sum)).double()
+        stopped, bad = distributed.all_reduce_max(torch.stack([stop, bad])).tolist()
+        return (self.stop.requested or "signal on another rank") if stopped else None, not bad
+
+    def _diverged(self, out: StepResult) -> None:
+        """Stop on a non-finite loss: checkpoint the last finite step (its weights, untouched by
+        this step's update) unless it is checkpointed already, and say what to change."""
+        step = self.state.step
+        tag = checkpoint.tag_for(step)
+        if step == 0:
+            where = "nothing to checkpoint (it was the first step)"
+        elif self._weights_finite():
+            if checkpoint.latest_tag(self.ckpt_dir) != tag:
+                self._save()
+            where = f"{self.ckpt_dir / tag} holds step {step}, the last finite one"
+        else:
+            where = (f"the weights of step {step} are not finite either, so nothing new was "
+                     f"checkpointed ({checkpoint.latest_tag(self.ckpt_dir) or 'none'} is the "
+                     f"newest checkpoint)")
+        raise TrainingDiverged(
+            f"{self.out}: the training loss of step {step + 1} is not finite "
+            f"({out.loss_sum.item()} on rank {self.dist.rank}); stopped before applying it: "
+            f"{where}; lower lr, raise warmup_steps, set grad_clip or use fp32, then --resume")
+
+    def _weights_finite(self) -> bool:
+        """Every rank's parameters (its ZeRO-3 partition) are finite (collective)."""
+        bad = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all()
+                  for p in self.engine.module.parameters())
+        return not distributed.any_rank(bad)
 
     def _train_metrics(self, out: StepResult, meter: Throughput) -> dict[str, float]:
         """What a logged step reports (collective: every rank all-reduces the step's loss)."""
@@ -459,9 +595,11 @@ class Trainer:
         if self.dist.is_main:  # the MLflow run may have been created late (store down at start)
             self.state.mlflow_run_id = self.tracker.run_id
         client = {"run": vars(self.state), "curriculum": self.schedule.state_dict(),
-                  "config": self.cfg.to_dict(), "bert_config": self.bert_config.to_dict()}
+                  "config": self.cfg.to_dict(), "bert_config": self.bert_config.to_dict(),
+                  "data": self._data_identity()}
         checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.dist.is_main,
-                        self.cfg.keep_checkpoints)
+                        self.cfg.keep_checkpoints,
+                        record={"config": self.cfg.to_dict(), "data": self._data_identity()})
 
     def _full_state_dict(self) -> dict | None:
         """fp32 weights gathered to rank 0 (collective: every rank calls it)."""
@@ -488,30 +626,68 @@ class Trainer:
                 "evaluation": st.history[-1] if st.history else None,
                 "data": dataset_summary(self.manifest, cfg.data_dir)}
 
-    def _export(self, state: dict, path: Path, final: bool) -> None:
-        """Rank 0: the HF export of `state` at this step (model card included), logged as an
-        MLflow model; the final one is registered under --register-model if given."""
-        info = self._export_info()
-        export(state, self.bert_config, path, info, render_model_card(info, self.bert_config))
-        if self.cfg.log_model:
+    def _export(self, dest: Path, final: bool) -> None:
+        """The HF export of the current weights into dest (collective), with its model card, logged
+        as an MLflow model; the final one is registered under --register-model if given. A step
+        export is built aside and renamed into place, so export/step-<N>/ exists complete or not at
+        all; the final export/ is written in place (it holds the step exports)."""
+        state = self._full_state_dict()
+        err = None
+        if self.dist.is_main:
+            info = self._export_info()
+            card = render_model_card(info, self.bert_config)
+
+            def write(path: Path) -> None:
+                export(state, self.bert_config, path, info, card)
+            try:
+                if final:
+                    write(dest)
+                else:
+                    publish_dir(write, dest)
+            except OSError as e:
+                err = InputError(f"{dest}: cannot write the export: "
+                                 f"{checkpoint.write_failure(e, dest.parent)}")
+        err = distributed.broadcast_object(err)
+        if err is not None:
+            raise err
+        if self.dist.is_main and self.cfg.log_model:
             uri = self.tracker.log_hf_model(
-                path, name="model" if final else path.name, step=self.state.step,
+                dest, name="model" if final else dest.name, step=self.state.step,
                 registered_model_name=self.cfg.register_model if final else "")
             if uri and final:
                 self.tracker.set_tag("model_uri", uri)
 
+    def _export_step(self) -> None:
+        """export/step-<N>/: the model at this step, kept (never pruned with checkpoints)."""
+        dest = self.out / "export" / f"step-{self.state.step}"
+        if self.dist.is_main:
+            dest.parent.mkdir(exist_ok=True)
+        self._export(dest, final=False)
+        self.tracker.set_tag(f"export.step-{self.state.step}", str(dest.resolve()))
+
+    def final_perplexities(self) -> dict[str, float | None]:
+        """Validation perplexity of the model under each frozen masking at its default
+        probability (the same in every run, so models trained differently compare); None for a
+        PMI masking the dataset's NPMI table cannot support."""
+        usable = self.scored_fraction >= self.cfg.min_scored_fraction
+        return {s: self.evaluate(s, DEFAULT_PROBABILITY[s])
+                if usable or s == "random" else None for s in STRATEGIES}
+
     def _finish(self, stopped_by: str | None) -> dict:
         st, out = self.state, self.out
+        events = self.schedule.events
         result = {"step": st.step, "stopped_by": stopped_by, "output_dir": str(out),
                   "mlflow_run_id": st.mlflow_run_id, "stage": self.schedule.stage,
-                  "events": self.schedule.events, "history": st.history}
+                  "switch_step": events[0]["step"] if events else None,
+                  "events": events, "history": st.history}
         if stopped_by is None:
-            state = self._full_state_dict()
-            if self.dist.is_main:
-                self._export(state, out / "export", final=True)
+            result["final_ppl"] = self.final_perplexities()
+            self.tracker.log_metrics({f"final/ppl_{s}": v for s, v in result["final_ppl"].items()
+                                      if v is not None}, st.step)
+            self._export(out / "export", final=True)
         if self.dist.is_main:
             if st.history:
-                plot = perplexity_plot(st.history, self.schedule.events, out / "perplexity.png",
+                plot = perplexity_plot(st.history, events, out / "perplexity.png",
                                        f"{self.run_name} ({self.cfg.model}, {self.cfg.mode})")
                 self.tracker.log_artifact(plot)
             self._write_events()
@@ -520,8 +696,21 @@ class Trainer:
             self.tracker.finish("FINISHED" if stopped_by is None else "KILLED")
             result["mlflow_run_id"] = self.tracker.run_id
             result["tracking"] = self.tracker.summary()
-            (out / "result.json").write_text(json.dumps(result, indent=2))
+            with atomic_path(out / "result.json") as tmp:
+                tmp.write_text(json.dumps(result, indent=2))
             log.info("run %s: step %d, stage %s, tracking %s", self.run_name, st.step,
                      self.schedule.stage, result["tracking"])
+        self.run_dir.release(failed=False)
         distributed.shutdown()
         return result
+
+    def _abort(self, err: BaseException) -> None:
+        """After a failure: end the MLflow run (KILLED for Ctrl-C, else FAILED), unlock, remove
+        the empty directories this run made, and leave the process group without waiting for
+        ranks that may never come."""
+        if self.tracker is not None and self.dist.is_main:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            self.tracker.set_tag("error", " ".join(str(err).split())[:500] or type(err).__name__)
+            self.tracker.finish("KILLED" if interrupted else "FAILED")
+        self.run_dir.release(failed=True)
+        distributed.shutdown(wait=False)

@@ -27,6 +27,7 @@ from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.shards import MANIFEST_NAME  # noqa: E402
 
 QUICK = ROOT / "launchers" / "configs" / "quick.yaml"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,9 +76,19 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    if int(os.environ.get("RANK", "0")) == 0:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("error: interrupted (Ctrl-C); the checkpoints written so far are kept: --resume "
+              "continues from the newest", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
         print(json.dumps({k: result[k] for k in ("output_dir", "step", "stage", "stopped_by",
                                                  "mlflow_run_id")} | {"events": result["events"]}))
+    if result["stopped_by"] == "SIGINT":
+        if main_rank:
+            print(f"stopped by Ctrl-C after step {result['step']}, checkpointed: --resume "
+                  f"continues it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

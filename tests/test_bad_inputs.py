@@ -52,7 +52,8 @@ def _train(data: Path, out: Path, *extra: str) -> list[str]:
 @dataclass
 class Case:
     name: str
-    make: Callable[[Path, Path], tuple[list[str], Path]]   # (tmp, dataset) -> (argv, named file)
+    # (tmp, dataset) -> (argv, the file named; or, for an option, the words naming it)
+    make: Callable[[Path, Path], tuple[list[str], Path | str]]
     expect: str                                            # in the error line
     slow: bool = False
 
@@ -140,6 +141,20 @@ def config_case(name: str, body: str, expect: str, suffix: str = ".yaml") -> Cas
     return Case(f"config: {name}", make, expect)
 
 
+def bytes_config_case(name: str, body: bytes, expect: str) -> Case:
+    def make(tmp, data):
+        cfg = tmp / "config.yaml"
+        cfg.write_bytes(body)
+        return _train(data, tmp / "runs" / "run", "--config", str(cfg)), cfg
+    return Case(f"config: {name}", make, expect)
+
+
+def option_case(name: str, extra: list[str], named: str, expect: str, slow=False) -> Case:
+    def make(tmp, data):
+        return _train(data, tmp / "runs" / "run", *extra), named
+    return Case(name, make, expect, slow=slow)
+
+
 def ds_case(name: str, ds: dict | str, expect: str) -> Case:
     def make(tmp, data):
         path = tmp / "ds_config.json"
@@ -161,6 +176,46 @@ def _init_from_k5(tmp: Path, data: Path):
     BertForMaskedLM(BertConfig(vocab_size=vocab_size(5), hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
     return _train(data, tmp / "runs" / "run", "--init-from", str(model)), model
+
+
+def _saved_model(tmp: Path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+    from cmgems.tokens import vocab_size
+    model = tmp / "model"
+    BertForMaskedLM(BertConfig(vocab_size=vocab_size(6), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
+    return model
+
+
+def init_case(name: str, damage: Callable[[Path], Path], expect: str) -> Case:
+    def make(tmp, data):
+        model = _saved_model(tmp)
+        return _train(data, tmp / "runs" / "run", "--init-from", str(model)), damage(model)
+    return Case(f"--init-from: {name}", make, expect, slow=True)
+
+
+def _broken_config(model: Path) -> Path:
+    (model / "config.json").write_text('{"hidden_size": ')
+    return model / "config.json"
+
+
+def _no_weights(model: Path) -> Path:
+    (model / "model.safetensors").unlink()
+    return model
+
+
+def _truncated_weights(model: Path) -> Path:
+    w = model / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:5000])
+    return w
+
+
+def _poorly_scored(tmp: Path, data: Path):
+    """The lambda phage at the default --min-count 101: no 6-mer is seen 101 times."""
+    from conftest import LAMBDA
+    built = tmp / "lambda101"
+    run_module("-m", "preprocessing", "build", str(LAMBDA), str(built), "--valid-fraction", "0.1")
+    return _train(built, tmp / "runs" / "run", "--mode", "fixed:genemask"), built / "manifest.json"
 
 
 def _shard_of_other_k(tmp: Path, data: Path):
@@ -185,11 +240,31 @@ CONFIG_CASES = [
     config_case("wrong type", "max_steps: four\n", "field 'max_steps' must be int"),
     config_case("not YAML", "max_steps: [4\n", "not valid YAML"),
     config_case("value out of range", "p_random: 1.5\n", "p_random must be in (0, 1)"),
+    config_case("beta2 of 1", "beta2: 1.0\n", "beta2 must be in [0, 1), got 1.0"),
+    config_case("non-finite lr", "lr: .nan\n", "lr must be a finite number, got nan"),
+    config_case("duplicate key", "lr: 0.001\nlr: 0.01\n",
+                ":2: key 'lr' given twice (lines 1 and 2)"),
+    bytes_config_case("not UTF-8", b"max_steps: 2\n# r\xe9sum\xe9\n", ":2: not UTF-8 text"),
+    option_case("option: --seed beyond 2**32", ["--seed", "9" * 30], "seed",
+                "seed must be in [0, 4294967295]"),
+    option_case("option: --precision fp16 on a CPU", ["--precision", "fp16"], "precision fp16",
+                "not supported on this device (cpu", slow=True),
     ds_case("train_batch_size != micro x accum x world",
             _ds(train_batch_size=64), "train_batch_size=64 contradicts the run config (2)"),
     ds_case("micro batch contradicts --micro-batch-size",
             _ds(train_micro_batch_size_per_gpu=8), "train_micro_batch_size_per_gpu=8 contradicts"),
     ds_case("not JSON", "{\"zero_optimization\": ", "cannot read DeepSpeed config"),
+    ds_case("a list, not an object", "[1, 2]", "a DeepSpeed config is a JSON object, got list"),
+    ds_case("optimizer given as a string", _ds(optimizer="adam"),
+            "'optimizer' must be an object, got str 'adam'"),
+    ds_case("ZeRO stage 7", _ds(zero_optimization={"stage": 7}), "DeepSpeed refused this config"),
+    ds_case("unknown optimizer", _ds(optimizer={"type": "Adamz", "params": {}}),
+            "DeepSpeed refused this config (Adamz is not a supported DeepSpeed Optimizer)"),
+    init_case("config.json not JSON", _broken_config, "not a readable BERT config"),
+    init_case("no weights", _no_weights, "no weights (model.safetensors or pytorch_model.bin)"),
+    init_case("truncated weights", _truncated_weights, "cannot load the weights"),
+    Case("data: NPMI table scores 0 % (lambda phage at --min-count 101)", _poorly_scored,
+         "scores 0.0% of the 4,096 6-mers, below min_scored_fraction 0.5", slow=True),
     Case("model/data: --init-from a k=5 model, k=6 shards", _init_from_k5,
          "vocab size 1029 is not the k=6 vocabulary (4101)", slow=True),
     Case("shards: a shard of k=5 in a k=6 dataset", _shard_of_other_k,
@@ -205,7 +280,7 @@ def _check(case: Case, tmp: Path, data: Path) -> None:
     try:
         res = run_module(*argv, env=ONE_THREAD, check=False)
     finally:
-        if named.is_file() and named.stat().st_size > (512 << 20):
+        if isinstance(named, Path) and named.is_file() and named.stat().st_size > (512 << 20):
             named.unlink()   # the 1 GiB file does not outlive its test
     assert res.returncode == 2, f"exit {res.returncode}\n{res.stderr[-3000:]}"
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
@@ -216,6 +291,7 @@ def _check(case: Case, tmp: Path, data: Path) -> None:
     assert case.expect in line, line
     left = sorted(str(p) for p in tmp.rglob("*") if p.is_file() and p not in inputs)
     assert not left, f"left behind: {left}"
+    assert not (tmp / "runs").exists(), "the refused run left its (empty) directories"
     cmd = "pretrain" if argv[0] == PRETRAIN else "preprocessing build"
     record_error(case.name, cmd, line.replace(str(tmp) + "/", ""))
 

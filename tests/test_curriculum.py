@@ -50,13 +50,29 @@ def test_cm_step_probability_is_block_over_100():
 
 @pytest.mark.parametrize("step,expected", [(0, 0.0), (250, 0.25), (500, 0.5), (990, 0.99)])
 def test_cm_step_draws_per_sample(step, expected):
-    s = make_schedule("cm_step", max_steps=1000)
+    s = make_schedule("cm_step", max_steps=1000, draw="sample")
     names = s.strategies(step, 20000, generator(3, step, 0, "curriculum"))
     assert set(names) <= {"random", "global"}
     frac = names.count("global") / len(names)
     assert abs(frac - expected) < 0.015, frac
     again = s.strategies(step, 20000, generator(3, step, 0, "curriculum"))
     assert names == again
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.0), (250, 0.25), (500, 0.5), (990, 0.99)])
+def test_cm_step_draws_per_batch_by_default(step, expected):
+    s = make_schedule("cm_step", max_steps=1000)
+    assert s.config.draw == "batch"
+    batches = [s.strategies(step, 10, generator(3, i, 0, "mask")) for i in range(4000)]
+    assert all(len(set(b)) == 1 and len(b) == 10 for b in batches)  # one strategy per batch
+    frac = sum(b[0] == "global" for b in batches) / len(batches)
+    assert abs(frac - expected) < 0.025, frac
+    assert batches[:50] == [s.strategies(step, 10, generator(3, i, 0, "mask")) for i in range(50)]
+
+
+def test_cm_step_draw_is_validated():
+    with pytest.raises(InputError, match="draw"):
+        make_schedule("cm_step", max_steps=100, draw="token")
 
 
 SERIES = [(100, 500.0), (200, 300.0), (300, 200.0), (400, 150.0), (500, 149.5), (600, 120.0),

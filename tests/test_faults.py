@@ -487,3 +487,227 @@ def test_dataset_without_manifest_does_not_load(tiny_dataset, tmp_path):
     with pytest.raises(Exception, match="no manifest"):
         ShardSet(data, "train")
     assert Manifest.load(tiny_dataset).k == 6
+
+
+# ---------------------------------------------------------------------- 7. damaged checkpoints
+def _copy_run(ref: Path, tmp: Path) -> Path:
+    """The reference run (checkpoints of steps 2, 4, 6; the pointer at 6) with its store."""
+    out = tmp / "run"
+    shutil.copytree(ref, out)
+    shutil.copy(store(ref), store(out))
+    return out
+
+
+def _listing(ckpt: Path) -> dict[str, int]:
+    return {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name != "latest_complete"}
+
+
+def _runs_in(out: Path) -> list:
+    client = MlflowClient(f"sqlite:///{store(out)}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["empty", "names a missing tag", "missing", "truncated file"])
+def test_damaged_pointer_is_refused_and_destroys_nothing(how, tiny_dataset, references, tmp_path):
+    """Each used to restart from step 0 in a new MLflow run, whose pruning then deleted the
+    valid checkpoints. Now: exit 2 naming the pointer and the newest complete checkpoint, no new
+    MLflow run, every checkpoint file as it was."""
+    out = _copy_run(references(1), tmp_path)
+    ckpt = out / "checkpoints"
+    pointer_file = ckpt / "latest_complete"
+    suggested = "step_00000006"
+    if how == "empty":
+        pointer_file.write_text("")
+    elif how == "names a missing tag":
+        pointer_file.write_text("step_00000008\n")
+    elif how == "missing":
+        pointer_file.unlink()
+    else:
+        victim = ckpt / "step_00000006" / "mp_rank_00_model_states.pt"
+        os.truncate(victim, victim.stat().st_size // 3)
+        suggested = "step_00000004"
+    before, runs_before = _listing(ckpt), len(_runs_in(out))
+    res = run_module(*fault_args(tiny_dataset, out, "--resume"), env=ONE_THREAD, check=False)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = error_line(res.stderr)
+    assert "Traceback" not in res.stderr
+    assert line.startswith(f"error: {pointer_file}: ") and f"`echo {suggested} > " in line, line
+    if how == "truncated file":
+        assert str(victim) in line and "truncated" in line
+    assert _listing(ckpt) == before            # nothing pruned, nothing written
+    assert len(_runs_in(out)) == runs_before   # no new MLflow run
+    assert not (out / ".cmgems.lock").exists()
+    # the message holds a `command`: a double-backtick code span keeps the table's markdown
+    record(f"checkpoint pointer {how}", f"exit 2: `` {line.replace(str(out) + '/', '')} ``", "-",
+           "none (every checkpoint kept, no MLflow run started)")
+
+
+@pytest.mark.slow
+def test_resume_onto_another_dataset_is_refused(tiny_dataset, references, tmp_path):
+    out = _copy_run(references(1), tmp_path)
+    other = tmp_path / "other"
+    run_module("-m", "preprocessing", "build", str(ROOT.parent / "shared" / "data" / "genomes" /
+                                                   "lambda_phage.fa.gz"), str(other),
+               "--min-count", "5", "--valid-fraction", "0.1", "--seed", "1",
+               "--shard-tokens", "20000")
+    res = run_module(*fault_args(other, out, "--resume"), env=ONE_THREAD, check=False)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = error_line(res.stderr)
+    assert str(tiny_dataset.resolve()) in line and str(other.resolve()) in line, line
+    assert "manifest checksum" in line and "Traceback" not in res.stderr
+    record("--resume with another --data-dir", "exit 2: `" + line.replace(
+        str(tmp_path) + "/", "").replace(str(tiny_dataset.resolve()), "DATA") + "`", "-", "none")
+
+
+# ---------------------------------------------------------------------- 8. a full disk in training
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["tmpfs", "rlimit"])
+def test_disk_full_while_checkpointing(how, tiny_dataset, tmp_path):
+    """A LOGO checkpoint is 59 MB. tmpfs of 100 MB: step 2's fits, step 4's does not; a 30 MB
+    file size limit: not even step 2's. Either way: exit 2 saying why, the MLflow run FAILED,
+    no half-written checkpoint, the previous ones kept (or no empty checkpoints/ left)."""
+    disk = tmp_path / "disk"
+    pre = None
+    if how == "tmpfs":
+        if not _tmpfs(disk, "100m"):
+            pytest.skip(reason="mounting a tmpfs is not permitted here (the rlimit case covers it)")
+    else:
+        disk.mkdir()
+        pre = _limit_file_size(30 << 20)
+    out = disk / "run"
+    db = tmp_path / "elsewhere" / "mlflow.db"
+    fresh_store(db.parent)
+    try:
+        res = subprocess.run([sys.executable, *fault_args(tiny_dataset, out)], cwd=ROOT,
+                             capture_output=True, text=True, preexec_fn=pre, timeout=WAIT_S,
+                             env={**os.environ, **ONE_THREAD,
+                                  "MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+        assert res.returncode == 2, res.stderr[-3000:]
+        line = error_line(res.stderr)
+        assert "Traceback" not in res.stderr
+        expect = "step_00000004" if how == "tmpfs" else "step_00000002"
+        assert line.startswith(f"error: {out / 'checkpoints' / expect}: cannot write"), line
+        assert ("disk full" if how == "tmpfs" else "file size limit reached") in line, line
+        if how == "tmpfs":
+            assert pointer(out) == "step_00000002" and not (out / "checkpoints" / expect).exists()
+        else:
+            assert not (out / "checkpoints").exists()   # nothing in it: removed
+        client = MlflowClient(f"sqlite:///{db}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [r.info.status for r in runs] == ["FAILED"]
+        record(f"disk full while writing a checkpoint ({how})",
+               f"exit 2: `{line.replace(str(disk) + '/', '')}`; MLflow run FAILED",
+               "2 (since the last checkpoint)" if how == "tmpfs" else "2 (no checkpoint yet)",
+               "none: the partial checkpoint removed, earlier ones kept")
+    finally:
+        if how == "tmpfs":
+            subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# ---------------------------------------------------------------------- 9. Ctrl-C
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_exits_130_and_resumes_equal(tiny_dataset, references, tmp_path):
+    ref = references(1)
+    out = tmp_path / "run"
+    fresh_store(tmp_path)
+    r = Run(fault_args(tiny_dataset, out), 1, tmp_path / "log1.txt")
+    r.wait_for(lambda: pointer(out) == "step_00000002", "the first checkpoint")
+    r.proc.send_signal(signal.SIGINT)
+    rc = r.finish()
+    assert rc == 130, r.text()[-3000:]
+    assert "Traceback" not in r.text()
+    res = result_of(out)
+    assert res["stopped_by"] == "SIGINT" and pointer(out) == f"step_{res['step']:08d}"
+    client = MlflowClient(f"sqlite:///{store(out)}")
+    assert client.get_run(res["mlflow_run_id"]).info.status == "KILLED"
+    run_to_end(fault_args(tiny_dataset, out, "--resume"), 1, tmp_path / "log2.txt")
+    assert_same_final_state(out, ref)
+    assert assert_one_complete_run(out) == res["mlflow_run_id"]
+    record("Ctrl-C (SIGINT), 1 rank", f"finished step {res['step']}, checkpointed it, exit 130, "
+           f"no traceback, MLflow KILLED; --resume finished bit-identical, same MLflow run",
+           "0", "none")
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_without_a_half_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    fresh_store(tmp_path)
+    r = Run(fault_args(tiny_dataset, out), 1, tmp_path / "log.txt", {FAULT_PAUSE_ENV: "120@2"})
+    r.wait_for(lambda: (out / "checkpoints" / "step_00000002").is_dir(), "checkpoint 2 begun")
+    time.sleep(1.0)   # inside the write (or the pause after it)
+    r.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    r.proc.send_signal(signal.SIGINT)
+    rc = r.finish()
+    text = r.text()
+    assert rc == 130 and "Traceback" not in text, text[-3000:]
+    line = error_line(text)
+    assert line.startswith("error: interrupted (Ctrl-C)"), line
+    assert not (out / "checkpoints").exists()   # the half-written step 2 went, then the dir
+    runs = _runs_in(out)
+    assert [x.info.status for x in runs] == ["KILLED"]
+    record("Ctrl-C twice, during the first checkpoint", f"exit 130: `{line}`; the half-written "
+           "checkpoint removed, MLflow KILLED", "2 (no checkpoint yet)", "none")
+
+
+# ---------------------------------------------------------------------- 10. two trainings
+@pytest.mark.slow
+def test_second_training_in_the_same_directory_is_refused(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    fresh_store(tmp_path)
+    first = Run(fault_args(tiny_dataset, out), 1, tmp_path / "log1.txt",
+                {FAULT_PAUSE_ENV: "120@2"})
+    try:
+        first.wait_for(lambda: (out / "checkpoints" / "step_00000002").is_dir(), "checkpoint 2")
+        res = run_module(*fault_args(tiny_dataset, out, "--resume"), env=ONE_THREAD,
+                         check=False)
+        assert res.returncode == 2, res.stderr[-3000:]
+        line = error_line(res.stderr)
+        import socket
+        assert f"in use by pid {first.proc.pid} on host {socket.gethostname()}" in line, line
+        assert str(out / ".cmgems.lock") in line
+    finally:
+        first.kill9()
+    # the killed holder's lock file stays; the next run takes it over with a warning
+    assert (out / ".cmgems.lock").exists()
+    r = Run(fault_args(tiny_dataset, out, "--resume"), 1, tmp_path / "log2.txt")
+    assert r.finish() == 0, r.text()[-3000:]
+    assert f"taking over the lock of pid {first.proc.pid}" in r.text()
+    assert result_of(out)["step"] == MAX_STEPS and not (out / ".cmgems.lock").exists()
+    record("second training into a running one's directory",
+           f"exit 2: `{line.replace(str(tmp_path) + '/', '')}`; after the first was killed "
+           f"(kill -9) the next --resume took the stale lock over with a warning", "-", "none")
+
+
+# ---------------------------------------------------------------------- 11. a diverging loss
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_last_finite_step(tiny_dataset, references, tmp_path):
+    """CMGEMS_FAULT_NAN_LOSS=5 makes step 5's loss NaN before its backward pass. The run stops
+    before that update, checkpoints step 4 (not due by save_interval) with exactly the weights
+    of the uninterrupted run's step 4, ends MLflow FAILED; --resume then finishes equal."""
+    ref = references(1)
+    out = tmp_path / "run"
+    fresh_store(tmp_path)
+    args = fault_args(tiny_dataset, out, "--save-interval", "100")
+    res = run_module(*args, env={**ONE_THREAD, "CMGEMS_FAULT_NAN_LOSS": "5"}, check=False)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = error_line(res.stderr)
+    assert "Traceback" not in res.stderr
+    assert "the training loss of step 5 is not finite" in line and \
+        f"{out / 'checkpoints' / 'step_00000004'} holds step 4" in line, line
+    assert pointer(out) == "step_00000004"
+    name = "mp_rank_00_model_states.pt"
+    got = torch.load(out / "checkpoints" / "step_00000004" / name, weights_only=False)["module"]
+    want = torch.load(ref / "checkpoints" / "step_00000004" / name, weights_only=False)["module"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    runs = _runs_in(out)
+    assert [x.info.status for x in runs] == ["FAILED"]
+    run_to_end(fault_args(tiny_dataset, out, "--resume"), 1, tmp_path / "log2.txt")
+    assert_same_final_state(out, ref)
+    assert_one_complete_run(out)
+    record("loss NaN at step 5 (CMGEMS_FAULT_NAN_LOSS=5)",
+           f"exit 2: `{line.replace(str(tmp_path) + '/', '')}`; the update was never applied; "
+           f"MLflow FAILED; --resume finished bit-identical", "0 (step 4 checkpointed then)",
+           "none")

@@ -98,7 +98,7 @@ def test_help_documents_every_field():
 @pytest.fixture(scope="module")
 def stage0_run(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "zero0"
-    run_module(*tiny_args(tiny_dataset, out, "--zero-stage", "0"))
+    run_module(*tiny_args(tiny_dataset, out, "--zero-stage", "0", "--export-interval", "4"))
     return out
 
 
@@ -125,6 +125,40 @@ def test_run_logs_switch_exports_and_plots(stage0_run):
             "curriculum_events.json"} <= artifacts
     events = json.loads((out / "curriculum_events.json").read_text())
     assert events[0]["from"] == "genemask" and events[0]["to"] == "global"
+    assert res["switch_step"] == 4
+
+
+@pytest.mark.slow
+def test_final_perplexity_under_each_frozen_masking(stage0_run):
+    """result.json's final_ppl (the comparison's 3 x 5 matrix reads it) and final/ppl_* metrics;
+    the frozen masking of the run's own evaluations gives the same number at the last step."""
+    import math
+    res = result_of(stage0_run)
+    final = res["final_ppl"]
+    assert set(final) == {"random", "genemask", "global"}
+    assert all(math.isfinite(v) and v > 1 for v in final.values()), final
+    assert len(set(final.values())) == 3   # three maskings, three numbers
+    assert final["random"] == pytest.approx(res["history"][-1]["ppl_ref"], rel=1e-12)
+    assert final["genemask"] == pytest.approx(res["history"][-1]["ppl"], rel=1e-12)
+    client = store_of(stage0_run)
+    for strategy, value in final.items():
+        hist = client.get_metric_history(res["mlflow_run_id"], f"final/ppl_{strategy}")
+        assert [(m.step, m.value) for m in hist] == [(8, pytest.approx(value))]
+
+
+@pytest.mark.slow
+def test_export_interval_keeps_step_exports(stage0_run):
+    from transformers import AutoModelForMaskedLM
+    exports = stage0_run / "export"
+    assert sorted(p.name for p in exports.iterdir() if p.is_dir()) == ["step-4", "step-8"]
+    for step in (4, 8):
+        assert json.loads((exports / f"step-{step}" / "cmgems.json").read_text())["step"] == step
+    assert AutoModelForMaskedLM.from_pretrained(exports / "step-4").config.vocab_size == 4101
+    final, at8 = weights(stage0_run), load_file(exports / "step-8" / "model.safetensors")
+    assert all(torch.equal(final[k], at8[k]) for k in final)
+    at4 = load_file(exports / "step-4" / "model.safetensors")
+    assert not all(torch.equal(final[k], at4[k]) for k in final)
+    assert not list(exports.glob(".tmp-*")) and not list(exports.glob(".old-*"))
 
 
 def test_export_loads_with_transformers(stage0_run):
