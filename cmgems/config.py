@@ -79,7 +79,7 @@ class PretrainConfig:
     global_m: int = _f(0, "GLOBAL's number of top-NPMI anchors per sample: 0 = round(L x p_global) "
                        "for a sample of L tokens (7 at 510); N > 0 = N in every sample (capped "
                        "at L), p_global then unused by GLOBAL.", resume=True,
-                       low=0, high=512)
+                       low=0)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------
