@@ -11,13 +11,12 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from conftest import ROOT, SHARED, run_module
+from conftest import ROOT, run_module
 from cmgems.compare import (FewshotTask, config_mismatch, finished_result, parse_fewshot,
                             parse_strategies)
 from cmgems.errors import InputError
 
 COMPARE = str(ROOT / "launchers" / "compare.py")
-PROM = SHARED / "fewshot" / "prom-core"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_PRETRAIN = ("--max-length 128 --micro-batch-size 4 --grad-accum 1 --eval-interval 2 "
                  "--eval-batches 2 --threshold 1e9 --warmup-steps 2 --num-workers 1 "
@@ -25,9 +24,9 @@ TINY_PRETRAIN = ("--max-length 128 --micro-batch-size 4 --grad-accum 1 --eval-in
 
 
 @pytest.fixture(scope="module")
-def test60(tmp_path_factory) -> Path:
-    """60 rows of the prom-core test file (30 per class), so each finetuning tests in a blink."""
-    lines = (PROM / "test.tsv").read_text().splitlines()
+def test60(tmp_path_factory, prom_core) -> Path:
+    """60 rows of the prom-core-shaped test file (30 per class): each finetuning is quick."""
+    lines = (prom_core / "test.tsv").read_text().splitlines()
     by_label = {lab: [r for r in lines[1:] if r.rstrip().endswith(lab)] for lab in ("0", "1")}
     rng = random.Random(0)
     rows = rng.sample(by_label["0"], 30) + rng.sample(by_label["1"], 30)
@@ -37,12 +36,13 @@ def test60(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------- parsing, in process
-def test_fewshot_specs(tmp_path, test60):
-    train = PROM / "10" / "train.tsv"
+def test_fewshot_specs(tmp_path, prom_core, test60):
+    train = prom_core / "10" / "train.tsv"
     t = parse_fewshot(f"prom={train}:{test60}")
     assert (t.name, t.train, t.test) == ("prom", train, test60)
-    folder = parse_fewshot(str(PROM / "10"))  # GeneMask layout: test.tsv one level up
-    assert (folder.name, folder.train, folder.test) == ("prom-core/10", train, PROM / "test.tsv")
+    folder = parse_fewshot(str(prom_core / "10"))  # GeneMask layout: test.tsv one level up
+    assert (folder.name, folder.train, folder.test) == ("prom-core/10", train,
+                                                   prom_core / "test.tsv")
     assert parse_fewshot(f"{train}:{test60}").name == "10/train"
     with pytest.raises(InputError, match="missing.tsv does not exist"):
         parse_fewshot(f"x={train}:{tmp_path / 'missing.tsv'}")
@@ -116,11 +116,11 @@ def test_failed_pretraining_names_strategy_and_log(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, test60, tmp_path):
+def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, prom_core, test60, tmp_path):
     out = tmp_path / "cmp"
     args = [COMPARE, "--output-dir", str(out), "--strategies", "random,cm_gems",
             "--data-dir", str(tiny_dataset), "--max-steps", "6", "--num-gpus", "0",
-            "--fewshot", f"prom10={PROM / '10' / 'train.tsv'}:{test60}", "--runs", "1",
+            "--fewshot", f"prom10={prom_core / '10' / 'train.tsv'}:{test60}", "--runs", "1",
             "--finetune-epochs", "2", "--pretrain-args", TINY_PRETRAIN]
     first = run_module(*args, timeout=900)
     assert "skipping" not in first.stdout

@@ -1,5 +1,6 @@
-"""Finetuning and the few-shot protocol on real files: GeneMask's prom-core 10-shot TSV, GUE-shaped
-CSV folders built here, a real SQLite MLflow store, and the CLI in a real subprocess."""
+"""Finetuning and the few-shot protocol on real files: a 10-shot TSV in GeneMask's prom-core layout
+(made in conftest from the bundled genomes), GUE-shaped CSV folders built here, a real SQLite MLflow
+store, and the CLI in a real subprocess."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,7 @@ from cmgems.errors import InputError
 from cmgems.finetune import FinetuneConfig, Tracking, fewshot, finetune_task, model_info
 from cmgems.tasks import load_task_file, shot_blocks, num_labels
 from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, kmer_ids, write_vocab
-from conftest import SHARED, run_module
-
-PROM = SHARED / "fewshot" / "prom-core"
+from conftest import run_module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,9 +67,9 @@ def model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prom_test(tmp_path_factory) -> Path:
-    """The first 30 rows of each class of the real prom-core test set (speed), same TSV format."""
-    lines = (PROM / "test.tsv").read_text().splitlines()
+def prom_test(tmp_path_factory, prom_core) -> Path:
+    """The first 30 rows of each class of the prom-core-shaped test set (speed), same TSV format."""
+    lines = (prom_core / "test.tsv").read_text().splitlines()
     body = lines[1:]
     pick = [r for r in body if r.endswith("\t0")][:30] + [r for r in body if r.endswith("\t1")][:30]
     out = tmp_path_factory.mktemp("prom") / "test.tsv"
@@ -78,10 +77,11 @@ def prom_test(tmp_path_factory) -> Path:
     return out
 
 
-def test_fewshot_tsv_decodes_to_the_same_ids_as_raw_nucleotides(tmp_path):
-    train = load_task_file(PROM / "10" / "train.tsv", 6)
+def test_fewshot_tsv_decodes_to_the_same_ids_as_raw_nucleotides(tmp_path, prom_core):
+    train = load_task_file(prom_core / "10" / "train.tsv", 6)
     assert len(train) == 20 and sorted(np.bincount(train.labels)) == [10, 10]
-    rows = [line.split("\t") for line in (PROM / "10" / "train.tsv").read_text().splitlines()[1:]]
+    lines = (prom_core / "10" / "train.tsv").read_text().splitlines()
+    rows = [line.split("\t") for line in lines[1:]]
     nts = [kmer_text_to_nt(s.strip('"')) for s, _ in rows]
     csv = load_task_file(write_csv(tmp_path / "t.csv", zip(nts, [int(y) for _, y in rows])), 6)
     assert np.array_equal(csv.input_ids, train.input_ids)
@@ -103,10 +103,11 @@ def test_truncation_is_counted_and_error_mode_names_the_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_fewshot_on_real_prom_core_logs_parent_and_child_runs(model, prom_test, tmp_path):
+def test_fewshot_on_real_prom_core_logs_parent_and_child_runs(model, prom_core, prom_test,
+                                                              tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out_json = tmp_path / "res" / "fewshot.json"
-    res = fewshot(model, PROM / "10" / "train.tsv", prom_test, runs=2, seed=3,
+    res = fewshot(model, prom_core / "10" / "train.tsv", prom_test, runs=2, seed=3,
                   tracking=Tracking(uri, "fs-test"), name="prom-core/10", out_json=out_json)
     assert [r["seed"] for r in res["runs"]] == [3, 4]
     # 20 examples, batch 5, 20 epochs: the reference protocol's 80 optimizer steps per run.
@@ -135,11 +136,11 @@ def test_fewshot_on_real_prom_core_logs_parent_and_child_runs(model, prom_test, 
         res["runs"][1]["metrics"]["accuracy"])
 
 
-def test_runs_are_reproducible_and_seeds_differ(model, prom_test):
+def test_runs_are_reproducible_and_seeds_differ(model, prom_core, prom_test):
     cfg = FinetuneConfig(epochs=2)
-    a = fewshot(model, PROM / "10" / "train.tsv", prom_test, runs=1, seed=7, config=cfg)
-    b = fewshot(model, PROM / "10" / "train.tsv", prom_test, runs=1, seed=7, config=cfg)
-    c = fewshot(model, PROM / "10" / "train.tsv", prom_test, runs=1, seed=8, config=cfg)
+    a = fewshot(model, prom_core / "10" / "train.tsv", prom_test, runs=1, seed=7, config=cfg)
+    b = fewshot(model, prom_core / "10" / "train.tsv", prom_test, runs=1, seed=7, config=cfg)
+    c = fewshot(model, prom_core / "10" / "train.tsv", prom_test, runs=1, seed=8, config=cfg)
     assert a["runs"][0]["train_loss"] == b["runs"][0]["train_loss"]
     assert a["runs"][0]["metrics"] == b["runs"][0]["metrics"]
     assert a["runs"][0]["train_loss"] != c["runs"][0]["train_loss"]
@@ -172,12 +173,13 @@ def test_shot_blocks_split_a_multi_run_file(tmp_path):
         shot_blocks(bad, 2, 2)
 
 
-def test_tracking_failure_does_not_stop_the_evaluation(model, prom_test, tmp_path, caplog):
+def test_tracking_failure_does_not_stop_the_evaluation(model, prom_core, prom_test, tmp_path,
+                                                       caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     tracking = Tracking(f"sqlite:///{blocker / 'mlflow.db'}")
     with caplog.at_level(logging.WARNING, logger="cmgems.finetune"):
-        res = fewshot(model, PROM / "10" / "train.tsv", prom_test, runs=1, seed=0,
+        res = fewshot(model, prom_core / "10" / "train.tsv", prom_test, runs=1, seed=0,
                       config=FinetuneConfig(epochs=1), tracking=tracking)
     assert len(res["runs"]) == 1 and res["mlflow_run_id"] is None
     assert "MLflow tracking disabled" in caplog.text
