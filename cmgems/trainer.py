@@ -31,6 +31,7 @@ from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.plots import perplexity_plot
+from cmgems.progress import Progress, quiet_library_bars
 from cmgems.rng import derive_seed, generator
 from cmgems.shards import Manifest, ShardSet, verify
 from cmgems.tracking import Tracker
@@ -384,12 +385,13 @@ class Trainer:
         metrics.update({f"mask/{k}": v for k, v in out.mask_stats.items()})
         return metrics
 
-    def _progress_bar(self):
+    def _progress_bar(self) -> Progress | None:
+        """Rank 0's bar on a terminal; in a log file a plain line every log_interval steps."""
         if not self.dist.is_main:
             return None
-        from tqdm import tqdm
-        return tqdm(total=self.cfg.max_steps, initial=self.state.step, desc=self.run_name,
-                    dynamic_ncols=True, file=sys.stderr)
+        quiet_library_bars()
+        return Progress(self.cfg.max_steps, self.run_name, unit="step", initial=self.state.step,
+                        every=self.cfg.log_interval)
 
     def _log(self, metrics: dict[str, float], progress, last_ppl: float) -> None:
         self.tracker.log_metrics(metrics, self.state.step)
@@ -398,7 +400,7 @@ class Trainer:
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
                                  ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
                                  stage=self.schedule.stage,
-                                 sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
+                                 sps=f"{metrics['perf/samples_per_s']:.1f}")
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state
