@@ -134,9 +134,9 @@ def check_lock(lock: Path, *, network: bool | None = None, remove: bool = True) 
         lock.unlink()
     except FileNotFoundError:
         return "gone"
-    log.warning("%s: removed a compile lock of DeepSpeed's %s op that no running process "
-                "holds (left by a run killed while compiling, %.0f s ago); the op is compiled "
-                "again", lock, op, age)
+    log.warning("%s: removed a stale compile lock of DeepSpeed's %s op, %.0f s old: no running "
+                "process holds it (a run was killed while compiling); DeepSpeed would have waited "
+                "on it forever", lock, op, age)
     return "removed"
 
 

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, mask_batch, mask_stats
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.plots import perplexity_plot
+from cmgems.preflight import default_output_dir
 from cmgems.progress import Progress, quiet_library_bars
 from cmgems.rng import derive_seed, generator
 from cmgems.shards import Manifest, ShardSet, verify
@@ -138,12 +138,6 @@ class StopFlag:
 
     def _handle(self, signum, _frame):
         self.requested = signal.Signals(signum).name
-
-
-def default_output_dir(cfg: PretrainConfig) -> tuple[str, Path]:
-    name = cfg.run_name or f"{cfg.model}-{cfg.mode.replace(':', '-')}-" \
-                          f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return name, Path(cfg.output_dir) if cfg.output_dir else Path("runs") / name
 
 
 class Trainer:
