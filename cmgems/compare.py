@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import MODELS
-from .options import option
+from .options import DEFAULT_SEED, option
 from .curriculum import MODES
 from .errors import InputError
 
@@ -191,7 +191,7 @@ class CompareConfig:
     shots: int | None = option(None, "Examples per class per run: the training file is read as "
                                "blocks of SHOTS per class, run r uses block r mod blocks "
                                "(default: the whole file).")
-    fewshot_seed: int = option(0, "Seed of the first finetuning run; run r uses seed+r.")
+    fewshot_seed: int = option(DEFAULT_SEED, "Seed of the first finetuning run; run r uses seed+r.")
 
     def __post_init__(self):
         self.fewshot = tuple(self.fewshot)

@@ -15,7 +15,7 @@ from typing import Any
 from cmgems.curriculum import MODES
 from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, STRATEGIES
-from cmgems.options import from_args, load_file, option
+from cmgems.options import DEFAULT_SEED, from_args, load_file, option
 
 MODELS = ("logo", "dnabert")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -70,7 +70,7 @@ class PretrainConfig:
     warmup_steps: int = _f(500, "Linear warmup steps, then linear decay to 0 at max_steps.",
                            resume=True)
     grad_clip: float = _f(1.0, "Gradient norm clipping (0 disables).")
-    seed: int = _f(42, "Seed of everything random: init, data order, masking, dropout.",
+    seed: int = _f(DEFAULT_SEED, "Seed of everything random: init, data order, masking, dropout.",
                    resume=True)
     # --- engine -----------------------------------------------------------------------------
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0..3; picks ds_configs/zero<stage>.json.")

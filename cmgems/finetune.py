@@ -7,7 +7,7 @@ reports accuracy, macro F1 and MCC on the test file. Everything random in a run 
 dropout, shuffling) follows from its seed.
 
 Public API:
-    fewshot(model_dir, train_path, test_path, runs=10, seed=0, ...) -> dict   (GeneMask protocol)
+    fewshot(model_dir, train_path, test_path, runs=10, seed=42, ...) -> dict  (GeneMask protocol)
     finetune_task(model_dir, task_dir, runs=1, seed=42, ...) -> dict         (GUE-style folder)
 Both return {"mean": {metric: v}, "std": {...}, "runs": [{"seed", "block", "metrics", ...}], ...}
 with metrics "accuracy", "f1" (macro) and "mcc", log to MLflow (cmgems.tracking.Tracker) when given
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import option
+from .options import DEFAULT_SEED, option
 from .errors import InputError
 from .io import atomic_path
 from .metrics import classification_metrics, summarize
@@ -105,7 +105,7 @@ class EvalRuns:
 
     runs: int = option(10, "Seeded runs per task, reported as mean and std; run r uses seed+r "
                        "(10: the reference protocol).")
-    seed: int = option(0, "First seed.")
+    seed: int = option(DEFAULT_SEED, "First seed.")
     runs_root: str = option("runs", "Directory of the default MLflow store "
                             "sqlite:///RUNS_ROOT/mlflow.db; MLFLOW_TRACKING_URI overrides it.")
     experiment: str = option("cmgems-eval", "MLflow experiment name.")
@@ -303,7 +303,7 @@ def _parent_run(tracking: Tracking | None, name: str, params: dict) -> Tracker:
 
 
 def evaluate(info: ModelInfo, train: TaskData, test: TaskData, *, dev: TaskData | None = None,
-             runs: int = 1, seed: int = 0, shots: int | None = None,
+             runs: int = 1, seed: int = DEFAULT_SEED, shots: int | None = None,
              config: FinetuneConfig, tracking: Tracking | None = None, name: str = "task",
              out_json: str | Path | None = None) -> dict:
     """R seeded runs (run r: seed + r, shot block r mod blocks) on already loaded files."""
@@ -361,7 +361,7 @@ def effective_max_length(info: ModelInfo, config: FinetuneConfig) -> int:
 
 
 def fewshot(model_dir: str | Path, train_path: str | Path, test_path: str | Path, *,
-            runs: int = 10, seed: int = 0, shots: int | None = None,
+            runs: int = 10, seed: int = DEFAULT_SEED, shots: int | None = None,
             config: FinetuneConfig | None = None, tracking: Tracking | None = None,
             name: str | None = None, out_json: str | Path | None = None) -> dict:
     """GeneMask's few-shot protocol: `runs` seeded finetunings on n examples per class (no
@@ -381,7 +381,8 @@ def fewshot(model_dir: str | Path, train_path: str | Path, test_path: str | Path
                     tracking=tracking, name=name, out_json=out_json)
 
 
-def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1, seed: int = 42,
+def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1,
+                  seed: int = DEFAULT_SEED,
                   config: FinetuneConfig | None = None, tracking: Tracking | None = None,
                   name: str | None = None, out_json: str | Path | None = None) -> dict:
     """Finetune on task_dir/train.csv, select on dev.csv (if present), test on test.csv."""

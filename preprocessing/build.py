@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from cmgems.options import option
+from cmgems.options import DEFAULT_SEED, option
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.npmi_table import load_table, write_table
@@ -51,7 +51,7 @@ class BuildConfig:
               "--valid-records")
     valid_records: tuple[str, ...] = option(
         (), "comma-separated record names whose samples all go to validation")
-    seed: int = option(0, "seed of sample lengths and split")
+    seed: int = option(DEFAULT_SEED, "seed of sample lengths and split")
     workers: int = option(1, "processes counting and cutting pieces of the genome (1: all in "
                              "this process; the output is the same for any number)")
     npmi_table: Path | None = option(

@@ -31,7 +31,8 @@ def test_a_lock_whose_owner_is_gone_is_removed_with_a_warning(cache, caplog):
     with caplog.at_level(logging.INFO, logger="cmgems"):
         assert deepspeed_env.clear_stale_locks() == {lock: "removed"}
     assert not lock.exists()
-    assert f"{lock}: removed a stale compile lock of DeepSpeed's deepspeed_shm_comm op" in caplog.text
+    assert f"{lock}: removed a stale compile lock of DeepSpeed's deepspeed_shm_comm op" \
+        in caplog.text
     assert deepspeed_env.clear_stale_locks() == {}  # nothing left to find
 
 

@@ -118,3 +118,50 @@ def test_default_run_from_an_empty_folder(tmp_path):
     for notice in deepspeed_env.NOT_ABOUT_THE_RUN:
         assert notice not in res.stdout + res.stderr
     assert "Writing model shards" not in res.stderr
+
+
+def _help_default(parser, flag: str) -> str:
+    action = next(a for a in parser._actions if flag in a.option_strings)
+    return re.search(r"\(default: ([^)]*)\)", action.help).group(1)
+
+
+def test_every_seed_defaults_to_the_one_constant():
+    from cmgems import compare, finetune
+    from cmgems.options import DEFAULT_SEED
+    from launchers import compare as compare_cli, finetune as finetune_cli, gue as gue_cli
+    from preprocessing.__main__ import build_parser
+    from preprocessing.build import BuildConfig
+
+    assert DEFAULT_SEED == 42
+    fields = {PretrainConfig: "seed", BuildConfig: "seed", finetune.EvalRuns: "seed",
+              compare.CompareConfig: "fewshot_seed"}
+    for cls, name in fields.items():
+        assert cls.__dataclass_fields__[name].default == DEFAULT_SEED, cls
+    for parser, flag in ((build_parser(), "--seed"), (finetune_cli.build_parser(), "--seed"),
+                         (gue_cli.build_parser(), "--seed"),
+                         (compare_cli.build_parser(), "--fewshot-seed")):
+        assert _help_default(parser, flag) == "42", (parser.prog, flag)
+    text = " ".join(launch("--help", cwd=ROOT).stdout.split())
+    assert re.search(r"--seed INT [^(]*\(default: 42\)", text)
+
+
+def test_preprocessing_help_lists_its_commands(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "preprocessing", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stderr == ""
+    listed = re.findall(r"^  (\w+)  ", res.stdout, re.M)
+    assert listed == ["build", "npmi", "count", "table", "shard", "finish"]
+    res = subprocess.run([sys.executable, "-m", "preprocessing", "bulid"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.splitlines()[-1] == "error: unknown command 'bulid'"
+
+
+def test_every_config_the_docs_and_job_scripts_name_exists():
+    """`--config FILE` in README, docs and the Slurm scripts' examples: a file that is shipped."""
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "launchers" / "slurm").glob("*.sbatch"))]
+    named = {(path.name, m) for path in texts
+             for m in re.findall(r"--config[ =]([\w./-]+\.(?:ya?ml|json))", path.read_text())}
+    assert ("pretrain.sbatch", "launchers/configs/reference.yaml") in named
+    missing = [(where, name) for where, name in named if not (ROOT / name).is_file()]
+    assert not missing, missing
