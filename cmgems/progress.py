@@ -67,11 +67,11 @@ class Progress:
     """A progress display: update(n), set_postfix(**values), close() (or use it as a context).
 
     total: units to reach (None: unknown, no percentage); desc: the line's name; unit: what is
-    counted ("step", "bp"); initial: units already done (a resumed run); every / seconds: how often
-    a plain line is written when not on a terminal (every `every` units, at most every `seconds`
-    seconds, whichever comes first; neither: only the final line); leave: keep the finished bar on
-    the terminal; file: default sys.stderr; terminal: force the bar (True) or plain lines (False),
-    default whether `file` is a terminal.
+    counted ("step", "bp"); initial: units already done (a resumed run); every / seconds: when a
+    plain line is written where there is no terminal: each time the count passes a multiple of
+    `every`, and once `seconds` have gone by since the last line (neither: only the final line);
+    leave: keep the finished bar on the terminal; file: default sys.stderr; terminal: force the
+    bar (True) or plain lines (False), default whether `file` is a terminal.
     """
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", initial: int = 0,
