@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import MODELS
-from .options import option
+from .options import DEFAULT_SEED, option
 from .curriculum import MODES
 from .errors import InputError
 
@@ -204,7 +204,8 @@ class CompareConfig:
                                "replacement, from the task's training file (the pool); run r's "
                                "draw follows from (fewshot seed, r). Default: inferred when the "
                                "file holds exactly n of every class.")
-    fewshot_seed: int = option(0, "Seed of the first finetuning run; run r uses seed+r.")
+    fewshot_seed: int = option(DEFAULT_SEED, "Seed of the first finetuning run; run r uses "
+                               "seed+r.")
 
     def __post_init__(self):
         self.fewshot = tuple(self.fewshot)

@@ -16,7 +16,7 @@ from typing import Any
 from cmgems.curriculum import CM_STEP_DRAWS, MODES
 from cmgems.errors import InputError
 from cmgems.masking import DEFAULT_PROBABILITY, STRATEGIES
-from cmgems.options import check_fields, from_args, load_file, option
+from cmgems.options import DEFAULT_SEED, check_fields, from_args, load_file, option
 from cmgems.tracking_uri import check_tracking_uri
 
 MODELS = ("logo", "dnabert")
@@ -98,7 +98,7 @@ class PretrainConfig:
     warmup_steps: int = _f(500, "Linear warmup steps, then linear decay to 0 at max_steps.",
                            resume=True, low=0, high=MAX_STEPS)
     grad_clip: float = _f(1.0, "Gradient norm clipping (0 disables).", low=0)
-    seed: int = _f(42, "Seed of everything random: init, data order, masking, dropout.",
+    seed: int = _f(DEFAULT_SEED, "Seed of everything random: init, data order, masking, dropout.",
                    resume=True, low=0, high=MAX_SEED)
     # --- engine -----------------------------------------------------------------------------
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0..3; picks ds_configs/zero<stage>.json.",

@@ -2,11 +2,16 @@
 torchrun, or srun (whose job script exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*)."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
+
+from cmgems import deepspeed_env
+
+log = logging.getLogger("cmgems")
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,9 @@ def free_port() -> int:
 
 
 def init() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU), after its
+    extension cache is checked for stale compile locks (cmgems.deepspeed_env)."""
+    deepspeed_env.quiet_notices()
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain `python launchers/pretrain.py`: a world of one
@@ -47,9 +54,14 @@ def init() -> DistInfo:
         # The deepspeed launcher leaves every rank on all cores: N ranks x all threads thrash.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    deepspeed_env.clear_stale_locks()
     deepspeed.init_distributed(dist_backend=backend)
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+    info = DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
                     device)
+    if info.is_main:
+        log.info("%d rank(s) on %s (%s)%s", info.world_size, device.type, backend,
+                 "" if device.type == "cuda" else ": torch sees no CUDA device")
+    return info
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ init, dropout, shuffling) follows from its seed; which rows a few-shot run train
 (seed, run) (cmgems.shots).
 
 Public API:
-    fewshot(model_dir, train_path, test_path, shots=None, pool=None, runs=10, seed=0, ...)
+    fewshot(model_dir, train_path, test_path, shots=None, pool=None, runs=10, seed=42, ...)
     finetune_task(model_dir, task_dir, runs=1, seed=42, ...)       (GUE-style folder)
     evaluate(info, train, test, ...)                                 (files already loaded)
 Each returns {"mean": {metric: v}, "std": {...}, "shots", "pool", "runs": [{"seed", "train_rows",
@@ -36,7 +36,7 @@ from .eval_report import predictions_path, write_predictions
 from .eval_tracking import Tracking, finish_task_run, log_run, start_task_run
 from .io import atomic_path
 from .metrics import classification_metrics, summarize
-from .options import option
+from .options import DEFAULT_SEED, option
 from .shots import ShotPool, class_counts, shot_pool
 from .tasks import OVERFLOW_MODES, TaskData, check_labels, load_task_file, num_labels
 from .tokens import PAD_ID, k_from_vocab_size
@@ -125,7 +125,7 @@ class EvalRuns:
 
     runs: int = option(10, "Seeded runs per task, reported as mean and std; run r uses seed+r "
                        "(10: the reference protocol).")
-    seed: int = option(0, "First seed.")
+    seed: int = option(DEFAULT_SEED, "First seed.")
     runs_root: str = option("runs", "Directory of the default MLflow store "
                             "sqlite:///RUNS_ROOT/mlflow.db; MLFLOW_TRACKING_URI overrides it.")
     experiment: str = option("cmgems-eval", "MLflow experiment name.")
@@ -391,7 +391,7 @@ def _pool_summary(train: TaskData, classes: int, pool: ShotPool | None) -> dict:
 
 
 def evaluate(info: ModelInfo, train: TaskData, test: TaskData, *, dev: TaskData | None = None,
-             runs: int = 1, seed: int = 0, pool: ShotPool | None = None,
+             runs: int = 1, seed: int = DEFAULT_SEED, pool: ShotPool | None = None,
              config: FinetuneConfig, tracking: Tracking | None = None, name: str = "task",
              out_json: str | Path | None = None, save_model: str | Path | None = None,
              progress: bool = False, params_extra: dict | None = None) -> dict:
@@ -471,7 +471,7 @@ def effective_max_length(info: ModelInfo, config: FinetuneConfig) -> int:
 
 def fewshot(model_dir: str | Path, train_path: str | Path | None, test_path: str | Path, *,
             shots: int | None = None, pool: str | Path | None = None, runs: int = 10,
-            seed: int = 0, config: FinetuneConfig | None = None,
+            seed: int = DEFAULT_SEED, config: FinetuneConfig | None = None,
             tracking: Tracking | None = None, name: str | None = None,
             out_json: str | Path | None = None, save_model: str | Path | None = None,
             progress: bool = False) -> dict:
@@ -507,7 +507,8 @@ def fewshot(model_dir: str | Path, train_path: str | Path | None, test_path: str
                     params_extra={"shot_file": str(train_path) if train_path else ""})
 
 
-def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1, seed: int = 42,
+def finetune_task(model_dir: str | Path, task_dir: str | Path, *, runs: int = 1,
+                  seed: int = DEFAULT_SEED,
                   config: FinetuneConfig | None = None, tracking: Tracking | None = None,
                   name: str | None = None, out_json: str | Path | None = None,
                   save_model: str | Path | None = None, progress: bool = False) -> dict:

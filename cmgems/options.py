@@ -25,6 +25,11 @@ import yaml
 
 from cmgems.errors import InputError
 
+# The default seed of every config (pretraining, the dataset build, finetuning, GUE, comparisons):
+# 42, as in DNABERT's and DNABERT-2's scripts, which GeneMask's runs follow, and in transformers'
+# TrainingArguments. One number, so a run whose seeds are all left at their defaults is one seed.
+DEFAULT_SEED = 42
+
 
 def option(default, help: str, *, resume: bool = False, flag: str | None = None,
            choices: tuple | None = None, cli: bool = True, low: float | None = None,

@@ -16,7 +16,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -36,6 +35,8 @@ from cmgems.model_card import render as render_model_card
 from cmgems.models import build_model, count_parameters, export, flops_per_token
 from cmgems.packing import choose_attention
 from cmgems.plots import perplexity_plot
+from cmgems.preflight import default_output_dir
+from cmgems.progress import Progress, quiet_library_bars
 from cmgems.rng import derive_seed, generator
 from cmgems.run_dir import RunDir, publish_dir
 from cmgems.shards import Manifest, ShardSet, verify
@@ -178,12 +179,6 @@ class StopFlag:
 
 def _in_dataloader_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
-
-
-def default_output_dir(cfg: PretrainConfig) -> tuple[str, Path]:
-    name = cfg.run_name or f"{cfg.model}-{cfg.mode.replace(':', '-')}-" \
-                          f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return name, Path(cfg.output_dir) if cfg.output_dir else Path("runs") / name
 
 
 class Trainer:
@@ -548,12 +543,13 @@ class Trainer:
         metrics.update({f"mask/{k}": v for k, v in out.mask_stats.items()})
         return metrics
 
-    def _progress_bar(self):
+    def _progress_bar(self) -> Progress | None:
+        """Rank 0's bar on a terminal; in a log file a plain line every log_interval steps."""
         if not self.dist.is_main:
             return None
-        from tqdm import tqdm
-        return tqdm(total=self.cfg.max_steps, initial=self.state.step, desc=self.run_name,
-                    dynamic_ncols=True, file=sys.stderr)
+        quiet_library_bars()
+        return Progress(self.cfg.max_steps, self.run_name, unit="step", initial=self.state.step,
+                        every=self.cfg.log_interval)
 
     def _log(self, metrics: dict[str, float], progress, last_ppl: float) -> None:
         self.tracker.log_metrics(metrics, self.state.step)
@@ -562,7 +558,7 @@ class Trainer:
             progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
                                  ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
                                  stage=self.schedule.stage,
-                                 sps=f"{metrics['perf/samples_per_s']:.1f}", refresh=False)
+                                 sps=f"{metrics['perf/samples_per_s']:.1f}")
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state

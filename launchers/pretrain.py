@@ -1,11 +1,14 @@
 """Pretrain a DNA language model with a masking curriculum on DeepSpeed.
 
-    deepspeed launchers/pretrain.py                     # quick CM-GEMS run on the bundled genome
+    python launchers/pretrain.py                        # quick CM-GEMS run on the bundled genome
     deepspeed --num_gpus 8 launchers/pretrain.py --config launchers/configs/reference.yaml \\
         --data-dir data/grch38
     python launchers/pretrain.py --output-dir runs/x --resume
 
 Fields come from defaults <- --config file <- command-line options; every field is listed below.
+Paths are read relative to the working directory (outputs land in runs/ and the default dataset in
+data/ there); a config, DeepSpeed config or genome named as in these docs that is not there is
+taken from the files shipped with cmgems.
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `deepspeed launchers/pretrain.py` from a checkout, uninstalled
 
+from cmgems import bundled, preflight  # noqa: E402
 from cmgems.config import PretrainConfig, from_sources  # noqa: E402
-from cmgems.options import add_arguments  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
+from cmgems.options import add_arguments, load_file  # noqa: E402
 from cmgems.shards import MANIFEST_NAME  # noqa: E402
 
-QUICK = ROOT / "launchers" / "configs" / "quick.yaml"
+QUICK = "launchers/configs/quick.yaml"  # the config of a run without --config
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -34,14 +38,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML or JSON file of config fields (default: "
-                   f"{QUICK.relative_to(ROOT)} when no --config is given)")
+                   f"{QUICK} when no --config is given)")
     p.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from "
                    "its latest complete checkpoint (same MLflow run); starts fresh if it has none.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("--skip-verify", dest="verify_data", action="store_false", default=None,
                    help="Same as --no-verify-data: start without hashing the shards.")
-    add_arguments(p, PretrainConfig, title="config fields (override --config)")
+    add_arguments(p, PretrainConfig, defaults=load_file(bundled.path(QUICK), PretrainConfig),
+                  title=f"config fields (override --config; the defaults shown are a run's "
+                        f"without --config: {QUICK} over the built-in defaults)")
     return p.parse_args(argv)
 
 
@@ -52,8 +58,13 @@ def ensure_dataset(cfg) -> None:
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"{cfg.data_dir}: no dataset yet; building it from {cfg.genome}", file=sys.stderr)
+        # `python -m preprocessing` of this checkout, run in the user's working directory; its
+        # report goes to stderr with the other logs: stdout is this command's result line
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
         res = subprocess.run([sys.executable, "-m", "preprocessing", "build", cfg.genome,
-                              cfg.data_dir, "--min-count", str(cfg.min_count)], cwd=ROOT)
+                              cfg.data_dir, "--min-count", str(cfg.min_count)], env=env,
+                             stdout=sys.stderr)
         if res.returncode != 0:
             raise InputError(f"{cfg.genome}: preprocessing into {cfg.data_dir} failed "
                              f"(exit {res.returncode}, see above)")
@@ -66,10 +77,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = from_sources(args.config or str(QUICK), args)
-        if args.resume and not (cfg.output_dir or cfg.run_name):
-            raise InputError("--resume needs the run to continue: --output-dir DIR or --run-name "
-                             "NAME (the default run name carries the start time)")
+        config = bundled.resolve(args.config, "--config") if args.config else bundled.path(QUICK)
+        cfg = from_sources(str(config), args)
+        cfg.genome = bundled.resolve(cfg.genome, "genome")
+        cfg.ds_config = bundled.resolve(cfg.ds_config, "ds_config")
+        preflight.check(cfg, args.resume)
         ensure_dataset(cfg)
         from cmgems.trainer import Trainer
         result = Trainer(cfg, resume=args.resume).train()

@@ -152,15 +152,37 @@ def finish_main(argv: list[str] | None = None) -> int:
     return _run(lambda: finish_stage(a.work, a.out_dir, keep_work=a.keep_work))
 
 
+COMMANDS = {
+    "build": (build_main, "genome FASTA -> dataset in OUT_DIR: NPMI table, HDF5 token shards, "
+                          "manifest"),
+    "npmi": (npmi_main, "genome FASTA -> NPMI table of all 4^k k-mers (TSV) only"),
+    "count": (count_main, "job-array stage 1: n-gram counts of one group of the genome's pieces"),
+    "table": (table_main, "stage 2: NPMI table and shard plan from every group's counts"),
+    "shard": (shard_main, "stage 3: the shards of one group"),
+    "finish": (finish_main, "stage 4: shards and manifest into OUT_DIR, atomically"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return "\n".join(["usage: python -m preprocessing COMMAND ...  (COMMAND -h: its options)", "",
+                      "commands:", *(f"  {name:<{width}}  {text}"
+                                     for name, (_, text) in COMMANDS.items()), "",
+                      "count, table, shard and finish are build split into the stages of a Slurm "
+                      "job array", "(launchers/slurm/preprocess.sbatch); the dataset is the "
+                      "same."])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"build": build_main, "npmi": npmi_main, "count": count_main,
-                "table": table_main, "shard": shard_main, "finish": finish_main}
-    if not argv or argv[0] not in commands:
-        print("usage: python -m preprocessing {build,npmi,count,table,shard,finish} ... "
-              "(-h after a command for its options)", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else EXIT_INPUT_ERROR
-    return commands[argv[0]](argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{usage()}\n\nerror: {problem}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
-from cmgems.options import option
+from cmgems.options import DEFAULT_SEED, option
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.npmi_table import load_table, write_table
+from cmgems.progress import Progress
 from cmgems.shards import Manifest
 from cmgems.tokens import K_RANGE
 from preprocessing import kmers, npmi, samples
@@ -51,7 +51,7 @@ class BuildConfig:
               "--valid-records")
     valid_records: tuple[str, ...] = option(
         (), "comma-separated record names whose samples all go to validation")
-    seed: int = option(0, "seed of sample lengths and split")
+    seed: int = option(DEFAULT_SEED, "seed of sample lengths and split")
     workers: int = option(1, "processes counting and cutting pieces of the genome (1: all in "
                              "this process; the output is the same for any number)")
     npmi_table: Path | None = option(
@@ -107,9 +107,9 @@ def params_of(cfg: BuildConfig, table_sha: str | None) -> dict:
             "full_length_fraction": samples.FULL_FRACTION}
 
 
-def _progress(desc: str, total: int | None):
-    return tqdm(desc=desc, total=total, unit="bp", unit_scale=True, file=sys.stderr,
-                mininterval=0.5, leave=False)
+def _progress(desc: str, total: int | None) -> Progress:
+    """A pass's bar on a terminal, in a log file a line every 10 s and one at its end."""
+    return Progress(total, desc, unit="bp", unit_scale=True, seconds=10, leave=False)
 
 
 # ---- the two passes ----

@@ -123,6 +123,10 @@ class SlurmCluster:
             f"SlurmctldLogFile={r / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'slurmd-%n.log'}",
             "KillWait=5", "MinJobAge=600",
+            # Job ids of their own: pretrain.sbatch takes its rendezvous port from the job id, and
+            # clusters that all count from 1 (test runs side by side on one host) would pick the
+            # same ports and fail with EADDRINUSE. The control port is a free one, so it differs.
+            f"FirstJobId={1000 + ctld_port % 18000}",
         ]
         for node, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "

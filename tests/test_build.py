@@ -20,9 +20,6 @@ from conftest import ECOLI, ROOT, run_module
 from preprocessing import samples
 from preprocessing.build import BuildConfig, build
 
-GENEMASK = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
-
-
 def _synthetic(path: Path, lengths: list[int], seed: int = 0, n_every: int = 0,
                width: int = 70) -> dict[str, str]:
     """Random records; with n_every, runs of N and single IUPAC symbols every ~n_every bases."""
@@ -169,29 +166,27 @@ def test_rebuild_is_up_to_date_and_other_params_are_refused(tmp_path, lambda_fas
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_valid_records_and_external_table(tmp_path):
-    if not GENEMASK.exists():
-        pytest.skip(reason="GeneMask table not present")
+def test_valid_records_and_external_table(tmp_path, genemask_csv):
     genome = tmp_path / "g.fa.gz"
     plain = tmp_path / "plain.fa"
     _synthetic(plain, [30_000, 10_000, 8_000], seed=9)
     genome.write_bytes(gzip.compress(plain.read_bytes()))
     out = tmp_path / "out"
     m = build(BuildConfig(genome=genome, out_dir=out, valid_records=("rec1", "rec2"),
-                          npmi_table=GENEMASK), out=io.StringIO())
-    assert m.params["valid_fraction"] == 0.0 and m.params["npmi_table"]["name"] == GENEMASK.name
+                          npmi_table=genemask_csv), out=io.StringIO())
+    assert m.params["valid_fraction"] == 0.0 and m.params["npmi_table"]["name"] == genemask_csv.name
     valid_tokens = sum(s["tokens"] for s in m.split_shards("valid"))
     # every 6-mer of rec1 and rec2 but a last fragment under MIN_TOKENS at each record's end
     assert (10_000 - 5) + (8_000 - 5) - 2 * 4 <= valid_tokens <= (10_000 - 5) + (8_000 - 5)
     assert m.stats["samples"]["train"] > 0
-    table = npmi_table.load_table(GENEMASK, 6)
+    table = npmi_table.load_table(genemask_csv, 6)
     ids, npmi = ShardSet(out, "train")[0]
     assert np.array_equal(npmi, table[ids - 5].astype(np.float16))
     assert np.array_equal(npmi_table.load_table(out / "npmi.tsv", 6), table)
 
     with pytest.raises(Exception, match="--valid-records: nope not found"):
         build(BuildConfig(genome=genome, out_dir=tmp_path / "o2", valid_records=("nope",),
-                          npmi_table=GENEMASK), out=io.StringIO())
+                          npmi_table=genemask_csv), out=io.StringIO())
     assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2.partial-*"))
 
 

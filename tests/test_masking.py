@@ -17,7 +17,6 @@ from cmgems.tokens import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, kmer_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 ECOLI = ROOT / "data" / "ecoli_k12_mg1655.fa.gz"
-NPMI_CSV = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
 V6 = vocab_size(6)
 
 
@@ -464,8 +463,8 @@ def test_mask_stats_figures():
 # ----------------------------------------------------------------------------- E. coli
 
 
-def load_npmi_by_id(path: Path = NPMI_CSV) -> torch.Tensor:
-    """NPMI per 6-mer token id (NaN at specials) from GeneMask's table."""
+def load_npmi_by_id(path: Path) -> torch.Tensor:
+    """NPMI per 6-mer token id (NaN at specials) from a table in GeneMask's CSV layout."""
     table = torch.full((V6,), float("nan"))
     index = {kmer: i for i, kmer in enumerate(vocab(6))}
     with open(path, newline="") as f:
@@ -474,7 +473,7 @@ def load_npmi_by_id(path: Path = NPMI_CSV) -> torch.Tensor:
     return table
 
 
-def ecoli_batch(n: int, tokens: int = 510, seed: int = 0):
+def ecoli_batch(n: int, npmi_csv: Path, tokens: int = 510, seed: int = 0):
     """n random windows of the E. coli genome as [CLS] 510 tokens [SEP] rows, with NPMI."""
     with gzip.open(ECOLI, "rt") as f:
         seq = "".join(line.strip() for line in f if not line.startswith(">"))
@@ -482,12 +481,12 @@ def ecoli_batch(n: int, tokens: int = 510, seed: int = 0):
     starts = torch.from_numpy(np.random.default_rng(seed).integers(0, len(ids) - tokens, n))
     rows = ids[starts.unsqueeze(1) + torch.arange(tokens)]
     full = torch.cat([torch.full((n, 1), CLS_ID), rows, torch.full((n, 1), SEP_ID)], 1)
-    return full, load_npmi_by_id()[full], torch.ones_like(full)
+    return full, load_npmi_by_id(npmi_csv)[full], torch.ones_like(full)
 
 
 @pytest.fixture(scope="module")
-def ecoli():
-    return ecoli_batch(512)
+def ecoli(genemask_csv):
+    return ecoli_batch(512, genemask_csv)
 
 
 @pytest.mark.parametrize("strategy,low,high", [("random", 0.13, 0.15), ("genemask", 0.13, 0.17),

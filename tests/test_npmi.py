@@ -14,9 +14,9 @@ from cmgems import npmi_table
 from cmgems.tokens import NUM_SPECIAL
 from preprocessing import kmers, npmi
 from preprocessing.fasta import FastaReader
+from conftest import shared_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GENEMASK = SHARED / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
+GENEMASK = "npmi/hg38_6mer_npmi_genemask.csv"  # GeneMask's published table, where present
 
 
 def _code(s: str) -> int:
@@ -156,11 +156,10 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
-@pytest.mark.skipif(not GENEMASK.exists(), reason=f"GeneMask's published table {GENEMASK} absent")
 def test_genemask_definition_reproduces_published_table():
     """Counts rebuilt from the table itself: norm/dp = log f / (log f + log 101) gives each
     6-mer's count f; a shorter n-gram's count is the sum over the 6-mers it begins."""
-    with GENEMASK.open(newline="") as fh:
+    with shared_file(GENEMASK).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     k, c = 6, 101
     code = np.array([_code(r["ngram"]) for r in rows])
@@ -228,9 +227,7 @@ def test_table_round_trip_and_ranks(tmp_path):
 
 
 def test_genemask_csv_loads():
-    if not GENEMASK.exists():
-        pytest.skip(reason="GeneMask table not present")
-    table = npmi_table.load_table(GENEMASK, 6)
+    table = npmi_table.load_table(shared_file(GENEMASK), 6)
     assert table.shape == (4096,) and not np.isnan(table).any()
     assert table[_code("CCTCCC")] == pytest.approx(2.1030761926846298)
     assert int(np.argmax(table)) == _code("CCTCCC")
@@ -252,12 +249,9 @@ def test_bad_tables_name_file_and_line(tmp_path, content, fragment):
     assert str(path) in str(e.value) and fragment in str(e.value)
 
 
-def test_genemask_csv_with_wrong_k_names_line(tmp_path):
-    if not GENEMASK.exists():
-        pytest.skip(reason="GeneMask table not present")
-    with pytest.raises(npmi_table.TableError,
-                       match=r"hg38_6mer_npmi_genemask.csv:2: .*expected k=4"):
-        npmi_table.load_table(GENEMASK, 4)
+def test_genemask_csv_with_wrong_k_names_line(tmp_path, genemask_csv):
+    with pytest.raises(npmi_table.TableError, match=rf"{genemask_csv.name}:2: .*expected k=4"):
+        npmi_table.load_table(genemask_csv, 4)
 
 
 def test_npmi_of_ids_numpy_and_torch():

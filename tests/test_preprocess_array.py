@@ -102,9 +102,9 @@ def test_lambda_with_an_empty_group_matches_build(tmp_path, tiny_dataset):
 
 
 @pytest.mark.slow
-def test_external_table_gives_the_build_dataset(tmp_path):
-    table = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
-    options = ["--npmi-table", str(table), "--valid-fraction", "0.1", "--shard-tokens", "20000"]
+def test_external_table_gives_the_build_dataset(tmp_path, genemask_csv):
+    options = ["--npmi-table", str(genemask_csv), "--valid-fraction", "0.1",
+               "--shard-tokens", "20000"]
     ref = tmp_path / "ref"
     run_module("-m", "preprocessing", "build", str(LAMBDA), str(ref), *options)
     _stages(LAMBDA, tmp_path / "work", tmp_path / "out", 2, options)

@@ -3,6 +3,7 @@ a one-node two-task job, a two-node job, and a time-limit warning that checkpoin
 resumes the same MLflow run."""
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -45,7 +46,7 @@ def finish(cluster: SlurmCluster, tmp_path: Path, job_id: int, timeout: float = 
     rec = cluster.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                       "OUT_OF_MEMORY"}, timeout)
     log = job_log(tmp_path, job_id)
-    assert rec["JobState"] == "COMPLETED", f"{rec}\n{log[-6000:]}"
+    assert rec["JobState"] == "COMPLETED", f"{rec}\n{log[-6000:]}\n{cluster.logs(8000)}"
     return log
 
 
@@ -99,14 +100,19 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tiny_datas
     while cluster.job(job).get("Restarts") != "1":
         assert time.monotonic() < deadline, f"not requeued\n{job_log(tmp_path, job)[-4000:]}"
         time.sleep(0.25)
-    # Slurm holds a requeued job back for a couple of minutes (its BeginTime); release it now, but
-    # only once the first instance has left its node: started on a node still completing it, the
-    # second instance fails to launch.
+    requeued_by = time.time()
+    # Slurm holds a requeued job back for a couple of minutes (its BeginTime); release it sooner,
+    # but only once the first instance has left its node (started on a node still completing it,
+    # the second instance fails to launch) and the clock has moved on a whole second: the requeue
+    # revoked the job's credential at a time in whole seconds, and a credential issued in that same
+    # second counts as revoked ("Job 1 already killed, do not launch batch job"; the job FAILED,
+    # RunTime 00:00:00). Slurm's own delay keeps real requeues clear of both.
     deadline = time.monotonic() + 120
     while any(state != "idle" for state in
               cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()):
         assert time.monotonic() < deadline, "nodes still busy after the requeue"
         time.sleep(0.25)
+    time.sleep(max(0.0, math.floor(requeued_by) + 2 - time.time()))
     if cluster.job(job).get("JobState") == "PENDING":
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     log = finish(cluster, tmp_path, job)
