@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from cmgems.errors import InputError
 from cmgems.finetune import FinetuneConfig, Tracking, fewshot, finetune_task, model_info
+from cmgems.options import DEFAULT_SEED
 from cmgems.shots import shot_pool
 from cmgems.tasks import load_task_file, num_labels
 from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, kmer_ids, write_vocab
@@ -365,7 +366,7 @@ def test_cli_prints_progress_lines_and_the_final_table(model, files, tmp_path):
     assert "accuracy" in runs[0] and "\r" not in res.stderr
     result = json.loads(out.read_text())
     assert res.stdout.splitlines()[0] == (
-        f"splice: 2 run(s) (seeds 0-1); training: 4 per class drawn per run from a pool of 300 "
+        f"splice: 2 run(s) (seeds {DEFAULT_SEED}-{DEFAULT_SEED + 1}); training: 4 per class drawn per run from a pool of 300 "
         f"(100, 100, 100 per class; {files['pool3']}); test: 30 examples ({files['test3']})")
     assert f"| accuracy % | {100 * result['mean']['accuracy']:.2f} ± " in res.stdout
     assert "| MCC | " in res.stdout
