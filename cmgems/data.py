@@ -8,12 +8,13 @@ shards, laid out with numpy), so the order of batches is the same whatever the n
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cmgems.shards import ShardError, ShardSet
 from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID
@@ -212,7 +213,7 @@ class _Batches(Dataset):
 
     def __getitem__(self, b: int):
         try:
-            if self.slots is not None and get_worker_info() is not None:
+            if self.slots is not None:   # in a worker
                 return self.slots.write(b, self.dataset.shards, self.indices(b),
                                         self.dataset.max_tokens)
             return self.dataset.batch(self.indices(b), self.pin_memory)
@@ -257,11 +258,11 @@ def _stream(batches: _Batches, numbers, num_workers: int, pin_memory: bool | Non
             ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches `numbers` (an iterable of batch numbers) through a DataLoader, in that order."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    slots = None
+    batches, slots = copy.copy(batches), None   # each stream its own slots
     if num_workers:
         shards = batches.dataset.shards
-        slots = _Slots(PREFETCH_FACTOR * num_workers + 2, batches.bs, batches.dataset.max_tokens + 2,
-                       shards.token_dtype, shards.npmi_dtype)
+        slots = _Slots(PREFETCH_FACTOR * num_workers + 2, batches.bs,
+                       batches.dataset.max_tokens + 2, shards.token_dtype, shards.npmi_dtype)
     batches.slots, batches.pin_memory = slots, pin   # before the workers start (they copy it)
     loader = DataLoader(batches, batch_size=None, sampler=numbers, num_workers=num_workers,
                         prefetch_factor=PREFETCH_FACTOR if num_workers else None)

@@ -112,7 +112,8 @@ class ShardReader:
         try:
             with h5py.File(self.path, "r") as f:
                 self.offsets = f["offsets"][:]
-                self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+                self.attrs = {k: (v.item() if hasattr(v, "item") else v)
+                              for k, v in f.attrs.items()}
                 tok, npmi = f["tokens"], f["npmi"]
                 n_tok, n_npmi = tok.shape[0], npmi.shape[0]
                 self.token_dtype, self.npmi_dtype = tok.dtype, npmi.dtype
@@ -121,8 +122,9 @@ class ShardReader:
         except (OSError, KeyError) as e:
             raise ShardError(f"{self.path}: not a readable cmgems shard ({e})") from None
         if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{self.path}: shard format version {self.attrs.get('format_version')}, "
-                             f"this cmgems reads version {FORMAT_VERSION}")
+            raise ShardError(f"{self.path}: shard format version "
+                             f"{self.attrs.get('format_version')}, this cmgems reads version "
+                             f"{FORMAT_VERSION}")
         if n_tok != n_npmi or self.offsets[-1] != n_tok:
             raise ShardError(f"{self.path}: tokens ({n_tok}), npmi ({n_npmi}) and offsets "
                              f"(end {self.offsets[-1]}) disagree")
@@ -249,7 +251,8 @@ def verify(directory: str | Path, manifest: Manifest | None = None, checksums: b
 class ShardSet:
     """All samples of one split of a dataset, indexed 0..len-1 across its shards."""
 
-    def __init__(self, directory: str | Path, split: str = "train", manifest: Manifest | None = None):
+    def __init__(self, directory: str | Path, split: str = "train",
+                 manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
         entries = self.manifest.split_shards(split)
@@ -257,9 +260,10 @@ class ShardSet:
             raise ShardError(f"{self.directory / MANIFEST_NAME}: no {split!r} shards")
         self.readers = [ShardReader(self.directory / e["path"]) for e in entries]
         for r in self.readers:
-            if r.attrs.get("k") != self.manifest.k or r.attrs.get("vocab_size") != self.manifest.vocab_size:
-                raise ShardError(f"{r.path}: k={r.attrs.get('k')}, vocab {r.attrs.get('vocab_size')} "
-                                 f"differ from the manifest's k={self.manifest.k}")
+            k, vocab = r.attrs.get("k"), r.attrs.get("vocab_size")
+            if (k, vocab) != (self.manifest.k, self.manifest.vocab_size):
+                raise ShardError(f"{r.path}: k={k}, vocab {vocab} differ from the manifest's "
+                                 f"k={self.manifest.k}")
         self.cum = np.cumsum([0] + [len(r) for r in self.readers])
         self._lengths = np.concatenate([r.lengths for r in self.readers])
         self._starts = np.concatenate([r.offsets[:-1] for r in self.readers])
