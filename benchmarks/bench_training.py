@@ -18,10 +18,12 @@ masked before the clock starts: what the system around the step costs.
 
 Real tokens are the non-pad tokens ([CLS] and [SEP] included) of each step's samples; real
 tokens/s is the median over steps after --warmup of (real tokens of the step / its wall time, data
-included). Models: logo (GeneMask's LOGO) and dnabert4 (DNABERT's BERT-base shape cut to 4 layers
-so that a CPU run stays short).
+included), over --rounds runs of each system, the systems alternating so that a change of load on
+a shared machine falls on all of them. Models: logo (GeneMask's LOGO) and dnabert4 (DNABERT's
+BERT-base shape cut to 4 layers so that a CPU run stays short).
 
     python benchmarks/bench_training.py                       # logo and dnabert4, a few minutes
+    python benchmarks/bench_training.py --rounds 3            # on a busy machine
     python benchmarks/bench_training.py --models logo --steps 20
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ from cmgems.trainer import MaskedLM, Trainer  # noqa: E402
 TARGET_VS_HF = 1.5      # cmgems real tokens/s over the HF route's
 TARGET_VS_BARE = 1.10   # full-system step time over the bare loop's
 # name: (cmgems model, layers; None keeps the architecture's own), default batch, steps
-MODELS = {"logo": ("logo", None, 8, 12), "dnabert4": ("dnabert", 4, 4, 6)}
+MODELS = {"logo": ("logo", None, 8, 10), "dnabert4": ("dnabert", 4, 4, 5)}
 HAS_PACKING = "packing" in {f.name for f in dataclasses.fields(PretrainConfig)}
 
 
@@ -148,10 +150,6 @@ def run_bare(cfg: PretrainConfig, batches: list[dict], vocab_size: int) -> list[
     return times
 
 
-def real_tokens_per_s(times: list[float], tokens: list[int], warmup: int) -> float:
-    return statistics.median(n / t for n, t in zip(tokens[warmup:], times[warmup:]))
-
-
 def selected_share(batches: list[dict], cfg: PretrainConfig, vocab_size: int) -> float:
     """Share of real tokens cmgems' first stage (genemask) predicts: where its head runs."""
     picked = real = 0
@@ -164,19 +162,17 @@ def selected_share(batches: list[dict], cfg: PretrainConfig, vocab_size: int) ->
 
 
 def child(args) -> None:
-    """One system's run (its own process: DeepSpeed's and accelerate's process groups do not
-    share one): writes its seconds per step to --child-out."""
+    """One system's run, cmgems or hf, in its own process (DeepSpeed's and accelerate's
+    process-group set-ups do not share one): writes its seconds per step to --child-out."""
     name, system, layout = args.child
     cfg = PretrainConfig(**json.loads(args.child_config))
     arch, layers = MODELS[name][:2]
     with architecture(arch, layers) as config:
         if system == "cmgems":
             times = run_cmgems(cfg)
-        elif system == "hf":
+        else:
             times = run_hf(cfg, config, step_batches(cfg, cfg.max_steps), cfg.num_workers,
                            Path(cfg.output_dir))
-        else:
-            times = run_bare(cfg, step_batches(cfg, cfg.max_steps), config.vocab_size)
     Path(args.child_out).write_text(json.dumps(times))
 
 
@@ -200,34 +196,43 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
     if HAS_PACKING:
         base["packing"] = False
 
-    def run(system: str, layout: str, **extra) -> float:
-        cfg = {**base, "output_dir": str(tmp / f"{name}-{system}-{layout}"), **extra}
-        return real_tokens_per_s(timed(name, system, layout, cfg, tmp), tokens, warmup)
+    def rates(system: str, layout: str, round_: int, **extra) -> list[float]:
+        """Real tokens/s of each timed step of one run."""
+        cfg = {**base, "output_dir": str(tmp / f"{name}-{system}-{layout}-{round_}"), **extra}
+        times = timed(name, f"{system}", layout, cfg, tmp)
+        return [n / t for n, t in zip(tokens[warmup:], times[warmup:])]
 
     with architecture(arch, layers) as config:
         cfg = PretrainConfig(**base)
         batches = step_batches(cfg, steps)
         tokens = [int(b["lengths"].sum()) for b in batches]
         slots = sum(b["input_ids"].numel() for b in batches)
-        common = {"model": name, "batch": f"{bs} x {args.max_length}", "steps_timed":
-                  steps - warmup, "cmgems_selected_share": selected_share(batches, cfg,
-                                                                          config.vocab_size)}
-    hf = run("hf", "padded")
-    common["hf_real_tokens_per_s"] = hf
-    rows = []
-    for layout in ("padded", "packed"):
-        if layout == "packed" and not HAS_PACKING:
-            rows.append({**common, "layout": layout, "note": "no `packing` config field in this "
-                         "branch (cmgems/packing.py): not measured"})
-            continue
-        ours = run("cmgems", layout, **({"packing": True} if layout == "packed" else {}))
-        rows.append({**common, "layout": layout, "cmgems_real_tokens_per_s": ours,
-                     "ratio_vs_hf": ours / hf})
+        vocab_size = config.vocab_size
+    layouts = ("padded", "packed") if HAS_PACKING else ("padded",)
+    per_step = {key: [] for key in ["hf", *layouts, "bare"]}
+    # Rounds alternate the systems, so a change of load on a shared machine falls on all of them.
+    for round_ in range(args.rounds):
+        per_step["hf"] += rates("hf", "padded", round_)
+        for layout in layouts:
+            per_step[layout] += rates("cmgems", layout, round_,
+                                      **({"packing": True} if layout == "packed" else {}))
+        if name == "logo" and args.bare:   # no process group: it runs here
+            with architecture(arch, layers):
+                times = run_bare(PretrainConfig(**base), batches, vocab_size)
+            per_step["bare"] += [n / t for n, t in zip(tokens[warmup:], times[warmup:])]
+    median = {k: statistics.median(v) for k, v in per_step.items() if v}
+    common = {"model": name, "batch": f"{bs} x {args.max_length}",
+              "steps_timed": (steps - warmup) * args.rounds, "hf_real_tokens_per_s": median["hf"],
+              "cmgems_selected_share": selected_share(batches, PretrainConfig(**base), vocab_size)}
+    rows = [{**common, "layout": layout, "cmgems_real_tokens_per_s": median[layout],
+             "ratio_vs_hf": median[layout] / median["hf"]} for layout in layouts]
+    if not HAS_PACKING:
+        rows.append({**common, "layout": "packed", "note": "no `packing` config field in this "
+                     "branch (cmgems/packing.py): not measured"})
     rows[0]["padded_real_token_share"] = sum(tokens) / slots
-    if name == "logo" and args.bare:
-        bare = run("bare", "padded")
-        rows[0]["bare_real_tokens_per_s"] = bare
-        rows[0]["full_over_bare_step"] = bare / rows[0]["cmgems_real_tokens_per_s"]
+    if "bare" in median:
+        rows[0]["bare_real_tokens_per_s"] = median["bare"]
+        rows[0]["full_over_bare_step"] = median["bare"] / median["padded"]
     return rows
 
 
@@ -238,8 +243,10 @@ def main() -> None:
                    help="dataset to read (built from the bundled genome if missing)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, default=0,
-                   help="steps timed per system (0: per model, logo 12, dnabert4 6)")
+                   help="steps per system (0: per model, logo 10, dnabert4 5)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of every system, alternating; medians over all their steps")
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="samples per step (0: per model, logo 8, dnabert4 4)")
     p.add_argument("--max-length", type=int, default=512)
