@@ -86,12 +86,15 @@ def test_stream_is_the_sampler_order_whatever_the_workers(train_set, workers):
 
 
 def test_ranks_read_disjoint_samples(train_set):
-    seen = []
+    """Each rank's stream is its own share of the sampler's order; the shares do not overlap."""
+    shares = []
     for rank in range(2):
         tb = TrainBatches(train_set, BS, rank=rank, world_size=2, seed=1, num_workers=1)
-        for batch in itertools.islice(tb.from_position(0), tb.per_epoch):
-            seen.append(batch["input_ids"])
-    assert sum(len(x) for x in seen) == 2 * (len(train_set) // 2 // BS) * BS
+        mine = ShardedSampler(len(train_set), rank, 2, seed=1).indices()
+        for j, batch in enumerate(itertools.islice(tb.from_position(0), tb.per_epoch)):
+            assert same(batch, expected(train_set, mine[j * BS:(j + 1) * BS])), (rank, j)
+        shares.append(set(mine[:tb.per_epoch * BS].tolist()))
+    assert not shares[0] & shares[1] and len(shares[0]) == len(shares[1]) > 0
 
 
 def test_eval_batches_keep_their_order_and_repeat(tiny_dataset):
