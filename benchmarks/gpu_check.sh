@@ -13,6 +13,9 @@
 # Environment: PYTHON (default python), GPU_CHECK_TINY=1 runs every step at tiny sizes on
 # whatever device there is, CPU included (what tests/test_gpu_check.py does), GPU_CHECK_DATA a
 # dataset directory (default: the bundled E. coli genome's, built if missing).
+# The training steps use DeepSpeed's fused Adam, compiled at the first CUDA run (about a minute)
+# unless deepspeed was installed with it prebuilt; without nvcc they fall back to torch's AdamW
+# and say so in the table.
 # Exit status: 0 when every check passed (or no CUDA), 1 when one failed (the table says which).
 set -uo pipefail
 

@@ -79,6 +79,26 @@ def step_tokens(cfg: PretrainConfig) -> list[tuple[int, int]]:
     return out
 
 
+def optimizer_config(args, tmp: Path) -> tuple[str, str]:
+    """(ds_config, optimizer in words). DeepSpeed's fused Adam is compiled at the first CUDA run
+    unless it came prebuilt; without CUDA build tools (nvcc) that fails, so the check then runs
+    with torch's AdamW (`torch_adam`) rather than not at all."""
+    if args.ds_config:
+        return args.ds_config, f"optimizer of {args.ds_config}"
+    if not torch.cuda.is_available():
+        return "", "torch AdamW (DeepSpeed on CPU)"
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if installed_ops.get("fused_adam") or CUDA_HOME is not None:
+        return "", "DeepSpeed fused Adam"
+    config = json.loads((ROOT / "ds_configs" / "zero0.json").read_text())
+    config["optimizer"].setdefault("params", {})["torch_adam"] = True
+    path = tmp / "zero0-torch-adam.json"
+    path.write_text(json.dumps(config))
+    return str(path), "torch AdamW (no nvcc for DeepSpeed's fused Adam)"
+
+
 def base_config(args, tmp: Path, **over) -> PretrainConfig:
     values = dict(data_dir=args.data_dir, output_dir=str(tmp / "run"), model=args.model,
                   mode="cm_gems", max_steps=args.steps, micro_batch_size=args.micro_batch_size,
@@ -86,8 +106,7 @@ def base_config(args, tmp: Path, **over) -> PretrainConfig:
                   save_interval=10 ** 9, log_interval=10 ** 9, warmup_steps=10,
                   num_workers=args.workers, eval_batches=1, precision=args.precision,
                   run_name=f"gpu-check-{args.model}")
-    if args.ds_config:
-        values["ds_config"] = args.ds_config
+    values["ds_config"], args.optimizer = optimizer_config(args, tmp)
     values.update(over)
     return PretrainConfig(**values)
 
@@ -116,7 +135,8 @@ def train(args) -> list[dict]:
     return [{"check": "training", "setting": setting, "status": "ok",
              "real_tokens_per_s": per_s, "samples_per_s": samples / (end - start),
              "tflops": tflops, "mfu": tflops / peak if peak else None,
-             "note": f"{args.steps - args.warmup} steps timed on {device_name()}{memory}"}]
+             "note": f"{args.steps - args.warmup} steps timed on {device_name()}{memory}, "
+                     f"{args.optimizer}"}]
 
 
 def cm_gems(args) -> list[dict]:
