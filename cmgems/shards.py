@@ -96,28 +96,47 @@ def merge(paths: list[str | Path], out_path: str | Path, **attrs) -> dict:
 
 
 class ShardReader:
-    """Random access to the samples of one shard; reads only what a sample needs.
+    """Random access to the samples of one shard.
 
-    Picklable: the HDF5 handle is opened lazily in whichever process first reads (h5py objects
-    cannot cross a fork/spawn), so DataLoader workers each open their own.
+    Contiguous datasets are read through numpy memory maps at the file offsets HDF5 reports: a
+    sample is a slice of memory, no HDF5 call. A shard whose datasets are chunked (no single
+    offset) is read through h5py. Dtypes are the file's own.
+
+    Picklable: maps and HDF5 handle open lazily in whichever process reads (h5py objects cannot
+    cross a fork/spawn), so DataLoader workers each open their own.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._file = None
+        self._open_in, self._file, self._data = None, None, None
         try:
             with h5py.File(self.path, "r") as f:
                 self.offsets = f["offsets"][:]
-                self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-                n_tok, n_npmi = f["tokens"].shape[0], f["npmi"].shape[0]
+                self.attrs = {k: (v.item() if hasattr(v, "item") else v)
+                              for k, v in f.attrs.items()}
+                tok, npmi = f["tokens"], f["npmi"]
+                n_tok, n_npmi = tok.shape[0], npmi.shape[0]
+                self.token_dtype, self.npmi_dtype = tok.dtype, npmi.dtype
+                # None where HDF5 stores a dataset in chunks (or has not allocated it: empty)
+                self._file_offsets = (tok.id.get_offset(), npmi.id.get_offset())
         except (OSError, KeyError) as e:
             raise ShardError(f"{self.path}: not a readable cmgems shard ({e})") from None
         if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{self.path}: shard format version {self.attrs.get('format_version')}, "
-                             f"this cmgems reads version {FORMAT_VERSION}")
+            raise ShardError(f"{self.path}: shard format version "
+                             f"{self.attrs.get('format_version')}, this cmgems reads version "
+                             f"{FORMAT_VERSION}")
         if n_tok != n_npmi or self.offsets[-1] != n_tok:
             raise ShardError(f"{self.path}: tokens ({n_tok}), npmi ({n_npmi}) and offsets "
                              f"(end {self.offsets[-1]}) disagree")
+        self.n_tokens = int(n_tok)
+        self.vocab_size = int(self.attrs.get("vocab_size", 1 << 16))
+        self.mapped = n_tok == 0 or None not in self._file_offsets
+        if self.mapped and n_tok:
+            need = max(o + n_tok * d.itemsize for o, d in
+                       zip(self._file_offsets, (self.token_dtype, self.npmi_dtype)))
+            if self.path.stat().st_size < need:
+                raise ShardError(f"{self.path}: truncated ({self.path.stat().st_size} bytes, its "
+                                 f"datasets end at byte {need})")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -126,28 +145,46 @@ class ShardReader:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def arrays(self):
+        """(tokens, npmi) of the whole shard, sliceable: memory maps (plain ndarray views: a
+        memmap's own indexing costs more than the copy), or h5py datasets for a chunked shard.
+        Opened once per process: a forked worker does not use its parent's."""
+        if self._open_in != os.getpid():
+            if self.mapped:
+                self._data = tuple(
+                    np.memmap(self.path, dtype=d, mode="r", offset=o,
+                              shape=(self.n_tokens,)).view(np.ndarray)
+                    if self.n_tokens else np.empty(0, d)
+                    for o, d in zip(self._file_offsets, (self.token_dtype, self.npmi_dtype)))
+            else:
+                self._file = h5py.File(self.path, "r")
+                self._data = (self._file["tokens"], self._file["npmi"])
+            self._open_in = os.getpid()
+        return self._data
+
+    def out_of_vocabulary(self, sample: int, token: int) -> ShardError:
+        """The error for a sample holding an id outside the vocabulary. Only a shard altered after
+        its checksum was taken (a run with --skip-verify) holds one; the embedding lookup would
+        fail with a bare IndexError."""
+        return ShardError(f"{self.path}: sample {sample} holds token id {token} outside the "
+                          f"vocabulary ({self.vocab_size} ids): the shard is corrupt; rebuild it "
+                          f"(its sha256 check was skipped)", path=self.path)
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        lo, hi = self.offsets[i], self.offsets[i + 1]
-        tokens = self._file["tokens"][lo:hi]
-        # Only a shard altered after its checksum was taken (a run with --skip-verify) gets here
-        # with ids outside the vocabulary; the embedding lookup would fail with a bare IndexError.
-        if hi > lo and int(tokens.max()) >= self.attrs.get("vocab_size", 1 << 16):
-            raise ShardError(f"{self.path}: sample {i} holds token id {int(tokens.max())} outside "
-                             f"the vocabulary ({self.attrs['vocab_size']} ids): the shard is "
-                             f"corrupt; rebuild it (its sha256 check was skipped)")
-        return tokens, self._file["npmi"][lo:hi]
+        tokens, npmi = self.arrays()
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        t = np.asarray(tokens[lo:hi])
+        if hi > lo and int(t.max()) >= self.vocab_size:
+            raise self.out_of_vocabulary(i, int(t.max()))
+        return t, np.asarray(npmi[lo:hi])
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_file"] = None
-        return state
+        return {**self.__dict__, "_open_in": None, "_file": None, "_data": None}
 
     def close(self):
-        if self._file is not None:
+        if self._file is not None and self._open_in == os.getpid():
             self._file.close()
-            self._file = None
+        self._open_in, self._file, self._data = None, None, None
 
 
 @dataclass
@@ -214,7 +251,8 @@ def verify(directory: str | Path, manifest: Manifest | None = None, checksums: b
 class ShardSet:
     """All samples of one split of a dataset, indexed 0..len-1 across its shards."""
 
-    def __init__(self, directory: str | Path, split: str = "train", manifest: Manifest | None = None):
+    def __init__(self, directory: str | Path, split: str = "train",
+                 manifest: Manifest | None = None):
         self.directory = Path(directory)
         self.manifest = manifest or Manifest.load(self.directory)
         entries = self.manifest.split_shards(split)
@@ -222,20 +260,59 @@ class ShardSet:
             raise ShardError(f"{self.directory / MANIFEST_NAME}: no {split!r} shards")
         self.readers = [ShardReader(self.directory / e["path"]) for e in entries]
         for r in self.readers:
-            if r.attrs.get("k") != self.manifest.k or r.attrs.get("vocab_size") != self.manifest.vocab_size:
-                raise ShardError(f"{r.path}: k={r.attrs.get('k')}, vocab {r.attrs.get('vocab_size')} "
-                                 f"differ from the manifest's k={self.manifest.k}")
+            k, vocab = r.attrs.get("k"), r.attrs.get("vocab_size")
+            if (k, vocab) != (self.manifest.k, self.manifest.vocab_size):
+                raise ShardError(f"{r.path}: k={k}, vocab {vocab} differ from the manifest's "
+                                 f"k={self.manifest.k}")
         self.cum = np.cumsum([0] + [len(r) for r in self.readers])
+        self._lengths = np.concatenate([r.lengths for r in self.readers])
+        self._starts = np.concatenate([r.offsets[:-1] for r in self.readers])
+        self.token_dtype = np.result_type(*(r.token_dtype for r in self.readers))
+        self.npmi_dtype = np.result_type(*(r.npmi_dtype for r in self.readers))
 
     def __len__(self) -> int:
         return int(self.cum[-1])
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.concatenate([r.lengths for r in self.readers])
+        return self._lengths
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= i < len(self):
             raise IndexError(i)
         s = int(np.searchsorted(self.cum, i, side="right")) - 1
         return self.readers[s][i - int(self.cum[s])]
+
+    def counts(self, indices, max_tokens: int | None = None) -> np.ndarray:
+        """Tokens of samples `indices`, each cut to max_tokens."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"sample indices outside 0..{len(self) - 1}")
+        counts = self._lengths[indices]
+        return counts if max_tokens is None else np.minimum(counts, max_tokens)
+
+    def read_rows(self, indices, counts: np.ndarray, ids: np.ndarray, values: np.ndarray,
+                  at: int = 0) -> None:
+        """The first counts[j] tokens of sample indices[j] into row j of ids (token ids) and
+        values (NPMI), from column `at` on: one slice copy per sample and array, no HDF5 call
+        on contiguous shards. Ids outside the vocabulary raise ShardError naming the shard and
+        sample (one reduction over the rows read)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return
+        shard = np.searchsorted(self.cum, indices, side="right") - 1
+        local = indices - self.cum[shard]
+        starts = self._starts[indices]
+        readers = self.readers
+        for row, s, lo, n in zip(range(len(indices)), shard.tolist(), starts.tolist(),
+                                 counts.tolist()):
+            tokens, npmi = readers[s].arrays()
+            ids[row, at:at + n] = tokens[lo:lo + n]
+            values[row, at:at + n] = npmi[lo:lo + n]
+        vocab = self.manifest.vocab_size
+        if int(ids[:len(indices), at:at + int(counts.max())].max()) >= vocab:
+            # that reduction also saw the columns past shorter samples: find the sample itself
+            for row, n in enumerate(counts.tolist()):
+                worst = int(ids[row, at:at + n].max()) if n else 0
+                if worst >= vocab:
+                    raise readers[int(shard[row])].out_of_vocabulary(int(local[row]), worst)
