@@ -26,7 +26,7 @@ from cmgems.io import sha256_file
 from cmgems.shards import MANIFEST_NAME, SPLITS, Manifest, ShardError, verify, write_shard
 from cmgems.tokens import vocab_size
 from preprocessing import samples
-from preprocessing.fasta import ReadStats
+from preprocessing.fasta import ReadStats, check_genome_file
 
 TABLE_NAME = "npmi.tsv"
 PARTIAL_TAG = ".partial-"
@@ -68,6 +68,7 @@ INTERRUPTS = Interrupts()   # active while a dataset is written; check() is a no
 
 
 def genome_sha256(genome: Path) -> str:
+    check_genome_file(genome)       # a named pipe would hang here
     try:
         return sha256_file(genome)
     except OSError as e:

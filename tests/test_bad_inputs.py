@@ -107,6 +107,40 @@ FASTA_CASES = [
     fasta_case("--valid-records names no record", lambda p: p.write_text(
         f">chr1\n{_acgt(3000)}\n"), "--valid-records: chrX not found", "--valid-records", "chrX"),
 ]
+def _records_gz(n: int = 20, seed: int = 0) -> bytes:
+    return gzip.compress("".join(f">r{seed}_{i}\n{_acgt(2000, seed + i)}\n"
+                                 for i in range(n)).encode())
+
+
+def _bgzf_blob(p: Path) -> bytes:
+    from Bio import bgzf
+    tmp = p.with_name("tmp-bgzf.gz")
+    with bgzf.BgzfWriter(str(tmp), "wb") as f:
+        for i in range(20):
+            f.write(f">r{i}\n{_acgt(2000, i)}\n".encode())
+            f.flush()
+    blob = tmp.read_bytes()
+    tmp.unlink()
+    return blob
+
+
+def _damaged_bgzf(p: Path):
+    blob = _bgzf_blob(p)
+    p.write_bytes(blob[:3000] + bytes([blob[3000] ^ 0xFF]) + blob[3001:])
+
+
+FASTA_CASES += [
+    fasta_case("junk after the last gzip member", lambda p: p.write_bytes(
+        _records_gz() + b"junk"), "that are not gzip data", suffix=".fa.gz"),
+    fasta_case("junk between gzip members", lambda p: p.write_bytes(
+        _records_gz() + b"\0\0\0" + _records_gz(seed=50)), "that are not gzip data",
+        suffix=".fa.gz"),
+    fasta_case("damaged BGZF block", _damaged_bgzf, "corrupt gzip member at byte",
+               suffix=".fa.gz"),
+    fasta_case("BGZF without its end-of-file block", lambda p: p.write_bytes(
+        _bgzf_blob(p)[:-28]), "BGZF file without its end-of-file block", suffix=".fa.gz"),
+    fasta_case("a named pipe", lambda p: os.mkfifo(p), "a named pipe"),
+]
 DUPLICATE = fasta_case("duplicate record names", lambda p: p.write_text(
     f">chr1\n{_acgt(1500, 1)}\n>chr1\n{_acgt(1500, 2)}\n"), "chr1")
 
