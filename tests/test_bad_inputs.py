@@ -163,6 +163,16 @@ TABLE_CASES = [
     table_case("value not a number", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,high\n",
                "is not a number"),
 ]
+TABLE_CASES += [
+    table_case("infinite value", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,0.5\nAAAAAT,inf\n",
+               ":3: column 'norm_dp_true_pmi': 'inf' is not a finite number"),
+    table_case("nan word", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,nan\n",
+               "'nan' is not a finite number (leave the field empty"),
+    table_case("absurd value 1e30", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,1e30\n",
+               "'1e30' is outside [-1000, 1000]"),
+    table_case("0_5 (an underscore)", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,0_5\n",
+               "'0_5' is not a number"),
+]
 
 
 # ---------------------------------------------------------------------- configs
