@@ -46,6 +46,12 @@ def ranks(npmi: np.ndarray) -> np.ndarray:
     return out
 
 
+def scored_fraction(npmi: np.ndarray) -> float:
+    """Share of the 4^k k-mers that have a score (not NaN): PMI masking ranks the rest as ties."""
+    npmi = np.asarray(npmi)
+    return float(np.count_nonzero(~np.isnan(npmi)) / len(npmi)) if len(npmi) else 0.0
+
+
 def _fmt(x) -> str:
     return "" if x == "" or math.isnan(x) else repr(x)
 

@@ -29,7 +29,7 @@ from preprocessing import kmers, npmi, samples
 from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
                                           Staging, Summary, check_target, check_train_samples,
                                           check_valid_records, dataset_manifest, genome_sha256,
-                                          shard_attrs)
+                                          shard_attrs, warn_if_unscored)
 from preprocessing.fasta import FastaReader, Piece
 from preprocessing.parallel import PieceRunner
 
@@ -200,6 +200,9 @@ def write_npmi_table(path: Path, cfg: BuildConfig, source_sha: str,
         table = external
         write_table(path, table, params={
             **table_params, "from": f"{Path(cfg.npmi_table).name} (sha256 {table_sha})"})
+    warn_if_unscored(table, cfg.out_dir / TABLE_NAME if external is None else cfg.npmi_table,
+                     cfg.min_count if external is None else None,
+                     cfg.genome.name if external is None else cfg.npmi_table.name)
     return table
 
 
@@ -264,6 +267,7 @@ def build_table(genome: Path, out_tsv: Path, k: int = BuildConfig.k,
     path = write_table(out_tsv, table, counts[k], pmi,
                        {"source": Path(genome).name, "source_sha256": source_sha,
                         "min_count": min_count, "scored": int((~np.isnan(table)).sum())})
+    warn_if_unscored(table, path, min_count, Path(genome).name)
     secs = time.perf_counter() - start
     print(f"{path}: {int((~np.isnan(table)).sum())} of {4 ** k} {k}-mers scored; "
           f"{summary.records} records, {summary.bases:,} bases, {secs:.2f} s", file=out)

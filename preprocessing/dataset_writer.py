@@ -10,6 +10,7 @@ share, so that both write the same bytes and refuse the same things in the same 
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
+from cmgems.npmi_table import scored_fraction
 from cmgems.shards import MANIFEST_NAME, SPLITS, Manifest, ShardError, verify, write_shard
 from cmgems.tokens import vocab_size
 from preprocessing import samples
@@ -30,6 +32,12 @@ from preprocessing.fasta import ReadStats, check_genome_file
 
 TABLE_NAME = "npmi.tsv"
 PARTIAL_TAG = ".partial-"
+# Below this share of scored k-mers, PMI masking (genemask, global, cm_gems) mostly masks ties
+# of unscored k-mers: the build says so. The trainer refuses PMI strategies below its own
+# configurable bound, read from the manifest's stats.npmi_scored_fraction.
+WARN_SCORED_FRACTION = 0.5
+
+log = logging.getLogger("cmgems.preprocessing")
 
 
 class Interrupts:
@@ -124,6 +132,24 @@ class Summary:
             f"shards: {self.shards}",
             f"time: {self.seconds:.2f} s ({mbps:.1f} Mbp/s)",
         ]
+
+
+def warn_if_unscored(table: np.ndarray, where: Path | str, min_count: int | None,
+                     source: str) -> float:
+    """Warn when few k-mers are scored (a genome too small for --min-count, a table of NaN);
+    returns the scored fraction."""
+    frac = scored_fraction(table)
+    if frac >= WARN_SCORED_FRACTION:
+        return frac
+    n, k = int(np.count_nonzero(~np.isnan(table))), round(np.log(len(table)) / np.log(4))
+    why = (f"{source} is too small for --min-count {min_count} (k-mers seen fewer times get no "
+           f"score); lower --min-count or pass --npmi-table" if min_count is not None else
+           f"the table {source} leaves the others empty or NaN")
+    what = (f"NO k-mer is scored (0 of {len(table)} {k}-mers)" if n == 0 else
+            f"only {n} of {len(table)} {k}-mers scored ({100 * frac:.1f}%)")
+    log.warning("%s: %s: %s. PMI masking strategies (genemask, global, cm_gems) would mask "
+                "mostly by ties on this dataset", where, what, why)
+    return frac
 
 
 def check_valid_records(genome: Path, wanted: Iterable[str], names: list[str]) -> None:
@@ -295,7 +321,8 @@ def dataset_manifest(k: int, genome: Path, source_sha: str, params: dict, table_
     return Manifest(k=k, vocab_size=vocab_size(k),
                     source={"name": genome.name, "sha256": source_sha}, params=params,
                     npmi_table_sha256=table_sha256, shards=entries,
-                    stats={**asdict(summary), "npmi_scored": int((~np.isnan(table)).sum())})
+                    stats={**asdict(summary), "npmi_scored": int((~np.isnan(table)).sum()),
+                           "npmi_scored_fraction": scored_fraction(table)})
 
 
 # ---- the output directory ----

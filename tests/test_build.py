@@ -216,6 +216,32 @@ def test_bad_genome_exits_2_and_leaves_nothing(tmp_path, content, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == [genome.name]
 
 
+def test_scored_fraction_is_recorded_and_a_low_one_is_said(tmp_path, lambda_fasta, tiny_dataset):
+    """Lambda at the default --min-count 101 scores no k-mer: the build warns (it still builds:
+    random masking works) and the manifest records the fraction for the trainer to refuse."""
+    out = tmp_path / "lambda"
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(out))
+    warning = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if "warning:" in ln]
+    assert len(warning) == 1, res.stderr
+    assert warning[0].startswith(f"warning: {out / 'npmi.tsv'}: NO k-mer is scored (0 of 4096 "
+                                 f"6-mers): lambda_phage.fa.gz is too small for --min-count 101")
+    m = Manifest.load(out)
+    assert m.stats["npmi_scored"] == 0 and m.stats["npmi_scored_fraction"] == 0.0
+    tiny = Manifest.load(tiny_dataset)         # --min-count 5: scored enough, no warning
+    assert tiny.stats["npmi_scored_fraction"] == tiny.stats["npmi_scored"] / 4096 > 0.8
+
+    table = tmp_path / "nan.csv"               # an external table without one score
+    table.write_text("ngram,norm_dp_true_pmi\n" + "".join(f"{w},\n" for w in npmi_table.kmers(6)))
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(tmp_path / "ext"),
+                     "--npmi-table", str(table))
+    assert f"warning: {table}: NO k-mer is scored (0 of 4096 6-mers): the table nan.csv" in \
+        res.stderr
+    assert Manifest.load(tmp_path / "ext").stats["npmi_scored_fraction"] == 0.0
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(tmp_path / "ok"),
+                     "--min-count", "5")
+    assert "warning" not in res.stderr
+
+
 def test_bad_options_exit_2(tmp_path, lambda_fasta):
     res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(tmp_path / "o"),
                      "--valid-fraction", "1.5", check=False)
