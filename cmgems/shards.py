@@ -150,6 +150,31 @@ class ShardReader:
             self._file = None
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENTRY = {"path": str, "split": str, "samples": int, "tokens": int, "sha256": str}
+
+
+def _check_entry(i: int, s) -> None:
+    """A shard entry {path, split, samples, tokens, sha256}; its path a plain file name (a
+    manifest never points outside its directory)."""
+    if not isinstance(s, dict):
+        raise ValueError(f"shards[{i}] must be an object, got {type(s).__name__}")
+    for key, typ in _ENTRY.items():
+        if key not in s:
+            raise ValueError(f"shards[{i}] lacks {key!r}")
+        if not isinstance(s[key], typ) or isinstance(s[key], bool):
+            raise ValueError(f"shards[{i}].{key} must be {typ.__name__}, got {s[key]!r}")
+    if s["split"] not in SPLITS:
+        raise ValueError(f"shard {s['path']}: split {s['split']!r} not in {SPLITS}")
+    if "/" in s["path"] or "\\" in s["path"] or s["path"] in ("", ".", ".."):
+        raise ValueError(f"shards[{i}].path {s['path']!r} is not a file name in the dataset "
+                         f"directory")
+    if not _SHA256.fullmatch(s["sha256"]):
+        raise ValueError(f"shards[{i}].sha256 {s['sha256']!r} is not a sha256 hex digest")
+    if s["samples"] < 0 or s["tokens"] < 0:
+        raise ValueError(f"shards[{i}]: negative samples or tokens")
+
+
 @dataclass
 class Manifest:
     """manifest.json: what a dataset directory holds and exactly how it was made."""
@@ -163,11 +188,16 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        for name, typ in (("k", int), ("vocab_size", int), ("source", dict), ("params", dict),
+                          ("npmi_table_sha256", str), ("shards", list), ("stats", dict),
+                          ("format_version", int)):
+            if not isinstance(getattr(self, name), typ) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"field {name!r} must be {typ.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__}")
         if self.vocab_size != _vocab_size(self.k):
             raise ValueError(f"vocab_size {self.vocab_size} does not match k={self.k}")
-        for s in self.shards:
-            if s["split"] not in SPLITS:
-                raise ValueError(f"shard {s['path']}: split {s['split']!r} not in {SPLITS}")
+        for i, s in enumerate(self.shards):
+            _check_entry(i, s)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -183,11 +213,15 @@ class Manifest:
                              f"(build it with `python -m preprocessing build GENOME {directory}`)")
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a manifest is a JSON object, got {type(data).__name__}")
             if data.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format version {data.get('format_version')}, "
                                  f"this cmgems reads version {FORMAT_VERSION}")
             return cls(**data)
-        except (ValueError, TypeError, KeyError) as e:
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read manifest ({e.strerror or e})") from None
+        except (ValueError, TypeError, KeyError) as e:     # UnicodeDecodeError included
             raise ShardError(f"{path}: not a valid cmgems manifest ({e})") from None
 
     def checksum(self) -> str:

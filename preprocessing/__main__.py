@@ -12,6 +12,7 @@ from cmgems.options import add_arguments, from_args
 from cmgems.errors import EXIT_INPUT_ERROR, InputError
 from preprocessing.array import count_stage, finish_stage, parse_group, shard_stage, table_stage
 from preprocessing.build import BuildConfig, build, build_table
+from preprocessing.dataset_writer import INTERRUPTS
 
 # BuildConfig fields that are positional arguments, or also `npmi`'s options
 _POSITIONAL = ("genome", "out_dir")
@@ -116,7 +117,8 @@ def _logging() -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
-def _run(fn) -> int:
+def _run(fn, interrupted: str = "nothing written") -> int:
+    """Run a command: InputError -> `error: ...`, exit 2; Ctrl-C -> one true line, exit 130."""
     _logging()
     try:
         fn()
@@ -124,14 +126,17 @@ def _run(fn) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
+        if INTERRUPTS.published is not None:     # the signal came while publishing
+            interrupted = f"{INTERRUPTS.published} was already published, complete"
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
     return 0
 
 
 def build_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return _run(lambda: build(from_args(BuildConfig, a)))
+    return _run(lambda: build(from_args(BuildConfig, a)),
+                f"nothing written ({a.out_dir} unchanged)")
 
 
 def npmi_main(argv: list[str] | None = None) -> int:
@@ -144,7 +149,8 @@ def count_main(argv: list[str] | None = None) -> int:
     a = count_parser().parse_args(argv)
 
     return _run(lambda: count_stage(from_args(BuildConfig, a, {"out_dir": a.work}), a.work,
-                                    parse_group(a.group)))
+                                    parse_group(a.group)),
+                f"this task's counts not written (group {a.group}; run it again)")
 
 
 def table_main(argv: list[str] | None = None) -> int:
@@ -159,12 +165,13 @@ def shard_main(argv: list[str] | None = None) -> int:
         if a.workers < 1:
             raise InputError(f"--workers: must be >= 1, got {a.workers}")
         shard_stage(a.genome, a.work, parse_group(a.group), a.workers)
-    return _run(go)
+    return _run(go, f"this task's shards not recorded (group {a.group}; run it again)")
 
 
 def finish_main(argv: list[str] | None = None) -> int:
     a = finish_parser().parse_args(argv)
-    return _run(lambda: finish_stage(a.work, a.out_dir, keep_work=a.keep_work))
+    return _run(lambda: finish_stage(a.work, a.out_dir, keep_work=a.keep_work),
+                f"nothing written ({a.out_dir} unchanged, {a.work} kept)")
 
 
 def main(argv: list[str] | None = None) -> int:

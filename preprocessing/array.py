@@ -40,7 +40,7 @@ from preprocessing.build import BuildConfig, PieceCache, count_ngrams, params_of
 from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
                                           Staging, Summary, check_target, check_train_samples,
                                           check_valid_records, dataset_manifest, genome_sha256,
-                                          shard_attrs, shard_ends)
+                                          output_lock, shard_attrs, shard_ends)
 from preprocessing.fasta import FastaReader
 from preprocessing.parallel import PieceRunner
 
@@ -362,50 +362,51 @@ def finish_stage(work: Path, out_dir: Path, keep_work: bool = False, out=sys.std
                              f"`shard` task")
     source_sha = job["genome"]["sha256"]
     params = params_of(cfg, job["npmi_table_sha256"])
-    if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out,
-                          "--overwrite (to `count`)")) is not None:
-        return m
-    counts = [_load_part(counts_path(work, i), digest) for i in range(n)]
-    summary = Summary(**json.loads(str(counts[0]["reader"])))
-    for part in parts:
-        summary.add_cuts(part["stats"])
-    check_train_samples(cfg.genome, cfg.min_bases, summary)
-    whole = {(e["split"], e["path"]): (e, g) for g, part in enumerate(parts)
-             for e in part["shards"]}
-    pieces_of: dict[tuple[str, int], list[dict]] = {}
-    for part in parts:
-        for f in part["fragments"]:
-            pieces_of.setdefault((f["split"], f["shard"]), []).append(f)
-    for e, g in whole.values():
-        if not (work / e["path"]).is_file():
-            raise InputError(f"{work / e['path']}: missing; rerun `shard` task {g}")
+    with output_lock(cfg.out_dir):
+        if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out,
+                              "--overwrite (to `count`)")) is not None:
+            return m
+        counts = [_load_part(counts_path(work, i), digest) for i in range(n)]
+        summary = Summary(**json.loads(str(counts[0]["reader"])))
+        for part in parts:
+            summary.add_cuts(part["stats"])
+        check_train_samples(cfg.genome, cfg.min_bases, summary)
+        whole = {(e["split"], e["path"]): (e, g) for g, part in enumerate(parts)
+                 for e in part["shards"]}
+        pieces_of: dict[tuple[str, int], list[dict]] = {}
+        for part in parts:
+            for f in part["fragments"]:
+                pieces_of.setdefault((f["split"], f["shard"]), []).append(f)
+        for e, g in whole.values():
+            if not (work / e["path"]).is_file():
+                raise InputError(f"{work / e['path']}: missing; rerun `shard` task {g}")
 
-    with Staging(cfg.out_dir) as staging, INTERRUPTS:
-        partial = staging.dir
-        shutil.copyfile(work / TABLE_NAME, partial / TABLE_NAME)
-        attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
-        entries = []
-        for split in SPLITS:
-            ends = plan[f"{split}_shard_end"]
-            for sh in range(len(ends)):
-                INTERRUPTS.check()
-                name = f"{split}-{sh:05d}.h5"
-                want = int(ends[sh] - (ends[sh - 1] if sh else 0))
-                if (split, name) in whole:
-                    entry = whole[(split, name)][0]
-                    _link_or_copy(work / name, partial / name)
-                else:
-                    entry = _join(work, partial / name, pieces_of.get((split, sh), []), want,
-                                  split, attrs)
-                entries.append(entry)
-        summary.shards = len(entries)
-        summary.seconds = (time.perf_counter() - start
-                           + sum(float(c["seconds"]) for c in counts)
-                           + json.loads((work / "table.json").read_text())["seconds"]
-                           + sum(p["stats"]["seconds"] for p in parts))
-        manifest = dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256,
-                                    entries, summary, table)
-        staging.publish(manifest)
+        with Staging(cfg.out_dir) as staging, INTERRUPTS:
+            partial = staging.dir
+            shutil.copyfile(work / TABLE_NAME, partial / TABLE_NAME)
+            attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
+            entries = []
+            for split in SPLITS:
+                ends = plan[f"{split}_shard_end"]
+                for sh in range(len(ends)):
+                    INTERRUPTS.check()
+                    name = f"{split}-{sh:05d}.h5"
+                    want = int(ends[sh] - (ends[sh - 1] if sh else 0))
+                    if (split, name) in whole:
+                        entry = whole[(split, name)][0]
+                        _link_or_copy(work / name, partial / name)
+                    else:
+                        entry = _join(work, partial / name, pieces_of.get((split, sh), []), want,
+                                      split, attrs)
+                    entries.append(entry)
+            summary.shards = len(entries)
+            summary.seconds = (time.perf_counter() - start
+                               + sum(float(c["seconds"]) for c in counts)
+                               + json.loads((work / "table.json").read_text())["seconds"]
+                               + sum(p["stats"]["seconds"] for p in parts))
+            manifest = dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256,
+                                        entries, summary, table)
+            staging.publish(manifest)
     for line in summary.lines():
         print(line, file=out)
     print(f"wrote {cfg.out_dir}", file=out)

@@ -28,12 +28,25 @@ from cmgems.tokens import K_RANGE
 from preprocessing import kmers, npmi, samples
 from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
                                           Staging, Summary, check_target, check_train_samples,
-                                          check_valid_records, dataset_manifest, genome_sha256,
-                                          shard_attrs, warn_if_unscored)
+                                          check_valid_records, check_writable, dataset_manifest,
+                                          genome_sha256, output_lock, shard_attrs, warn_if_unscored)
 from preprocessing.fasta import FastaReader, Piece
 from preprocessing.parallel import PieceRunner
 
 PIECE_BASES = 1 << 19   # part of the sample layout (recorded in params), not a tuning knob
+# Bounds of the integer options: beyond them a value is a typo, and would otherwise fail late
+# with a traceback (an int too large for numpy, an allocation of petabytes).
+MAX_MIN_COUNT = 1 << 53          # more k-mers than any genome has; exact in float64
+MAX_SEED = (1 << 63) - 1         # numpy's SeedSequence takes any such entropy word
+MAX_WORKERS = 1024
+MAX_SHARD_TOKENS = 1 << 30       # each split's shard buffer holds this many tokens in memory
+
+
+def _in_range(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name}: must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise InputError(f"{name}: must be in {lo}..{hi}, got {value}")
 
 
 @dataclass
@@ -69,8 +82,10 @@ class BuildConfig:
         self.genome, self.out_dir = Path(self.genome), Path(self.out_dir)
         if self.k not in K_RANGE:
             raise InputError(f"--k: {self.k} not in {K_RANGE.start}..{K_RANGE.stop - 1}")
-        if self.min_count < 1:
-            raise InputError(f"--min-count: must be >= 1, got {self.min_count}")
+        _in_range("--min-count", self.min_count, 1, MAX_MIN_COUNT)
+        _in_range("--seed", self.seed, 0, MAX_SEED)
+        _in_range("--workers", self.workers, 1, MAX_WORKERS)
+        _in_range("--shard-tokens", self.shard_tokens, samples.MAX_TOKENS, MAX_SHARD_TOKENS)
         self.valid_records = tuple(self.valid_records)
         if self.valid_fraction is None:
             self.valid_fraction = 0.0 if self.valid_records else 0.02
@@ -78,14 +93,8 @@ class BuildConfig:
             raise InputError("--valid-fraction and --valid-records: give one of them, not both")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise InputError(f"--valid-fraction: must be in [0, 1), got {self.valid_fraction}")
-        if self.workers < 1:
-            raise InputError(f"--workers: must be >= 1, got {self.workers}")
-        if self.shard_tokens < samples.MAX_TOKENS:
-            raise InputError(f"--shard-tokens: must be >= {samples.MAX_TOKENS}, got {self.shard_tokens}")
-        if self.piece_bases < 64 * self.k:
-            raise InputError(f"piece_bases: must be >= {64 * self.k}, got {self.piece_bases}")
-        if self.cache_bytes < 0:
-            raise InputError(f"cache_bytes: must be >= 0, got {self.cache_bytes}")
+        _in_range("piece_bases", self.piece_bases, 64 * self.k, 1 << 30)
+        _in_range("cache_bytes", self.cache_bytes, 0, 1 << 50)
         if self.npmi_table is not None:
             self.npmi_table = Path(self.npmi_table)
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -226,24 +235,25 @@ def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceC
 def build(cfg: BuildConfig, out=sys.stdout) -> Manifest:
     """Build (or confirm up to date) the dataset cfg describes; return its manifest."""
     start = time.perf_counter()
-    source_sha = genome_sha256(cfg.genome)
-    external = None
-    table_sha = None
-    if cfg.npmi_table is not None:
-        external = load_table(cfg.npmi_table, cfg.k)
-        table_sha = sha256_file(cfg.npmi_table)
-    params = params_of(cfg, table_sha)
+    with output_lock(cfg.out_dir):
+        source_sha = genome_sha256(cfg.genome)
+        external = None
+        table_sha = None
+        if cfg.npmi_table is not None:
+            external = load_table(cfg.npmi_table, cfg.k)
+            table_sha = sha256_file(cfg.npmi_table)
+        params = params_of(cfg, table_sha)
 
-    if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out)) is not None:
-        return m
+        if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out)) is not None:
+            return m
 
-    summary = Summary()
-    cache = PieceCache(cfg.cache_bytes) if external is None else None   # filled by pass 1
-    with Staging(cfg.out_dir) as staging, INTERRUPTS, \
-            PieceRunner(cfg.workers, cfg.piece_bases, cfg.k) as runner:
-        manifest = _build_into(cfg, staging.dir, runner, cache, external, params, source_sha,
-                               table_sha, summary, start)
-        staging.publish(manifest)
+        summary = Summary()
+        cache = PieceCache(cfg.cache_bytes) if external is None else None   # filled by pass 1
+        with Staging(cfg.out_dir) as staging, INTERRUPTS, \
+                PieceRunner(cfg.workers, cfg.piece_bases, cfg.k) as runner:
+            manifest = _build_into(cfg, staging.dir, runner, cache, external, params, source_sha,
+                                   table_sha, summary, start)
+            staging.publish(manifest)
     for line in summary.lines():
         print(line, file=out)
     print(f"wrote {cfg.out_dir}", file=out)
@@ -256,17 +266,22 @@ def build_table(genome: Path, out_tsv: Path, k: int = BuildConfig.k,
     """Only the NPMI table (the `npmi` command)."""
     if k not in K_RANGE:
         raise InputError(f"--k: {k} not in {K_RANGE.start}..{K_RANGE.stop - 1}")
-    if min_count < 1 or workers < 1:
-        raise InputError(f"--min-count and --workers must be >= 1 (got {min_count}, {workers})")
+    _in_range("--min-count", min_count, 1, MAX_MIN_COUNT)
+    _in_range("--workers", workers, 1, MAX_WORKERS)
+    out_tsv = Path(out_tsv)
+    check_writable(out_tsv, "NPMI table")
     start = time.perf_counter()
     source_sha = genome_sha256(genome)
     summary = Summary()
     with PieceRunner(workers, PIECE_BASES, k) as runner:
         counts = count_ngrams(Path(genome), k, runner, summary)
     pmi, table = npmi.npmi(counts, k, min_count)
-    path = write_table(out_tsv, table, counts[k], pmi,
-                       {"source": Path(genome).name, "source_sha256": source_sha,
-                        "min_count": min_count, "scored": int((~np.isnan(table)).sum())})
+    try:
+        path = write_table(out_tsv, table, counts[k], pmi,
+                           {"source": Path(genome).name, "source_sha256": source_sha,
+                            "min_count": min_count, "scored": int((~np.isnan(table)).sum())})
+    except OSError as e:      # the directory changed since the check, or the disk is full
+        raise InputError(f"{out_tsv}: cannot write the NPMI table ({e.strerror or e})") from None
     warn_if_unscored(table, path, min_count, Path(genome).name)
     secs = time.perf_counter() - start
     print(f"{path}: {int((~np.isnan(table)).sum())} of {4 ** k} {k}-mers scored; "

@@ -76,9 +76,13 @@ def _cut(arena: Arena, slot: int, n: int, overlap: int, seed: int, record: int, 
 TASKS = {"count": _count, "cut": _cut}
 
 
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _serve(conn, arena: Arena) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and ends us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited by fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)   # blocked by the parent for the fork
     while True:
         try:
             msg = conn.recv()
@@ -105,13 +109,20 @@ class PieceRunner:
         self.arena = Arena(2 * workers, piece_bases, k)
         self.conns, self.procs = [], []
         ctx = mp.get_context("fork")
-        for _ in range(workers - 1):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, self.arena), daemon=True)
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        # Ctrl-C reaches every process of the terminal's group: one arriving between fork and
+        # _serve's handlers would run the parent's handler in the child (a traceback there).
+        # Blocked meanwhile, it waits and is then delivered to the parent only.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            for _ in range(workers - 1):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_serve, args=(child, self.arena), daemon=True)
+                proc.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def __enter__(self) -> "PieceRunner":
         return self
@@ -169,8 +180,11 @@ class PieceRunner:
         try:
             ok, value = self.conns[worker].recv()
         except EOFError:
-            raise RuntimeError(f"preprocessing worker {worker} died "
-                               f"(exit code {self.procs[worker].exitcode})") from None
+            self.procs[worker].join(1)
+            code = self.procs[worker].exitcode
+            if code in (-signal.SIGTERM, -signal.SIGINT):   # a signal to the whole group
+                raise KeyboardInterrupt from None
+            raise RuntimeError(f"preprocessing worker {worker} died (exit code {code})") from None
         if not ok:
             raise value
         return piece, slot, value

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -294,25 +295,189 @@ def test_interrupted_build_leaves_nothing_loadable(tmp_path, sig, workers):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "preprocessing", "build", str(genome), str(out),
                              "--min-count", "2", "--shard-tokens", "200000",
-                             "--workers", str(workers)], cwd=ROOT,
+                             "--workers", str(workers)], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # kill once shards are being written into the hidden working directory
         _wait_for(lambda: any(p.glob("train-*.h5") for p in tmp_path.glob(".out.partial-*")),
                   proc, "writing shards")
-        proc.send_signal(sig)
+        # Ctrl-C in a terminal signals the whole process group: the workers too
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    err = proc.stderr.read()
     with pytest.raises(ShardError):
         Manifest.load(out)
     with pytest.raises(ShardError):
         ShardSet(out, "train")
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and not list(tmp_path.glob(".out.partial-*"))
+        assert "Traceback" not in err, err
+        assert err.replace("\r", "\n").strip().splitlines()[-1] == \
+            f"interrupted: nothing written ({out} unchanged)"
     # the next build cleans up whatever the killed one left and succeeds
     run_module("-m", "preprocessing", "build", str(genome), str(out), "--min-count", "2",
                "--shard-tokens", "2000000")
     verify(out)
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+# ---- one writer per OUT_DIR, and a publish that is never left half-way ----
+
+def test_a_second_build_into_the_same_out_dir_is_refused(tmp_path, lambda_fasta):
+    """The lock is a real flock held by another process (this test); its pid and host are in
+    the refusal. Once released, the build runs, and leaves no lock file behind."""
+    import socket
+    from cmgems.io import exclusive_lock
+    out = tmp_path / "data"
+    args = ["-m", "preprocessing", "build", str(lambda_fasta), str(out), "--min-count", "5"]
+    with exclusive_lock(tmp_path / ".data.lock", "test"):
+        res = run_module(*args, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == (
+        f"error: {tmp_path / '.data.lock'}: the dataset directory {out} is in use by pid "
+        f"{os.getpid()} on host {socket.gethostname()} "
+        + res.stderr.split(socket.gethostname() + " ", 1)[1].strip())
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    run_module(*args)
+    assert not (tmp_path / ".data.lock").exists()
+    verify(out)
+
+
+def test_a_dead_builds_lock_is_taken_over(tmp_path, lambda_fasta):
+    lock = tmp_path / ".data.lock"
+    lock.write_text('{"pid": 4000000, "host": "gone", "since": "yesterday"}')  # nobody flocks it
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(tmp_path / "data"),
+                     "--min-count", "5")
+    assert f"warning: {lock}: taking over the lock of pid 4000000 on host gone" in res.stderr
+    assert not lock.exists()
+    verify(tmp_path / "data")
+
+
+def _dataset(tmp_path: Path, name: str, shard_tokens: int) -> tuple[Path, BuildConfig]:
+    genome = tmp_path / "g.fa"
+    if not genome.exists():
+        _synthetic(genome, [60_000, 30_000], seed=4)
+    cfg = BuildConfig(genome=genome, out_dir=tmp_path / name, min_count=2,
+                      shard_tokens=shard_tokens, overwrite=True)
+    return genome, cfg
+
+
+def test_sigint_while_publishing_an_overwrite_waits_for_the_renames(tmp_path, monkeypatch, capsys):
+    """A real SIGINT raised inside the publish (from the removal of the old dataset, after the
+    renames began): the publish completes, OUT_DIR holds the whole new dataset, and the message
+    says so instead of "nothing written"."""
+    import shutil
+    import preprocessing.__main__ as cli
+    from preprocessing import dataset_writer
+    _, cfg = _dataset(tmp_path, "data", 20_000)
+    build(cfg, out=io.StringIO())
+    old = Manifest.load(cfg.out_dir)
+    rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *a, **kw):
+        if dataset_writer.OLD_TAG in str(path):
+            os.kill(os.getpid(), signal.SIGINT)     # handled: remembered, raised after publish
+        return rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(dataset_writer.shutil, "rmtree", interrupted_rmtree)
+    code = cli.main(["build", str(cfg.genome), str(cfg.out_dir), "--min-count", "2",
+                     "--shard-tokens", "50000", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err.strip().splitlines()[-1] == (f"interrupted: {cfg.out_dir.resolve()} was already "
+                                            f"published, complete")
+    new = Manifest.load(cfg.out_dir)
+    verify(cfg.out_dir, new)
+    assert new.params["shard_tokens"] == 50_000 and new.shards != old.shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "g.fa"]
+
+
+def test_sigint_before_the_publish_keeps_the_old_dataset(tmp_path, monkeypatch, capsys):
+    import preprocessing.__main__ as cli
+    from preprocessing import dataset_writer
+    _, cfg = _dataset(tmp_path, "data", 20_000)
+    build(cfg, out=io.StringIO())
+    old = Manifest.load(cfg.out_dir)
+    save = Manifest.save
+
+    def interrupted_save(self, directory):      # the manifest saved, the publish not begun
+        path = save(self, directory)
+        os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(dataset_writer.Manifest, "save", interrupted_save)
+    code = cli.main(["build", str(cfg.genome), str(cfg.out_dir), "--min-count", "2",
+                     "--shard-tokens", "50000", "--overwrite"])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"interrupted: nothing written ({cfg.out_dir} unchanged)"
+    assert Manifest.load(cfg.out_dir) == old
+    verify(cfg.out_dir, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "g.fa"]
+
+
+def test_a_dataset_set_aside_by_a_killed_publish_is_put_back(tmp_path):
+    """kill -9 between the publish's two renames leaves OUT_DIR missing and the old dataset
+    under its aside name: the next build puts it back (here: up to date, nothing rebuilt)."""
+    from preprocessing.dataset_writer import OLD_TAG
+    _, cfg = _dataset(tmp_path, "data", 20_000)
+    build(cfg, out=io.StringIO())
+    aside = tmp_path / f".data{OLD_TAG}4000000"
+    cfg.out_dir.rename(aside)
+    (tmp_path / ".data.partial-4000000").mkdir()       # the new one, unfinished
+    log = io.StringIO()
+    import logging
+    handler = logging.StreamHandler(log)
+    logging.getLogger("cmgems").addHandler(handler)
+    try:
+        build(cfg, out=(printed := io.StringIO()))
+    finally:
+        logging.getLogger("cmgems").removeHandler(handler)
+    assert "putting back the dataset that an interrupted --overwrite set aside" in log.getvalue()
+    assert "up to date" in printed.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "g.fa"]
+
+
+def test_overwrite_refuses_to_delete_files_that_are_not_the_datasets(tmp_path):
+    _, cfg = _dataset(tmp_path, "data", 20_000)
+    build(cfg, out=io.StringIO())
+    (cfg.out_dir / "my-notes.txt").write_text("keep me\n")
+    cfg.shard_tokens = 50_000
+    with pytest.raises(Exception, match=r"refusing to replace: it holds my-notes.txt, which are "
+                                        r"not part of a dataset"):
+        build(cfg, out=io.StringIO())
+    assert (cfg.out_dir / "my-notes.txt").read_text() == "keep me\n"
+    verify(cfg.out_dir)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: [m], "a manifest is a JSON object, got list"),
+    (lambda m: "dataset", "a manifest is a JSON object, got str"),
+    (lambda m: {**m, "shards": [{k: v for k, v in s.items() if k != "sha256"}
+                                for s in m["shards"]]}, "shards[0] lacks 'sha256'"),
+    (lambda m: {**m, "shards": [{**s, "path": "../../etc/passwd"} for s in m["shards"]]},
+     "shards[0].path '../../etc/passwd' is not a file name in the dataset directory"),
+    (lambda m: {**m, "shards": [{**s, "sha256": "abc"} for s in m["shards"]]},
+     "shards[0].sha256 'abc' is not a sha256 hex digest"),
+    (lambda m: {**m, "shards": [{**s, "tokens": "many"} for s in m["shards"]]},
+     "shards[0].tokens must be int, got 'many'"),
+    (lambda m: {**m, "shards": {"train": 1}}, "field 'shards' must be list, got dict"),
+    (lambda m: {**m, "k": True}, "field 'k' must be int, got bool"),
+])
+def test_a_malformed_manifest_is_a_shard_error(tmp_path, tiny_dataset, edit, fragment):
+    import json
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    path = data / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ShardError) as e:
+        Manifest.load(data)
+    assert str(e.value).startswith(f"{path}: not a valid cmgems manifest (") and \
+        fragment in str(e.value), str(e.value)
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ShardError, match="not a valid cmgems manifest"):
+        Manifest.load(data)

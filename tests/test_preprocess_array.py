@@ -4,6 +4,7 @@ single `build` gives (same shard bytes, same npmi.tsv, same manifest but for the
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -156,6 +157,10 @@ def test_missing_or_foreign_parts_are_refused(tmp_path):
     run_module("-m", "preprocessing", "table", str(work))
     for i in range(3):
         run_module("-m", "preprocessing", "shard", str(LAMBDA), str(work), "--group", f"{i}/3")
+    from cmgems.io import exclusive_lock
+    with exclusive_lock(tmp_path / ".out.lock", "test"):       # a build of OUT_DIR under way
+        _fails("finish", str(work), str(out), fragment=f"is in use by pid {os.getpid()}")
+    assert not out.exists() and (work / "job.json").is_file()
     run_module("-m", "preprocessing", "finish", str(work), str(out))
     assert len(ShardSet(out, "train")) > 0
 
