@@ -2,7 +2,9 @@
 
 A shard holds three datasets (contiguous, uncompressed: random 512-token windows read in ~11 us):
   tokens  uint16 [T]   token ids of all samples back to back, no special tokens
-  npmi    float16 [T]  NPMI of each token's k-mer, NaN where the k-mer has no score
+  npmi    float32 [T]  NPMI of each token's k-mer, NaN where the k-mer has no score (float32
+                       keeps every distinct value of the table, so its ranking: float16 merged
+                       4,096 values into about 2,257 ties)
   offsets int64 [S+1]  sample i is tokens[offsets[i]:offsets[i+1]]
 and attributes format_version, k, vocab_size, npmi_table_sha256, source_sha256, seed, split.
 
@@ -25,9 +27,18 @@ from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
 from cmgems.tokens import vocab_size as _vocab_size
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 1: NPMI stored as float16 (read no more: rebuild)
+NPMI_DTYPE = np.float32
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "valid")
+
+
+def _version_advice(found) -> str:
+    """What to do with a dataset of another format version."""
+    if isinstance(found, int) and found > FORMAT_VERSION:
+        return "; it was written by a newer cmgems: update cmgems to read it"
+    return ("; rebuild it: python -m preprocessing build GENOME DATA_DIR --overwrite (version 1 "
+            "stored NPMI as float16, which ties distinct scores)")
 
 
 class ShardError(InputError):
@@ -56,7 +67,7 @@ def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets:
     """Write one shard atomically; return its manifest entry (path relative to its directory)."""
     path = Path(path)
     tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
-    npmi = np.ascontiguousarray(npmi, dtype=np.float16)
+    npmi = np.ascontiguousarray(npmi, dtype=NPMI_DTYPE)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     if len(tokens) != len(npmi) or offsets[0] != 0 or offsets[-1] != len(tokens):
         raise ValueError(f"{path}: tokens ({len(tokens)}), npmi ({len(npmi)}) and offsets "
@@ -114,7 +125,8 @@ class ShardReader:
             raise ShardError(f"{self.path}: not a readable cmgems shard ({e})") from None
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{self.path}: shard format version {self.attrs.get('format_version')}, "
-                             f"this cmgems reads version {FORMAT_VERSION}")
+                             f"this cmgems reads version {FORMAT_VERSION}"
+                             f"{_version_advice(self.attrs.get('format_version'))}")
         if n_tok != n_npmi or self.offsets[-1] != n_tok:
             raise ShardError(f"{self.path}: tokens ({n_tok}), npmi ({n_npmi}) and offsets "
                              f"(end {self.offsets[-1]}) disagree")
@@ -217,7 +229,8 @@ class Manifest:
                 raise ValueError(f"a manifest is a JSON object, got {type(data).__name__}")
             if data.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format version {data.get('format_version')}, "
-                                 f"this cmgems reads version {FORMAT_VERSION}")
+                                 f"this cmgems reads version {FORMAT_VERSION}"
+                                 f"{_version_advice(data.get('format_version'))}")
             return cls(**data)
         except OSError as e:
             raise ShardError(f"{path}: cannot read manifest ({e.strerror or e})") from None

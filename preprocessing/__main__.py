@@ -16,7 +16,7 @@ from preprocessing.dataset_writer import INTERRUPTS
 
 # BuildConfig fields that are positional arguments, or also `npmi`'s options
 _POSITIONAL = ("genome", "out_dir")
-_NPMI_FIELDS = ("k", "min_count", "workers")
+_NPMI_FIELDS = ("k", "min_count", "npmi_definition", "workers")
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:

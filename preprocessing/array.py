@@ -36,7 +36,8 @@ from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
 from cmgems.npmi_table import load_table
 from cmgems.shards import SPLITS, Manifest, ShardError, merge
-from preprocessing.build import BuildConfig, PieceCache, count_ngrams, params_of, write_npmi_table
+from preprocessing.build import (BuildConfig, PieceCache, count_ngrams, params_of, stored_table,
+                                 write_npmi_table)
 from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
                                           Staging, Summary, check_target, check_train_samples,
                                           check_valid_records, dataset_manifest, genome_sha256,
@@ -47,7 +48,7 @@ from preprocessing.parallel import PieceRunner
 JOB_NAME = "job.json"
 JOB_FORMAT = 1
 # BuildConfig fields that shape the output (job.json holds them; workers is per task)
-_JOB_FIELDS = ("k", "min_count", "valid_fraction", "valid_records", "seed", "npmi_table",
+_JOB_FIELDS = ("k", "min_count", "npmi_definition", "valid_fraction", "valid_records", "seed", "npmi_table",
                "shard_tokens", "overwrite", "piece_bases")
 
 
@@ -155,8 +156,7 @@ def _table_of(work: Path, digest: str, k: int) -> tuple[np.ndarray, str]:
     if meta.get("job") != digest or meta.get("sha256") != sha:
         raise InputError(f"{work / TABLE_NAME}: not the table of {work / JOB_NAME}'s job; "
                          f"rerun the `table` stage")
-    # repr() in npmi.tsv round-trips every float64, so this is the table `table` computed
-    return load_table(work / TABLE_NAME, k), sha
+    return stored_table(work / TABLE_NAME, k), sha
 
 
 # ---- stages ----

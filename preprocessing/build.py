@@ -23,7 +23,7 @@ from cmgems.options import option
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.npmi_table import load_table, write_table
-from cmgems.shards import Manifest
+from cmgems.shards import NPMI_DTYPE, Manifest
 from cmgems.tokens import K_RANGE
 from preprocessing import kmers, npmi, samples
 from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
@@ -58,6 +58,10 @@ class BuildConfig:
     out_dir: Path                     # dataset directory to create
     k: int = option(6, "k-mer length, 3..6")
     min_count: int = option(101, "NPMI's c: k-mers seen fewer times get no score")
+    npmi_definition: str = option(
+        "genemask", "NPMI of a k-mer from the counts: genemask (GeneMask's published table: "
+        "segmentations into parts of 1 and 2 bases, one common total) or levine (PMI-Masking: "
+        "all segmentations, per-length totals)", choices=npmi.DEFINITIONS)
     # None: 0.02, or 0 with valid_records (the default depends on another option)
     valid_fraction: float | None = option(
         None, "share of samples (seeded) for the validation split; default 0.02, or 0 with "
@@ -82,6 +86,9 @@ class BuildConfig:
         self.genome, self.out_dir = Path(self.genome), Path(self.out_dir)
         if self.k not in K_RANGE:
             raise InputError(f"--k: {self.k} not in {K_RANGE.start}..{K_RANGE.stop - 1}")
+        if self.npmi_definition not in npmi.DEFINITIONS:
+            raise InputError(f"--npmi-definition: {self.npmi_definition!r} is not one of "
+                             f"{', '.join(npmi.DEFINITIONS)}")
         _in_range("--min-count", self.min_count, 1, MAX_MIN_COUNT)
         _in_range("--seed", self.seed, 0, MAX_SEED)
         _in_range("--workers", self.workers, 1, MAX_WORKERS)
@@ -107,7 +114,10 @@ class BuildConfig:
 
 def params_of(cfg: BuildConfig, table_sha: str | None) -> dict:
     """Every parameter that shapes the output (not --workers or --overwrite)."""
-    return {"k": cfg.k, "min_count": cfg.min_count, "valid_fraction": cfg.valid_fraction,
+    return {"k": cfg.k, "min_count": cfg.min_count,
+            # an external table was made by its own definition, which it does not record
+            "npmi_definition": cfg.npmi_definition if cfg.npmi_table is None else None,
+            "valid_fraction": cfg.valid_fraction,
             "valid_records": list(cfg.valid_records), "seed": cfg.seed,
             "npmi_table": None if cfg.npmi_table is None else
             {"name": cfg.npmi_table.name, "sha256": table_sha},
@@ -198,12 +208,16 @@ def write_npmi_table(path: Path, cfg: BuildConfig, source_sha: str,
                      counts: list[np.ndarray] | None, external: np.ndarray | None = None,
                      table_sha: str | None = None) -> np.ndarray:
     """npmi.tsv from whole-genome n-gram counts, or the external table; returns the NPMI per
-    k-mer code. Shared by `build` and the job array's `table` stage, so both write the same bytes."""
+    k-mer code that shards store. Shared by `build` and the job array's `table` stage, so both
+    write the same bytes; and the shards' values are read back from the file written (repr()
+    keeps every float64), as the array's later stages read them: one rounding, to the shards'
+    dtype, on every path."""
     table_params = {"source": cfg.genome.name, "source_sha256": source_sha}
     if external is None:
-        pmi, table = npmi.npmi(counts, cfg.k, cfg.min_count)
+        pmi, table = npmi.npmi(counts, cfg.k, cfg.min_count, definition=cfg.npmi_definition)
         write_table(path, table, counts[cfg.k], pmi,
                     {**table_params, "min_count": cfg.min_count,
+                     "definition": cfg.npmi_definition,
                      "scored": int((~np.isnan(table)).sum())})
     else:
         table = external
@@ -212,7 +226,12 @@ def write_npmi_table(path: Path, cfg: BuildConfig, source_sha: str,
     warn_if_unscored(table, cfg.out_dir / TABLE_NAME if external is None else cfg.npmi_table,
                      cfg.min_count if external is None else None,
                      cfg.genome.name if external is None else cfg.npmi_table.name)
-    return table
+    return stored_table(path, cfg.k)
+
+
+def stored_table(path: Path, k: int) -> np.ndarray:
+    """The NPMI per k-mer code that shards hold, from a written npmi.tsv."""
+    return load_table(path, k).astype(NPMI_DTYPE)
 
 
 def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceCache | None,
@@ -262,12 +281,15 @@ def build(cfg: BuildConfig, out=sys.stdout) -> Manifest:
 
 def build_table(genome: Path, out_tsv: Path, k: int = BuildConfig.k,
                 min_count: int = BuildConfig.min_count, workers: int = BuildConfig.workers,
-                out=sys.stdout) -> Path:
+                npmi_definition: str = BuildConfig.npmi_definition, out=sys.stdout) -> Path:
     """Only the NPMI table (the `npmi` command)."""
     if k not in K_RANGE:
         raise InputError(f"--k: {k} not in {K_RANGE.start}..{K_RANGE.stop - 1}")
     _in_range("--min-count", min_count, 1, MAX_MIN_COUNT)
     _in_range("--workers", workers, 1, MAX_WORKERS)
+    if npmi_definition not in npmi.DEFINITIONS:
+        raise InputError(f"--npmi-definition: {npmi_definition!r} is not one of "
+                         f"{', '.join(npmi.DEFINITIONS)}")
     out_tsv = Path(out_tsv)
     check_writable(out_tsv, "NPMI table")
     start = time.perf_counter()
@@ -275,11 +297,12 @@ def build_table(genome: Path, out_tsv: Path, k: int = BuildConfig.k,
     summary = Summary()
     with PieceRunner(workers, PIECE_BASES, k) as runner:
         counts = count_ngrams(Path(genome), k, runner, summary)
-    pmi, table = npmi.npmi(counts, k, min_count)
+    pmi, table = npmi.npmi(counts, k, min_count, definition=npmi_definition)
     try:
         path = write_table(out_tsv, table, counts[k], pmi,
                            {"source": Path(genome).name, "source_sha256": source_sha,
-                            "min_count": min_count, "scored": int((~np.isnan(table)).sum())})
+                            "min_count": min_count, "definition": npmi_definition,
+                            "scored": int((~np.isnan(table)).sum())})
     except OSError as e:      # the directory changed since the check, or the disk is full
         raise InputError(f"{out_tsv}: cannot write the NPMI table ({e.strerror or e})") from None
     warn_if_unscored(table, path, min_count, Path(genome).name)

@@ -28,7 +28,8 @@ import numpy as np
 from cmgems.errors import InputError
 from cmgems.io import exclusive_lock, sha256_file
 from cmgems.npmi_table import scored_fraction
-from cmgems.shards import MANIFEST_NAME, SPLITS, Manifest, ShardError, verify, write_shard
+from cmgems.shards import (MANIFEST_NAME, NPMI_DTYPE, SPLITS, Manifest, ShardError, verify,
+                           write_shard)
 from cmgems.tokens import vocab_size
 from preprocessing import samples
 from preprocessing.fasta import ReadStats, check_genome_file
@@ -255,7 +256,7 @@ class ShardWriter:
         # a shard holds < shard_tokens + MAX_TOKENS tokens; np.empty: pages touched only if used
         capacity = shard_tokens + samples.MAX_TOKENS + piece_tokens
         self.tokens = np.empty(capacity, np.uint16)
-        self.npmi = np.empty(capacity, np.float16)
+        self.npmi = np.empty(capacity, NPMI_DTYPE)
         self.lengths: list[np.ndarray] = []
         self.n = 0
         self.entries: list[dict] = []

@@ -40,8 +40,18 @@ def pmi(counts: list[np.ndarray], k: int) -> np.ndarray:
     return out
 
 
-def npmi(counts: list[np.ndarray], k: int, min_count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pmi, npmi) per k-mer code; npmi is NaN for k-mers counted fewer than min_count times."""
+DEFINITIONS = ("genemask", "levine")
+
+
+def npmi(counts: list[np.ndarray], k: int, min_count: int, definition: str = "genemask"
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(pmi, npmi) per k-mer code; npmi is NaN for k-mers counted fewer than min_count times.
+
+    PLACEHOLDER for the plumbing: both definitions compute the levine one here; the genemask
+    definition is preprocessing/npmi.py's of the NPMI-definition work, which replaces this file.
+    """
+    if definition not in DEFINITIONS:
+        raise ValueError(f"definition must be one of {DEFINITIONS}, got {definition!r}")
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     p = pmi(counts, k)

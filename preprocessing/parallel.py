@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from cmgems.shards import NPMI_DTYPE
 from preprocessing import kmers, samples
 from preprocessing.fasta import Piece
 
@@ -34,7 +35,7 @@ class Arena:
         max_bases = piece_bases + k          # a piece is shorter than piece_bases + k - 1
         max_samples = max_bases // samples.MIN_TOKENS + 1
         spec = [("seq", np.uint8, max_bases), ("counts", np.int64, (k + 1) * 4 ** k),
-                ("tokens", np.uint16, max_bases), ("npmi", np.float16, max_bases),
+                ("tokens", np.uint16, max_bases), ("npmi", NPMI_DTYPE, max_bases),
                 ("lengths", np.int64, max_samples), ("valid", np.bool_, max_samples)]
         self.regions, offset = {}, 0
         for name, dtype, n in spec:
@@ -42,7 +43,7 @@ class Arena:
             offset += -(-n * np.dtype(dtype).itemsize // 8) * 8
         self.slot_bytes = offset
         self.table_offset = slots * offset
-        self.mm = mmap.mmap(-1, self.table_offset + 2 * 4 ** k)
+        self.mm = mmap.mmap(-1, self.table_offset + NPMI_DTYPE().itemsize * 4 ** k)
 
     def view(self, slot: int, name: str, n: int | None = None) -> np.ndarray:
         offset, dtype, size = self.regions[name]
@@ -50,8 +51,8 @@ class Arena:
                              slot * self.slot_bytes + offset)
 
     def table(self) -> np.ndarray:
-        """float16 NPMI per k-mer code, read by every cut task."""
-        return np.frombuffer(self.mm, np.float16, 4 ** self.k, self.table_offset)
+        """NPMI per k-mer code as shards store it, read by every cut task."""
+        return np.frombuffer(self.mm, NPMI_DTYPE, 4 ** self.k, self.table_offset)
 
 
 def _count(arena: Arena, slot: int, n: int, overlap: int) -> int:

@@ -24,7 +24,7 @@ _MEAN = FULL_FRACTION * MAX_TOKENS + (1 - FULL_FRACTION) * (MIN_TOKENS + MAX_TOK
 @dataclass
 class PieceSamples:
     tokens: np.ndarray    # uint16 token ids of all kept samples back to back
-    npmi: np.ndarray      # float16 NPMI per token
+    npmi: np.ndarray      # NPMI per token, as shards store it (cmgems.shards.NPMI_DTYPE)
     lengths: np.ndarray   # int64 tokens per sample
     valid: np.ndarray     # bool per sample: goes to the validation split
     dropped: int          # tokens in fragments shorter than MIN_TOKENS
@@ -43,7 +43,7 @@ def draw_lengths(rng: np.random.Generator, total: int) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
-def cut_piece(seq: bytes, overlap: int, k: int, table16: np.ndarray, rng: np.random.Generator,
+def cut_piece(seq: bytes, overlap: int, k: int, table: np.ndarray, rng: np.random.Generator,
               valid_fraction: float, all_valid: bool) -> PieceSamples:
     codes = encode(seq)
     code, vlen = windows(codes, k)
@@ -72,6 +72,6 @@ def cut_piece(seq: bytes, overlap: int, k: int, table16: np.ndarray, rng: np.ran
         valid = np.ones(len(lengths), dtype=bool)
     else:
         valid = rng.random(len(lengths)) < valid_fraction
-    return PieceSamples(tokens=kcode + np.uint16(NUM_SPECIAL), npmi=table16[kcode],
+    return PieceSamples(tokens=kcode + np.uint16(NUM_SPECIAL), npmi=table[kcode],
                         lengths=lengths, valid=valid, dropped=int(seg[~keep].sum()),
                         non_acgt=int(np.count_nonzero(codes[overlap:] == INVALID)))

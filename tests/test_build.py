@@ -77,7 +77,8 @@ def test_tiny_dataset_layout(tiny_dataset, lambda_fasta):
     assert 0.02 < n_valid < 0.25
     table = npmi_table.load_table(tiny_dataset / "npmi.tsv", 6)
     with h5py.File(tiny_dataset / train[0]["path"]) as f:
-        assert f["tokens"].dtype == np.uint16 and f["npmi"].dtype == np.float16
+        assert f["tokens"].dtype == np.uint16 and f["npmi"].dtype == np.float32
+        assert f.attrs["format_version"] == 2
         assert f["offsets"].dtype == np.int64
         assert f.attrs["k"] == 6 and f.attrs["vocab_size"] == 4101
         assert f.attrs["npmi_table_sha256"] == m.npmi_table_sha256
@@ -87,7 +88,7 @@ def test_tiny_dataset_layout(tiny_dataset, lambda_fasta):
     for split, (ids, npmi) in _all_samples(tiny_dataset):
         assert ids.min() >= 5 and samples.MIN_TOKENS <= len(ids) <= samples.MAX_TOKENS
         assert _decode(ids, 6) in genome
-        want = npmi_table.npmi_of_ids(table, ids).astype(np.float16)
+        want = npmi_table.npmi_of_ids(table, ids)
         assert np.array_equal(npmi, want, equal_nan=True)
 
 
@@ -187,7 +188,7 @@ def test_valid_records_and_external_table(tmp_path):
     assert m.stats["samples"]["train"] > 0
     table = npmi_table.load_table(GENEMASK, 6)
     ids, npmi = ShardSet(out, "train")[0]
-    assert np.array_equal(npmi, table[ids - 5].astype(np.float16))
+    assert np.array_equal(npmi, table[ids - 5])
     assert np.array_equal(npmi_table.load_table(out / "npmi.tsv", 6), table)
 
     with pytest.raises(Exception, match="--valid-records: nope not found"):
@@ -481,3 +482,84 @@ def test_a_malformed_manifest_is_a_shard_error(tmp_path, tiny_dataset, edit, fra
     path.write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(ShardError, match="not a valid cmgems manifest"):
         Manifest.load(data)
+
+
+# ---- NPMI as stored: the definition recorded, the table's ranking kept ----
+
+def test_npmi_definition_is_an_option_recorded_in_table_and_manifest(tmp_path, lambda_fasta):
+    for definition in ("genemask", "levine"):
+        out = tmp_path / definition
+        run_module("-m", "preprocessing", "build", str(lambda_fasta), str(out), "--min-count",
+                   "5", "--npmi-definition", definition)
+        assert Manifest.load(out).params["npmi_definition"] == definition
+        assert f"# definition: {definition}" in (out / "npmi.tsv").read_text().splitlines()
+        table = tmp_path / f"{definition}.tsv"
+        run_module("-m", "preprocessing", "npmi", str(lambda_fasta), str(table), "--min-count",
+                   "5", "--npmi-definition", definition)
+        assert table.read_text() == (out / "npmi.tsv").read_text()
+    assert Manifest.load(tmp_path / "genemask").params == {
+        **Manifest.load(tmp_path / "levine").params, "npmi_definition": "genemask"}
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(tmp_path / "x"),
+                     "--npmi-definition", "pmi", check=False)
+    assert res.returncode == 2 and "--npmi-definition: invalid choice: 'pmi'" in res.stderr
+    assert "--npmi-definition" in run_module("-m", "preprocessing", "build", "--help").stdout
+    help_text = " ".join(run_module("-m", "preprocessing", "npmi", "--help").stdout.split())
+    assert "--npmi-definition {genemask,levine}" in help_text and "(default: 'genemask')" in help_text
+
+
+def test_default_definition_is_genemask_and_an_external_table_records_none(tmp_path, tiny_dataset):
+    assert BuildConfig(genome="g.fa", out_dir="o").npmi_definition == "genemask"
+    assert Manifest.load(tiny_dataset).params["npmi_definition"] == "genemask"
+    table = tmp_path / "t.tsv"
+    npmi_table.write_table(table, np.linspace(-1, 1, 4096))
+    cfg = BuildConfig(genome=ROOT.parent / "shared" / "data" / "genomes" / "lambda_phage.fa.gz",
+                      out_dir=tmp_path / "ext", npmi_table=table)
+    m = build(cfg, out=io.StringIO())
+    assert m.params["npmi_definition"] is None
+
+
+def test_shards_keep_every_distinct_npmi_value_of_the_table(tmp_path):
+    """4,096 distinct table values, closer together than float16 can tell apart: every token's
+    stored NPMI is its table value in float32, so ranking by the stored values is ranking by the
+    table (float16 gave 4,096 k-mers about 2,257 distinct values)."""
+    genome = tmp_path / "g.fa"
+    _synthetic(genome, [400_000], seed=8)
+    rng = np.random.default_rng(0)
+    values = np.linspace(0.5, 0.6, 4096)[rng.permutation(4096)]   # 2.4e-5 apart
+    assert len(np.unique(values.astype(np.float16))) < 1000
+    table = tmp_path / "dense.tsv"
+    npmi_table.write_table(table, values)
+    out = tmp_path / "out"
+    build(BuildConfig(genome=genome, out_dir=out, npmi_table=table, valid_fraction=0.0),
+          out=io.StringIO())
+    ids = np.concatenate([s[0] for _, s in _all_samples(out)])
+    stored = np.concatenate([s[1] for _, s in _all_samples(out)])
+    assert stored.dtype == np.float32
+    assert np.array_equal(stored, values[ids - 5].astype(np.float32))
+    seen = np.unique(ids)
+    assert len(seen) > 4000
+    assert len(np.unique(stored)) == len(seen)         # no two k-mers tied
+    order = np.argsort(values[seen - 5])
+    first = {int(t): float(v) for t, v in zip(ids, stored)}
+    assert np.all(np.diff([first[int(t)] for t in seen[order]]) > 0)
+
+
+@pytest.mark.parametrize("where", ["manifest", "shard"])
+def test_a_version_1_dataset_is_refused_with_rebuild(tmp_path, tiny_dataset, where):
+    import json
+    import shutil
+    data = tmp_path / "old"
+    shutil.copytree(tiny_dataset, data)
+    if where == "manifest":
+        m = json.loads((data / "manifest.json").read_text())
+        m["format_version"] = 1
+        (data / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ShardError, match=r"format version 1, this cmgems reads version 2; "
+                                             r"rebuild it: python -m preprocessing build"):
+            Manifest.load(data)
+    else:
+        with h5py.File(data / "train-00000.h5", "r+") as f:
+            f.attrs["format_version"] = 1
+        with pytest.raises(ShardError, match=r"train-00000.h5: shard format version 1, this "
+                                             r"cmgems reads version 2; rebuild it"):
+            ShardSet(data, "train")
