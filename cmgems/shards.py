@@ -62,31 +62,98 @@ def _os_reason(err: BaseException) -> str:
     return str(err).splitlines()[0][:200]
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """A created shard: where its three datasets' data lie in the file (byte offsets), so that
+    parts of it can be written in place by write_part, in any order and by any process."""
+    path: str
+    tokens: int
+    npmi: int
+    offsets: int
+
+
+def create_shard(path: str | Path, n_tokens: int, n_samples: int, **attrs) -> ShardFile:
+    """Create a shard of this size whose data are written afterwards, in place (write_part): the
+    datasets are contiguous, allocated now at offsets fixed by the sizes, and never filled, so
+    the bytes of the finished file depend only on the sizes, attributes and data written, not
+    on who wrote which part. offsets[0] = 0 is written here."""
+    def dcpl():
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        return plist
+
+    path = str(path)
+    try:
+        with h5py.File(path, "w") as f:
+            at = {name: f.create_dataset(name, shape=(n,), dtype=dtype,
+                                         dcpl=dcpl()).id.get_offset()
+                  for name, dtype, n in (("tokens", np.uint16, n_tokens),
+                                         ("npmi", NPMI_DTYPE, n_tokens),
+                                         ("offsets", np.int64, n_samples + 1))}
+            f.attrs["format_version"] = FORMAT_VERSION
+            for key, value in attrs.items():
+                f.attrs[key] = value
+    except (OSError, RuntimeError) as e:
+        # HDF5 reports a full disk (ENOSPC) or a file size limit (EFBIG) as OSError on write or
+        # RuntimeError on close
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}", Path(path)) from None
+    shard = ShardFile(path, at["tokens"], at["npmi"], at["offsets"])
+    _pwrite(path, [(shard.offsets, np.zeros(1, np.int64))])
+    return shard
+
+
+def write_part(shard: ShardFile, tokens: np.ndarray, npmi: np.ndarray, lengths: np.ndarray,
+               token_at: int, sample_at: int) -> None:
+    """Write samples (tokens and npmi back to back, `lengths` tokens each) into a created shard
+    as its samples sample_at, sample_at + 1, ..., starting at token token_at."""
+    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
+    npmi = np.ascontiguousarray(npmi, dtype=NPMI_DTYPE)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    ends += token_at
+    _pwrite(shard.path, [(shard.tokens + tokens.itemsize * token_at, tokens),
+                         (shard.npmi + npmi.itemsize * token_at, npmi),
+                         (shard.offsets + ends.itemsize * (sample_at + 1), ends)])
+
+
+def _pwrite(path: str, parts: list[tuple[int, np.ndarray]]) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for at, data in parts:
+                view = memoryview(data).cast("B")
+                while view:                       # pwrite may write less than asked
+                    done = os.pwrite(fd, view, at)
+                    view, at = view[done:], at + done
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}", Path(path)) from None
+
+
+def shard_entry(path: str | Path, split: str, samples: int, tokens: int) -> dict:
+    """The manifest entry of a finished shard (path relative to its directory)."""
+    return {"path": Path(path).name, "split": split, "samples": int(samples),
+            "tokens": int(tokens), "sha256": sha256_file(path)}
+
+
 def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets: np.ndarray,
                 **attrs) -> dict:
     """Write one shard atomically; return its manifest entry (path relative to its directory)."""
     path = Path(path)
-    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
-    npmi = np.ascontiguousarray(npmi, dtype=NPMI_DTYPE)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     if len(tokens) != len(npmi) or offsets[0] != 0 or offsets[-1] != len(tokens):
         raise ValueError(f"{path}: tokens ({len(tokens)}), npmi ({len(npmi)}) and offsets "
                          f"(last {offsets[-1]}) disagree")
     try:
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("tokens", data=tokens)
-                f.create_dataset("npmi", data=npmi)
-                f.create_dataset("offsets", data=offsets)
-                f.attrs["format_version"] = FORMAT_VERSION
-                for key, value in attrs.items():
-                    f.attrs[key] = value
-    except (OSError, RuntimeError) as e:
-        # HDF5 reports a full disk (ENOSPC) or a file size limit (EFBIG) as OSError on write or
-        # RuntimeError on close; atomic_path has removed the temporary file either way.
-        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}") from None
-    return {"path": path.name, "split": attrs.get("split", "train"), "samples": len(offsets) - 1,
-            "tokens": int(len(tokens)), "sha256": sha256_file(path)}
+            shard = create_shard(tmp, len(tokens), len(offsets) - 1, **attrs)
+            write_part(shard, tokens, npmi, np.diff(offsets), 0, 0)
+    except ShardError as e:             # named after the shard, not its temporary file
+        raise ShardError(str(e).replace(str(tmp), str(path), 1), path) from None
+    except OSError as e:                # the rename
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}", path) from None
+    return shard_entry(path, attrs.get("split", "train"), len(offsets) - 1, len(tokens))
 
 
 def merge(paths: list[str | Path], out_path: str | Path, **attrs) -> dict:

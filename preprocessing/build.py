@@ -10,6 +10,7 @@ never holds a manifest for partial data.
 """
 from __future__ import annotations
 
+import collections
 import sys
 import time
 from dataclasses import dataclass
@@ -23,15 +24,16 @@ from cmgems.options import option
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.npmi_table import load_table, write_table
-from cmgems.shards import NPMI_DTYPE, Manifest
+from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, ShardFile, create_shard
 from cmgems.tokens import K_RANGE
 from preprocessing import kmers, npmi, samples
-from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
-                                          Staging, Summary, check_target, check_train_samples,
-                                          check_valid_records, check_writable, dataset_manifest,
-                                          genome_sha256, output_lock, shard_attrs, warn_if_unscored)
+from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, Staging, Summary,
+                                          check_target, check_train_samples, check_valid_records,
+                                          check_writable, dataset_manifest, genome_sha256,
+                                          output_lock, shard_attrs, warn_if_unscored)
 from preprocessing.fasta import FastaReader, Piece
-from preprocessing.parallel import PieceRunner
+from preprocessing.parallel import PieceRunner, Scanned
+from preprocessing.shard_plan import ShardPlan
 
 PIECE_BASES = 1 << 19   # part of the sample layout (recorded in params), not a tuning knob
 # Bounds of the integer options: beyond them a value is a typo, and would otherwise fail late
@@ -181,27 +183,115 @@ def count_ngrams(genome: Path, k: int, runner: PieceRunner, summary: Summary,
     return kmers.ngram_counts(table.reshape(k + 1, 4 ** k), k)
 
 
+def scan_genome(cfg: BuildConfig, runner: PieceRunner, summary: Summary, count: bool,
+                cache: PieceCache | None = None, pieces: Callable[[int], bool] | None = None,
+                on_piece: Callable[[int, Scanned], None] | None = None
+                ) -> list[np.ndarray] | None:
+    """Pass 1: every piece's sample layout (given to `on_piece` with the piece's number in the
+    file, in order) and, when `count`, the n-gram counts n = 1..k (list index n) of the records
+    long enough for one sample; only the pieces whose number `pieces` accepts, when given."""
+    k = cfg.k
+    reader = FastaReader(cfg.genome, cfg.piece_bases, k - 1, cfg.min_bases)
+    table = np.zeros((k + 1) * 4 ** k, dtype=np.int64) if count else None
+    numbers = []
+
+    def chosen():
+        for i, p in enumerate(reader):
+            if pieces is not None and not pieces(i):
+                continue
+            if cache is not None:
+                cache.add(p)
+            numbers.append(i)
+            yield p
+
+    with _progress("counting" if count else "scanning", None) as bar:
+        for j, r in enumerate(runner.scan(chosen(), count, cfg.seed, cfg.valid_fraction,
+                                          cfg.valid_records)):
+            INTERRUPTS.check()
+            if count:
+                table += r.counts
+            if on_piece is not None:
+                on_piece(numbers[j], r)
+            bar.update(len(r.piece.seq) - r.piece.overlap)
+    summary.read(reader.stats)
+    if cache is not None:
+        cache.names = reader.stats.names
+    check_valid_records(cfg.genome, cfg.valid_records, reader.stats.names)
+    return kmers.ngram_counts(table.reshape(k + 1, 4 ** k), k) if count else None
+
+
 def write_shards(cfg: BuildConfig, runner: PieceRunner, work: Path, table: np.ndarray,
-                 attrs: dict, summary: Summary, cache: PieceCache | None = None) -> list[dict]:
+                 attrs: dict, summary: Summary, plan: ShardPlan,
+                 cache: PieceCache | None = None) -> list[dict]:
+    """Pass 2: cut every piece again and write its samples where the plan puts them, in the
+    workers; each shard is created here when its first piece is given, and hashed (by a
+    worker) once its last piece is done. Returns the manifest entries, train before valid."""
     cached = cache is not None and cache.pieces is not None
     reader = cache.pieces if cached else FastaReader(cfg.genome, cfg.piece_bases, cfg.k - 1,
                                                      cfg.min_bases)
-    shards = SplitShards(lambda split: ShardWriter(work, split, attrs, cfg.shard_tokens,
-                                                   cfg.piece_bases + cfg.k))
+    runner.set_table(table)
+    names = set(cfg.valid_records)
+    files: dict[str, dict[int, ShardFile]] = {s: {} for s in SPLITS}
+    entries: dict[tuple[int, int], dict] = {}
+    given: collections.deque = collections.deque()    # what each task in flight was
+    stats = {"non_acgt": 0, "dropped": 0, "samples": dict.fromkeys(SPLITS, 0),
+             "tokens": dict.fromkeys(SPLITS, 0)}
+
+    def take(bar) -> None:
+        _, _, value = runner.result()
+        what = given.popleft()
+        if what[0] == "hash":
+            _, split, sh = what
+            n, t = plan.shards(split)[sh]
+            entries[(SPLITS.index(split), sh)] = {"path": Path(files[split][sh].path).name,
+                                                  "split": split, "samples": n, "tokens": t,
+                                                  "sha256": value}
+            return
+        _, i, piece = what
+        for split, want in plan.expected(i).items():
+            if value[split] != want:
+                raise InputError(f"{cfg.genome}: piece {i} gave {value[split][0]} {split} "
+                                 f"samples in pass 2, {want[0]} in pass 1: the file changed "
+                                 f"during the build")
+            stats["samples"][split] += want[0]
+            stats["tokens"][split] += want[1]
+            for sh in plan.completed(split, i):
+                runner.submit("hash", (files[split][sh].path,))
+                given.append(("hash", split, int(sh)))
+        stats["non_acgt"] += value["non_acgt"]
+        stats["dropped"] += value["dropped"]
+        bar.update(len(piece.seq) - piece.overlap)
+
     with _progress("sharding", summary.bases or None) as bar:
-        for p, cut in runner.cut(reader, cfg.seed, cfg.valid_fraction, cfg.valid_records, table):
+        i = -1
+        for i, p in enumerate(reader):
             INTERRUPTS.check()
-            shards.add(cut)
-            bar.update(len(p.seq) - p.overlap)
+            if i >= plan.pieces:
+                raise InputError(f"{cfg.genome}: more pieces in pass 2 than in pass 1: the "
+                                 f"file changed during the build")
+            parts = {}
+            for split in SPLITS:
+                for sh in plan.opening(split, i):
+                    n, t = plan.shards(split)[sh]
+                    files[split][int(sh)] = create_shard(work / f"{split}-{sh:05d}.h5", t, n,
+                                                         split=split, **attrs)
+                parts[split] = plan.parts(split, i, files[split])
+            while runner.full:
+                take(bar)
+            runner.submit("write", (cfg.seed, p.record, p.index, cfg.valid_fraction,
+                                    p.name in names, parts), p)
+            given.append(("piece", i, p))
+        while runner.in_flight:
+            take(bar)
+    if i + 1 != plan.pieces:
+        raise InputError(f"{cfg.genome}: {i + 1} pieces in pass 2, {plan.pieces} in pass 1: "
+                         f"the file changed during the build")
     if not cached:
         summary.read(reader.stats)
-    names = cache.names if cached else reader.stats.names
-    check_valid_records(cfg.genome, cfg.valid_records, names)
-    entries = shards.close()
     summary.bases_non_acgt = 0       # counted again here, as without pass 1
-    summary.add_cuts(shards.stats())
+    summary.add_cuts(stats)
     check_train_samples(cfg.genome, cfg.min_bases, summary)
-    return entries
+    return [entries[key] for key in sorted(entries)]
 
 
 def write_npmi_table(path: Path, cfg: BuildConfig, source_sha: str,
@@ -234,17 +324,18 @@ def stored_table(path: Path, k: int) -> np.ndarray:
     return load_table(path, k).astype(NPMI_DTYPE)
 
 
-def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceCache | None,
+def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceCache,
                 external: np.ndarray | None, params: dict, source_sha: str,
                 table_sha: str | None, summary: Summary, start: float) -> Manifest:
     """Both passes into the working directory; returns the manifest."""
-    counts = None
-    if external is None:
-        counts = count_ngrams(cfg.genome, cfg.k, runner, summary, cfg.piece_bases, cache)
+    plan = ShardPlan(cfg.shard_tokens)
+    counts = scan_genome(cfg, runner, summary, external is None, cache,
+                         on_piece=lambda _, r: plan.add(r.lengths, r.valid))
+    plan.close()
     table = write_npmi_table(work / TABLE_NAME, cfg, source_sha, counts, external, table_sha)
     table_sha256 = sha256_file(work / TABLE_NAME)
     attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
-    entries = write_shards(cfg, runner, work, table, attrs, summary, cache)
+    entries = write_shards(cfg, runner, work, table, attrs, summary, plan, cache)
     summary.shards = len(entries)
     summary.seconds = time.perf_counter() - start
     return dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256, entries,
@@ -267,7 +358,7 @@ def build(cfg: BuildConfig, out=sys.stdout) -> Manifest:
             return m
 
         summary = Summary()
-        cache = PieceCache(cfg.cache_bytes) if external is None else None   # filled by pass 1
+        cache = PieceCache(cfg.cache_bytes)      # filled by pass 1
         with Staging(cfg.out_dir) as staging, INTERRUPTS, \
                 PieceRunner(cfg.workers, cfg.piece_bases, cfg.k) as runner:
             manifest = _build_into(cfg, staging.dir, runner, cache, external, params, source_sha,

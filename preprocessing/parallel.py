@@ -1,15 +1,22 @@
 """Running per-piece work in worker processes with nothing but small messages on the pipes.
 
 Every array crosses between processes through one anonymous shared mapping (the arena, created
-before the workers fork, so they inherit it): a piece's bases go in, its counts or tokens come
-out. The pipes carry only a few integers per piece. multiprocessing.Pool pickled megabytes per
-piece through helper threads that wait on the parent's GIL, which made two workers slower
-than one; this runner has no helper threads.
+before the workers fork, so they inherit it): a piece's bases go in, its counts, layout or
+tokens come out. The pipes carry only a few integers per task. multiprocessing.Pool pickled
+megabytes per piece through helper threads that wait on the parent's GIL, which made two workers
+slower than one; this runner has no helper threads.
 
-Piece i uses arena slot i % slots and runs in this process (i % workers == 0) or in helper
-i % workers - 1; at most `slots` pieces are in flight, so results come back in order and a slot
-is rewritten only after the caller has consumed its previous result (callers must copy what
-they keep before asking for the next). With workers == 1 everything runs in this process.
+Tasks are handed out as they come: to a helper with fewer than DEPTH tasks outstanding, else
+run here at once. So the calling process, which also reads the genome, takes only the work the
+helpers leave, and N workers keep N cores busy. Results are taken in the order the tasks were
+given, whoever ran them, so the output does not depend on the number of workers. A task that
+uses the arena takes slot i % slots for its i-th such task; at most `slots` are in flight, so a
+slot is rewritten only after the caller has taken its previous result (callers copy what they
+keep before asking for the next). With workers == 1 everything runs in this process.
+
+The tasks: count (n-gram counts, for `npmi`), scan (counts and the sample layout, pass 1 of
+build), cut (the samples, for the job array's stages), write (cut and write the samples into
+their shards, pass 2 of build), hash (a finished shard's sha256).
 """
 from __future__ import annotations
 
@@ -17,13 +24,26 @@ import collections
 import mmap
 import multiprocessing as mp
 import signal
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from cmgems.shards import NPMI_DTYPE
+from cmgems.io import sha256_file
+from cmgems.shards import NPMI_DTYPE, write_part
 from preprocessing import kmers, samples
 from preprocessing.fasta import Piece
+
+DEPTH = 2    # tasks outstanding per helper: one running, one waiting in its pipe
+
+
+class Scanned(NamedTuple):
+    """Pass 1's result for one piece (PieceRunner.scan)."""
+    piece: Piece
+    counts: np.ndarray | None     # [(k+1) * 4^k] count_table, when counting
+    lengths: np.ndarray           # tokens per sample
+    valid: np.ndarray             # per sample: in the validation split
+    dropped: int                  # tokens in fragments shorter than a sample
+    non_acgt: int                 # non-ACGT symbols (overlap excluded)
 
 
 class Arena:
@@ -55,17 +75,42 @@ class Arena:
         return np.frombuffer(self.mm, NPMI_DTYPE, 4 ** self.k, self.table_offset)
 
 
+# ---- the tasks (run in a helper or in the calling process) ----
+
 def _count(arena: Arena, slot: int, n: int, overlap: int) -> int:
     table, non_acgt = kmers.count_table(arena.view(slot, "seq", n).tobytes(), arena.k, overlap)
     arena.view(slot, "counts")[:] = table.ravel()
     return non_acgt
 
 
-def _cut(arena: Arena, slot: int, n: int, overlap: int, seed: int, record: int, index: int,
-         valid_fraction: float, all_valid: bool) -> tuple[int, int, int, int]:
-    rng = np.random.default_rng([seed, record, index])
-    ps = samples.cut_piece(arena.view(slot, "seq", n).tobytes(), overlap, arena.k, arena.table(),
-                           rng, valid_fraction, all_valid)
+def _rng(seed: int, record: int, index: int) -> np.random.Generator:
+    """The generator of one piece's sample layout: the same whoever cuts the piece."""
+    return np.random.default_rng([seed, record, index])
+
+
+def _scan(arena: Arena, slot: int, n: int, overlap: int, count: bool, seed: int, record: int,
+          index: int, valid_fraction: float, all_valid: bool) -> tuple[int, int, int]:
+    """Pass 1: n-gram counts (when `count`) and the sample layout, from one windows() pass."""
+    codes = kmers.encode(arena.view(slot, "seq", n).tobytes())
+    code, vlen = kmers.windows(codes, arena.k)
+    if count:
+        arena.view(slot, "counts")[:] = kmers.count_windows(code, vlen, arena.k, overlap).ravel()
+    lay = samples.layout(vlen, arena.k, _rng(seed, record, index), valid_fraction, all_valid)
+    ns = len(lay.lengths)
+    arena.view(slot, "lengths", ns)[:] = lay.lengths
+    arena.view(slot, "valid", ns)[:] = lay.valid
+    return ns, lay.dropped, kmers.non_acgt(codes, overlap)
+
+
+def _cut_samples(arena: Arena, slot: int, n: int, overlap: int, seed: int, record: int,
+                 index: int, valid_fraction: float, all_valid: bool) -> samples.PieceSamples:
+    return samples.cut_piece(arena.view(slot, "seq", n).tobytes(), overlap, arena.k,
+                             arena.table(), _rng(seed, record, index), valid_fraction, all_valid)
+
+
+def _cut(arena: Arena, slot: int, n: int, overlap: int, *piece: object
+         ) -> tuple[int, int, int, int]:
+    ps = _cut_samples(arena, slot, n, overlap, *piece)
     nt, ns = len(ps.tokens), len(ps.lengths)
     arena.view(slot, "tokens", nt)[:] = ps.tokens
     arena.view(slot, "npmi", nt)[:] = ps.npmi
@@ -74,9 +119,32 @@ def _cut(arena: Arena, slot: int, n: int, overlap: int, seed: int, record: int, 
     return nt, ns, ps.dropped, ps.non_acgt
 
 
-TASKS = {"count": _count, "cut": _cut}
+def _write(arena: Arena, slot: int, n: int, overlap: int, seed: int, record: int, index: int,
+           valid_fraction: float, all_valid: bool, parts: dict) -> dict:
+    """Pass 2: cut the piece and write each split's samples into their shards (parts: the
+    ShardPlan's Parts per split); returns what the piece gave, for the caller's checks."""
+    ps = _cut_samples(arena, slot, n, overlap, seed, record, index, valid_fraction, all_valid)
+    tok_valid = np.repeat(ps.valid, ps.lengths)
+    out = {"dropped": ps.dropped, "non_acgt": ps.non_acgt}
+    for split, smask, tmask in (("train", ~ps.valid, ~tok_valid), ("valid", ps.valid, tok_valid)):
+        lengths = ps.lengths[smask]
+        out[split] = (len(lengths), int(lengths.sum()))
+        if not parts[split]:
+            continue
+        tokens, npmi = ps.tokens[tmask], ps.npmi[tmask]
+        starts = np.concatenate(([0], np.cumsum(lengths)))
+        for part in parts[split]:
+            t0, t1 = int(starts[part.first]), int(starts[part.stop])
+            write_part(part.shard, tokens[t0:t1], npmi[t0:t1], lengths[part.first:part.stop],
+                       part.token_at, part.sample_at)
+    return out
 
 
+def _hash(arena: Arena, path: str) -> str:
+    return sha256_file(path)
+
+
+TASKS = {"count": _count, "scan": _scan, "cut": _cut, "write": _write, "hash": _hash}
 _SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -99,16 +167,20 @@ def _serve(conn, arena: Arena) -> None:
 
 
 class PieceRunner:
-    """Ordered map of count/cut tasks over pieces, shared by this process and workers - 1
-    forked helpers: every `workers`-th piece runs here, so N workers keep N cores busy.
+    """Ordered count/scan/cut/write/hash tasks, shared by this process and workers - 1 forked
+    helpers (module docstring). `submit` a task, `result` takes the oldest one's result.
 
     As a context manager it closes the helpers on the way out, killing them if the block failed.
     """
 
     def __init__(self, workers: int, piece_bases: int, k: int):
         self.workers = workers
-        self.arena = Arena(2 * workers, piece_bases, k)
+        self.arena = Arena(2 * workers + 1, piece_bases, k)
         self.conns, self.procs = [], []
+        self.pending: collections.deque = collections.deque()   # (helper or None, piece, slot, value)
+        self.outstanding = [0] * (workers - 1)
+        self.slot_tasks = 0           # tasks given that use a slot
+        self.slots_in_flight = 0
         ctx = mp.get_context("fork")
         # Ctrl-C reaches every process of the terminal's group: one arriving between fork and
         # _serve's handlers would run the parent's handler in the child (a traceback there).
@@ -131,11 +203,87 @@ class PieceRunner:
     def __exit__(self, exc_type, *exc) -> None:
         self.close(kill=exc_type is not None)
 
+    # ---- the queue ----
+
+    @property
+    def full(self) -> bool:
+        """No slot free: take a result before submitting another piece."""
+        return self.slots_in_flight >= self.arena.slots
+
+    def submit(self, kind: str, args: tuple = (), piece: Piece | None = None) -> None:
+        """Give a task: with `piece`, its bases are copied into the next slot, and the slot,
+        the bases' length and the piece's overlap come before `args`."""
+        slot = None
+        if piece is not None:
+            if self.full:
+                raise RuntimeError("PieceRunner: no free slot; take a result first")
+            slot = self.slot_tasks % self.arena.slots
+            self.slot_tasks += 1
+            self.slots_in_flight += 1
+            self.arena.view(slot, "seq", len(piece.seq))[:] = np.frombuffer(piece.seq, np.uint8)
+            args = (slot, len(piece.seq), piece.overlap, *args)
+        helper = min(range(self.workers - 1), key=self.outstanding.__getitem__, default=None)
+        if helper is not None and self.outstanding[helper] < DEPTH:
+            self.conns[helper].send((kind, args))
+            self.outstanding[helper] += 1
+            self.pending.append((helper, piece, slot, None))
+        else:                   # every helper busy: this process's share, done now
+            self.pending.append((None, piece, slot, TASKS[kind](self.arena, *args)))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def result(self) -> tuple[Piece | None, int | None, object]:
+        """(piece, slot, value) of the oldest task given."""
+        helper, piece, slot, value = self.pending.popleft()
+        if slot is not None:
+            self.slots_in_flight -= 1
+        if helper is None:
+            return piece, slot, value
+        try:
+            ok, value = self.conns[helper].recv()
+        except EOFError:
+            self.procs[helper].join(1)
+            code = self.procs[helper].exitcode
+            if code in (-signal.SIGTERM, -signal.SIGINT):   # a signal to the whole group
+                raise KeyboardInterrupt from None
+            raise RuntimeError(f"preprocessing worker {helper} died (exit code {code})") from None
+        self.outstanding[helper] -= 1
+        if not ok:
+            raise value
+        return piece, slot, value
+
+    def map(self, kind: str, tasks: Iterable[tuple[Piece, tuple]]
+            ) -> Iterator[tuple[Piece, int, object]]:
+        """Yield (piece, slot, result) in order for each (piece, extra args) of `tasks`."""
+        for piece, extra in tasks:
+            while self.full:
+                yield self.result()
+            self.submit(kind, extra, piece)
+        while self.pending:
+            yield self.result()
+
+    # ---- per-piece maps ----
+
     def count(self, pieces: Iterable[Piece]) -> Iterator[tuple[Piece, np.ndarray, int]]:
         """(piece, n-gram counts [(k+1) * 4^k], non-ACGT symbols) of each piece, in order; the
         counts are a view of the arena, valid until the next piece is taken."""
         for p, slot, non_acgt in self.map("count", ((p, ()) for p in pieces)):
             yield p, self.arena.view(slot, "counts"), non_acgt
+
+    def scan(self, pieces: Iterable[Piece], count: bool, seed: int, valid_fraction: float,
+             valid_records: Iterable[str] = ()) -> Iterator[Scanned]:
+        """What pass 1 learns of each piece, in order: its n-gram counts (when `count`) and the
+        lengths and split of its samples, as `cut` and `write` will cut them. Views of the
+        arena, valid until the next piece is taken."""
+        names = set(valid_records)
+        tasks = ((p, (count, seed, p.record, p.index, valid_fraction, p.name in names))
+                 for p in pieces)
+        view = self.arena.view
+        for p, slot, (ns, dropped, non_acgt) in self.map("scan", tasks):
+            yield Scanned(p, view(slot, "counts") if count else None, view(slot, "lengths", ns),
+                          view(slot, "valid", ns), dropped, non_acgt)
 
     def cut(self, pieces: Iterable[Piece], seed: int, valid_fraction: float,
             valid_records: Iterable[str] = (), table: np.ndarray | None = None
@@ -145,7 +293,7 @@ class PieceRunner:
         into the arena, else the NPMI values are whatever it holds. The arrays are views of the
         arena, valid until the next piece is taken."""
         if table is not None:
-            self.arena.table()[:] = table
+            self.set_table(table)
         names = set(valid_records)
         tasks = ((p, (seed, p.record, p.index, valid_fraction, p.name in names)) for p in pieces)
         arena = self.arena
@@ -156,39 +304,9 @@ class PieceRunner:
                                           valid=arena.view(slot, "valid", ns),
                                           dropped=dropped, non_acgt=non_acgt)
 
-    def map(self, kind: str, tasks: Iterable[tuple[Piece, tuple]]) -> Iterator[tuple[Piece, int, object]]:
-        """Yield (piece, slot, result) in order for each (piece, extra args) of `tasks`."""
-        pending: collections.deque = collections.deque()
-        slots = self.arena.slots
-        for i, (piece, extra) in enumerate(tasks):
-            slot = i % slots
-            self.arena.view(slot, "seq", len(piece.seq))[:] = np.frombuffer(piece.seq, np.uint8)
-            args = (slot, len(piece.seq), piece.overlap, *extra)
-            helper = i % self.workers - 1
-            if helper < 0:      # this process's share, done now while the helpers work
-                pending.append((None, piece, slot, TASKS[kind](self.arena, *args)))
-            else:
-                self.conns[helper].send((kind, args))
-                pending.append((helper, piece, slot, None))
-            if len(pending) >= slots:
-                yield self._result(*pending.popleft())
-        while pending:
-            yield self._result(*pending.popleft())
-
-    def _result(self, worker: int | None, piece: Piece, slot: int, value=None):
-        if worker is None:
-            return piece, slot, value
-        try:
-            ok, value = self.conns[worker].recv()
-        except EOFError:
-            self.procs[worker].join(1)
-            code = self.procs[worker].exitcode
-            if code in (-signal.SIGTERM, -signal.SIGINT):   # a signal to the whole group
-                raise KeyboardInterrupt from None
-            raise RuntimeError(f"preprocessing worker {worker} died (exit code {code})") from None
-        if not ok:
-            raise value
-        return piece, slot, value
+    def set_table(self, table: np.ndarray) -> None:
+        """The NPMI per k-mer code that cut and write tasks look tokens up in."""
+        self.arena.table()[:] = table
 
     def close(self, kill: bool = False) -> None:
         for conn, proc in zip(self.conns, self.procs):

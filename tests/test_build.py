@@ -132,19 +132,31 @@ def test_sample_length_distribution(tmp_path):
     assert np.all(np.abs(hist - 0.2) < 0.04)
 
 
-def test_workers_do_not_change_the_output(tmp_path):
+@pytest.mark.parametrize("table", ["counted", "external"])
+def test_workers_do_not_change_the_output(tmp_path, table):
+    """1, 2 or 3 workers, the genome cached between the passes or read twice: the same bytes.
+    Small pieces and shards, so every shard is written by several workers and most pieces
+    write into two shards."""
     genome = tmp_path / "g.fa"
-    _synthetic(genome, [300_000, 120_000], seed=5, n_every=5000)
+    _synthetic(genome, [300_000, 120_000, 9, 50_000], seed=5, n_every=5000)
+    extra = {}
+    if table == "external":
+        extra["npmi_table"] = tmp_path / "t.tsv"
+        npmi_table.write_table(extra["npmi_table"], np.random.default_rng(0).normal(size=4096))
     outs = []
-    for w in (1, 2):
-        out = tmp_path / f"w{w}"
+    for w, cache in ((1, 256 << 20), (2, 256 << 20), (3, 256 << 20), (2, 0), (1, 0)):
+        out = tmp_path / f"w{w}-{cache}"
         build(BuildConfig(genome=genome, out_dir=out, min_count=3, workers=w, shard_tokens=50_000,
-                          piece_bases=40_000), out=io.StringIO())
+                          piece_bases=40_000, cache_bytes=cache, valid_fraction=0.1, **extra),
+              out=io.StringIO())
         outs.append(out)
-    a, b = Manifest.load(outs[0]), Manifest.load(outs[1])
-    assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
-    assert (outs[0] / "npmi.tsv").read_bytes() == (outs[1] / "npmi.tsv").read_bytes()
-    assert {**a.stats, "seconds": 0} == {**b.stats, "seconds": 0}
+    a = Manifest.load(outs[0])
+    assert len(a.split_shards("train")) > 5 and a.split_shards("valid")
+    for out in outs[1:]:
+        b = Manifest.load(out)
+        assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+        assert (outs[0] / "npmi.tsv").read_bytes() == (out / "npmi.tsv").read_bytes()
+        assert {**a.stats, "seconds": 0} == {**b.stats, "seconds": 0}
 
 
 def test_rebuild_is_up_to_date_and_other_params_are_refused(tmp_path, lambda_fasta):
