@@ -1,7 +1,9 @@
 """Streaming FASTA reader (plain, gzip, bgzip) that yields each record in bounded pieces.
 
-pyfaidx refuses plain gzip, so the file is streamed: zlib on large blocks, line structure found
-with bytes.find, line breaks removed with bytes.replace (C speed, no loop per base). A record is cut
+Every build reads every record in order, so the file is streamed rather than indexed (an
+indexed reader such as pyfaidx needs a .fai built first, and refuses plain gzip, the form most
+genomes are published in): zlib on large blocks, line structure found with bytes.find, line
+breaks removed with bytes.replace (C speed, no loop per base). A record is cut
 into pieces of `piece_bases` bases; each piece after a record's first repeats the previous
 piece's last `overlap` bases so that no k-mer is lost at the cut. Memory stays bounded by the
 piece size whatever the genome.

@@ -113,7 +113,7 @@ def _records_gz(n: int = 20, seed: int = 0) -> bytes:
 
 
 def _bgzf_blob(p: Path) -> bytes:
-    from Bio import bgzf
+    bgzf = pytest.importorskip("Bio.bgzf")       # biopython: a test extra
     tmp = p.with_name("tmp-bgzf.gz")
     with bgzf.BgzfWriter(str(tmp), "wb") as f:
         for i in range(20):
