@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -28,8 +29,8 @@ import numpy as np
 from cmgems.errors import InputError
 from cmgems.io import exclusive_lock, sha256_file
 from cmgems.npmi_table import scored_fraction
-from cmgems.shards import (MANIFEST_NAME, NPMI_DTYPE, SPLITS, Manifest, ShardError, verify,
-                           write_shard)
+from cmgems.shards import (FORMAT_VERSION, MANIFEST_NAME, NPMI_DTYPE, SPLITS, Manifest,
+                           ShardError, verify, write_shard)
 from cmgems.tokens import vocab_size
 from preprocessing import samples
 from preprocessing.fasta import ReadStats, check_genome_file
@@ -383,7 +384,16 @@ def _describe_difference(out: Path, params: dict, source_sha: str) -> str:
     try:
         m = Manifest.load(out)
     except ShardError:
-        return "it is not empty and holds no finished dataset"
+        if not (out / MANIFEST_NAME).is_file():
+            return "it is not empty and holds no finished dataset"
+        try:
+            version = json.loads((out / MANIFEST_NAME).read_text()).get("format_version")
+        except (OSError, ValueError, AttributeError):
+            version = None
+        if version != FORMAT_VERSION and isinstance(version, int):
+            return (f"it holds a dataset of format version {version} (this cmgems reads and "
+                    f"writes version {FORMAT_VERSION})")
+        return f"it holds an invalid {MANIFEST_NAME}"
     diff = [k for k in params if m.params.get(k) != params[k]]
     if m.source.get("sha256") != source_sha:
         diff.insert(0, f"source ({m.source.get('name')})")

@@ -575,3 +575,35 @@ def test_a_version_1_dataset_is_refused_with_rebuild(tmp_path, tiny_dataset, whe
         with pytest.raises(ShardError, match=r"train-00000.h5: shard format version 1, this "
                                              r"cmgems reads version 2; rebuild it"):
             ShardSet(data, "train")
+
+
+def test_a_stream_as_the_genome_is_refused_up_front(tmp_path):
+    """`build /dev/stdin` with the genome piped in: refused at once, not a hang or an empty
+    genome (the genome is read more than once)."""
+    proc = subprocess.run([sys.executable, "-m", "preprocessing", "build", "/dev/stdin",
+                           str(tmp_path / "out")], cwd=ROOT, input=">a\nACGT\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: /dev/stdin: cannot read genome (a named pipe: the genome is read more than once, "
+        "so it must be a file on disk; save the stream to a file first)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_old_format_dataset_in_out_dir_is_named_as_such(tmp_path, tiny_dataset, lambda_fasta):
+    import json
+    import shutil
+    out = tmp_path / "data"
+    shutil.copytree(tiny_dataset, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(m))
+    res = run_module("-m", "preprocessing", "build", str(lambda_fasta), str(out), "--min-count",
+                     "5", "--valid-fraction", "0.1", "--shard-tokens", "20000", check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"error: {out}: refusing to write: it holds a dataset of format version 1 (this cmgems "
+        f"reads and writes version 2); pass --overwrite to replace it")
+    run_module("-m", "preprocessing", "build", str(lambda_fasta), str(out), "--min-count", "5",
+               "--valid-fraction", "0.1", "--shard-tokens", "20000", "--overwrite")
+    verify(out)
