@@ -38,10 +38,10 @@ from cmgems.npmi_table import load_table
 from cmgems.shards import SPLITS, Manifest, ShardError, merge
 from preprocessing.build import (BuildConfig, params_of, scan_genome, stored_table,
                                  write_npmi_table)
-from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
-                                          Staging, Summary, check_target, check_train_samples,
-                                          dataset_manifest, genome_sha256, output_lock,
+from preprocessing.dataset_writer import (ShardWriter, SplitShards, Summary,
+                                          check_train_samples, dataset_manifest, genome_sha256,
                                           shard_attrs, shard_ends)
+from preprocessing.output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
 from preprocessing.fasta import FastaReader
 from preprocessing.parallel import PieceRunner, Scanned
 

@@ -1,10 +1,12 @@
 """Genome -> npmi.tsv + HDF5 shards + manifest.json, atomically and idempotently.
 
-Pass 1 counts n-grams (skipped with an external table) and writes the NPMI table; pass 2 cuts
-samples and writes shards. Both stream the genome in pieces shared among --workers processes
-(preprocessing.parallel), results taken in order so the output is the same for any number.
+Pass 1 counts n-grams (not with an external table) and lays out every piece's samples (a
+ShardPlan: where each sample goes), then writes the NPMI table; pass 2 cuts the samples, which
+the workers write straight into their shards and hash. Both stream the genome in pieces shared
+among --workers processes (preprocessing.parallel), results taken in order so the output is the
+same for any number.
 Everything is written into a hidden sibling directory; the manifest is written last and only then
-does the directory become OUT_DIR (preprocessing.dataset_writer, shared with the job array). A
+does the directory become OUT_DIR (preprocessing.output_dir, shared with the job array). A
 killed build leaves at most that hidden directory, which the next build removes; OUT_DIR itself
 never holds a manifest for partial data.
 """
@@ -27,10 +29,10 @@ from cmgems.npmi_table import load_table, write_table
 from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, ShardFile, create_shard
 from cmgems.tokens import K_RANGE
 from preprocessing import kmers, npmi, samples
-from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, Staging, Summary,
-                                          check_target, check_train_samples, check_valid_records,
+from preprocessing.dataset_writer import (Summary, check_train_samples, check_valid_records,
                                           check_writable, dataset_manifest, genome_sha256,
-                                          output_lock, shard_attrs, warn_if_unscored)
+                                          shard_attrs, warn_if_unscored)
+from preprocessing.output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
 from preprocessing.fasta import FastaReader, Piece
 from preprocessing.parallel import PieceRunner, Scanned
 from preprocessing.shard_plan import ShardPlan

@@ -384,18 +384,18 @@ def test_sigint_while_publishing_an_overwrite_waits_for_the_renames(tmp_path, mo
     says so instead of "nothing written"."""
     import shutil
     import preprocessing.__main__ as cli
-    from preprocessing import dataset_writer
+    from preprocessing import output_dir
     _, cfg = _dataset(tmp_path, "data", 20_000)
     build(cfg, out=io.StringIO())
     old = Manifest.load(cfg.out_dir)
     rmtree = shutil.rmtree
 
     def interrupted_rmtree(path, *a, **kw):
-        if dataset_writer.OLD_TAG in str(path):
+        if output_dir.OLD_TAG in str(path):
             os.kill(os.getpid(), signal.SIGINT)     # handled: remembered, raised after publish
         return rmtree(path, *a, **kw)
 
-    monkeypatch.setattr(dataset_writer.shutil, "rmtree", interrupted_rmtree)
+    monkeypatch.setattr(output_dir.shutil, "rmtree", interrupted_rmtree)
     code = cli.main(["build", str(cfg.genome), str(cfg.out_dir), "--min-count", "2",
                      "--shard-tokens", "50000", "--overwrite"])
     err = capsys.readouterr().err
@@ -410,7 +410,7 @@ def test_sigint_while_publishing_an_overwrite_waits_for_the_renames(tmp_path, mo
 
 def test_sigint_before_the_publish_keeps_the_old_dataset(tmp_path, monkeypatch, capsys):
     import preprocessing.__main__ as cli
-    from preprocessing import dataset_writer
+    from preprocessing import output_dir
     _, cfg = _dataset(tmp_path, "data", 20_000)
     build(cfg, out=io.StringIO())
     old = Manifest.load(cfg.out_dir)
@@ -421,7 +421,7 @@ def test_sigint_before_the_publish_keeps_the_old_dataset(tmp_path, monkeypatch, 
         os.kill(os.getpid(), signal.SIGINT)
         return path
 
-    monkeypatch.setattr(dataset_writer.Manifest, "save", interrupted_save)
+    monkeypatch.setattr(output_dir.Manifest, "save", interrupted_save)
     code = cli.main(["build", str(cfg.genome), str(cfg.out_dir), "--min-count", "2",
                      "--shard-tokens", "50000", "--overwrite"])
     assert code == 130
@@ -435,7 +435,7 @@ def test_sigint_before_the_publish_keeps_the_old_dataset(tmp_path, monkeypatch, 
 def test_a_dataset_set_aside_by_a_killed_publish_is_put_back(tmp_path):
     """kill -9 between the publish's two renames leaves OUT_DIR missing and the old dataset
     under its aside name: the next build puts it back (here: up to date, nothing rebuilt)."""
-    from preprocessing.dataset_writer import OLD_TAG
+    from preprocessing.output_dir import OLD_TAG
     _, cfg = _dataset(tmp_path, "data", 20_000)
     build(cfg, out=io.StringIO())
     aside = tmp_path / f".data{OLD_TAG}4000000"
