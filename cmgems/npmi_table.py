@@ -10,6 +10,7 @@ rank empty. Rank 1 is the highest NPMI.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from pathlib import Path
 
@@ -82,7 +83,15 @@ def write_table(path: str | Path, npmi: np.ndarray, counts: np.ndarray | None = 
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _codes(k: int) -> dict[str, int]:
+    """k-mer -> code, for tables: one dict lookup per row instead of per-base work."""
+    return {w: i for i, w in enumerate(kmers(k))}
+
+
 def _kmer_code(path: Path, line: int, kmer: str, k: int) -> int:
+    if (code := _codes(k).get(kmer)) is not None:
+        return code
     if len(kmer) != k:
         raise TableError(f"{path}:{line}: k-mer {kmer!r} has length {len(kmer)}, expected k={k}")
     codes = base_codes(kmer.upper())

@@ -33,7 +33,7 @@ from cmgems.shards import NPMI_DTYPE, write_part
 from preprocessing import kmers, samples
 from preprocessing.fasta import Piece
 
-DEPTH = 2    # tasks outstanding per helper: one running, one waiting in its pipe
+DEPTH = 3    # tasks outstanding per helper: one running, two waiting in its pipe
 
 
 class Scanned(NamedTuple):
@@ -178,7 +178,8 @@ class PieceRunner:
         self.arena = Arena(2 * workers + 1, piece_bases, k)
         self.conns, self.procs = [], []
         self.pending: collections.deque = collections.deque()   # (helper or None, piece, slot, value)
-        self.outstanding = [0] * (workers - 1)
+        self.outstanding = [0] * (workers - 1)    # given to the helper, result not received
+        self.received = [collections.deque() for _ in range(workers - 1)]
         self.slot_tasks = 0           # tasks given that use a slot
         self.slots_in_flight = 0
         ctx = mp.get_context("fork")
@@ -222,6 +223,7 @@ class PieceRunner:
             self.slots_in_flight += 1
             self.arena.view(slot, "seq", len(piece.seq))[:] = np.frombuffer(piece.seq, np.uint8)
             args = (slot, len(piece.seq), piece.overlap, *args)
+        self._collect()
         helper = min(range(self.workers - 1), key=self.outstanding.__getitem__, default=None)
         if helper is not None and self.outstanding[helper] < DEPTH:
             self.conns[helper].send((kind, args))
@@ -229,6 +231,24 @@ class PieceRunner:
             self.pending.append((helper, piece, slot, None))
         else:                   # every helper busy: this process's share, done now
             self.pending.append((None, piece, slot, TASKS[kind](self.arena, *args)))
+
+    def _collect(self) -> None:
+        """Receive the results helpers have sent (kept until taken in order): a helper's
+        outstanding count is then what it still has to do, not what the caller has not taken."""
+        for helper, conn in enumerate(self.conns):
+            while self.outstanding[helper] and conn.poll():
+                self.received[helper].append(self._recv(helper))
+                self.outstanding[helper] -= 1
+
+    def _recv(self, helper: int) -> tuple[bool, object]:
+        try:
+            return self.conns[helper].recv()
+        except EOFError:
+            self.procs[helper].join(1)
+            code = self.procs[helper].exitcode
+            if code in (-signal.SIGTERM, -signal.SIGINT):   # a signal to the whole group
+                raise KeyboardInterrupt from None
+            raise RuntimeError(f"preprocessing worker {helper} died (exit code {code})") from None
 
     @property
     def in_flight(self) -> int:
@@ -241,15 +261,11 @@ class PieceRunner:
             self.slots_in_flight -= 1
         if helper is None:
             return piece, slot, value
-        try:
-            ok, value = self.conns[helper].recv()
-        except EOFError:
-            self.procs[helper].join(1)
-            code = self.procs[helper].exitcode
-            if code in (-signal.SIGTERM, -signal.SIGINT):   # a signal to the whole group
-                raise KeyboardInterrupt from None
-            raise RuntimeError(f"preprocessing worker {helper} died (exit code {code})") from None
-        self.outstanding[helper] -= 1
+        if self.received[helper]:
+            ok, value = self.received[helper].popleft()
+        else:
+            ok, value = self._recv(helper)
+            self.outstanding[helper] -= 1
         if not ok:
             raise value
         return piece, slot, value
