@@ -175,7 +175,7 @@ class PieceRunner:
 
     def __init__(self, workers: int, piece_bases: int, k: int):
         self.workers = workers
-        self.arena = Arena(2 * workers + 1, piece_bases, k)
+        self.arena = Arena(DEPTH * (workers - 1) + 2, piece_bases, k)   # helpers full, and ours
         self.conns, self.procs = [], []
         self.pending: collections.deque = collections.deque()   # (helper or None, piece, slot, value)
         self.outstanding = [0] * (workers - 1)    # given to the helper, result not received
