@@ -13,8 +13,8 @@ drifting machine load hits all of them alike. Routes:
   HuggingFace                 DNABERT's preparation: space-separated 6-mer text of 510-token
                               samples through BertTokenizerFast built from our vocab.txt (ids
                               only; no NPMI, no files), on a slice of the genome, scaled
-Peak RSS: of the build's own process and of its largest worker (a forked helper shares the
-arena and the parent's pages; each figure is that process's resident maximum).
+Peak RSS: of the build's own process and of its largest helper (VmHWM sampled while it runs; a
+forked helper shares the arena and its parent's pages, so the two are not to be added up).
 
     python benchmarks/bench_preprocessing.py [--mbp 100] [--runs 3] [--rss-mbp 1000]
 """
@@ -31,15 +31,40 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.synthetic_genome import write_genome  # noqa: E402
-
 GRCH38_BP = 3.1e9
 
+
+def write_genome(path: Path, mbp: float, records: int, seed: int) -> Path:
+    """benchmarks/synthetic_genome.py in a subprocess: this process stays small, so the peak
+    RSS its children report (which counts what they inherit at fork) is theirs."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "synthetic_genome.py"), str(path),
+                    "--mbp", str(mbp), "--records", str(records), "--seed", str(seed)],
+                   check=True, capture_output=True)
+    return path
+
 _OURS = r"""
-import io, json, resource, shutil, sys, time
+import io, json, os, resource, shutil, sys, threading, time
 from preprocessing.build import BuildConfig, build
 genome, out, workers, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+helper_peak = {}          # pid -> VmHWM (KiB) of the build's helpers, sampled while they run
+
+def sample():
+    me = os.getpid()
+    while True:
+        try:
+            kids = open(f"/proc/{me}/task/{me}/children").read().split()
+        except OSError:
+            return
+        for pid in kids:
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        helper_peak[pid] = max(helper_peak.get(pid, 0), int(line.split()[1]))
+            except OSError:
+                pass
+        time.sleep(0.05)
+
+threading.Thread(target=sample, daemon=True).start()
 cpu = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
 main0, helpers0 = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
 t = time.perf_counter()
@@ -51,7 +76,7 @@ shutil.rmtree(out)
 print(json.dumps({"seconds": s, "bases": m.stats["bases"], "cpu_main": cpu_main,
                   "cpu_helpers": cpu_helpers,
                   "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "worker_rss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "worker_rss_kib": max(helper_peak.values(), default=0),
                   "tokens": sum(x["tokens"] for x in m.shards)}))
 """
 
@@ -165,8 +190,10 @@ def main() -> None:
         print(f"GRCh38 (3.1 Gbp, file read twice) estimate, {label}: "
               f"{GRCH38_BP / mbps / 1e6 / 60:.1f} min")
     if rss:
+        twice = ", read twice (larger than the 256 MiB cache)" if a.rss_mbp * 1e6 > 256 << 20 \
+            else ""
         print(f"memory genome: {a.rss_mbp:g} Mbp in 12 records ({big_size / 1e6:.0f} MB gzip, "
-              f"made in {made:.0f} s), read twice (larger than the 256 MiB cache):")
+              f"made in {made:.0f} s){twice}:")
         for w, r in rss.items():
             print(f"  --workers {w}: {r['seconds']:.1f} s ({r['bases'] / r['seconds'] / 1e6:.1f}"
                   f" Mbp/s), peak RSS {r['rss_kib'] / 1024:.0f} MiB (largest worker "
