@@ -6,7 +6,7 @@ tokens come out. The pipes carry only a few integers per task. multiprocessing.P
 megabytes per piece through helper threads that wait on the parent's GIL, which made two workers
 slower than one; this runner has no helper threads.
 
-Tasks are handed out as they come: to a helper with fewer than DEPTH tasks outstanding, else
+Tasks are handed out as they come: to a helper with fewer than `depth` tasks outstanding, else
 run here at once. So the calling process, which also reads the genome, takes only the work the
 helpers leave, and N workers keep N cores busy. Results are taken in the order the tasks were
 given, whoever ran them, so the output does not depend on the number of workers. A task that
@@ -21,6 +21,7 @@ their shards, pass 2 of build), hash (a finished shard's sha256).
 from __future__ import annotations
 
 import collections
+import ctypes
 import mmap
 import multiprocessing as mp
 import signal
@@ -33,7 +34,12 @@ from cmgems.shards import NPMI_DTYPE, write_part
 from preprocessing import kmers, samples
 from preprocessing.fasta import Piece
 
-DEPTH = 3    # tasks outstanding per helper: one running, two waiting in its pipe
+# Queued tasks in all helpers together: enough that a helper never waits while this process
+# reads the genome (measured best on 2 cores: 8 for one helper), two at least per helper.
+QUEUED = 8
+# Slots for this process's own results, which wait behind older ones (taken in order): with
+# fewer, it stalls on a helper instead of working.
+AHEAD = 12
 
 
 class Scanned(NamedTuple):
@@ -44,6 +50,21 @@ class Scanned(NamedTuple):
     valid: np.ndarray             # per sample: in the validation split
     dropped: int                  # tokens in fragments shorter than a sample
     non_acgt: int                 # non-ACGT symbols (overlap excluded)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep the memory numpy frees, for the next piece to reuse: by default a piece's
+    temporaries (a few MiB each) are returned to the kernel when freed and come back as fresh
+    pages, a page fault per 4 KiB; in a forked helper that was a third of its CPU time. Serve
+    allocations up to 32 MiB from the heap and trim it only beyond 256 MiB free. Inherited by
+    the helpers forked afterwards; a no-op where the C library has no mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3          # glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
 
 
 class Arena:
@@ -175,9 +196,13 @@ class PieceRunner:
 
     def __init__(self, workers: int, piece_bases: int, k: int):
         self.workers = workers
-        self.arena = Arena(DEPTH * (workers - 1) + 2, piece_bases, k)   # helpers full, and ours
+        keep_freed_memory()
+        self.depth = max(2, QUEUED // max(1, workers - 1))
+        slots = self.depth * (workers - 1) + AHEAD if workers > 1 else 1
+        self.arena = Arena(slots, piece_bases, k)
         self.conns, self.procs = [], []
-        self.pending: collections.deque = collections.deque()   # (helper or None, piece, slot, value)
+        # (helper or None, piece, slot, value) of every task given and not yet taken
+        self.pending: collections.deque = collections.deque()
         self.outstanding = [0] * (workers - 1)    # given to the helper, result not received
         self.received = [collections.deque() for _ in range(workers - 1)]
         self.slot_tasks = 0           # tasks given that use a slot
@@ -225,7 +250,7 @@ class PieceRunner:
             args = (slot, len(piece.seq), piece.overlap, *args)
         self._collect()
         helper = min(range(self.workers - 1), key=self.outstanding.__getitem__, default=None)
-        if helper is not None and self.outstanding[helper] < DEPTH:
+        if helper is not None and self.outstanding[helper] < self.depth:
             self.conns[helper].send((kind, args))
             self.outstanding[helper] += 1
             self.pending.append((helper, piece, slot, None))
