@@ -10,6 +10,7 @@ rank empty. Rank 1 is the highest NPMI.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from pathlib import Path
 
@@ -17,8 +18,12 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import atomic_path
+from cmgems.options import parse_float
 from cmgems.tokens import K_RANGE, NUM_SPECIAL, base_codes, vocab
 
+# |PMI_k| <= k * ln(number of n-grams) (about 180 for k = 6 and 10^13 k-mers), and
+# |NPMI| <= |PMI|: a value beyond this bound is a broken table, not a score.
+NPMI_LIMIT = 1000.0
 TSV_COLUMNS = ("kmer", "count", "pmi", "npmi", "rank")
 # GeneMask's published table (Data-A): the k-mer and its normalised DP PMI.
 GENEMASK_KMER, GENEMASK_NPMI = "ngram", "norm_dp_true_pmi"
@@ -40,6 +45,12 @@ def ranks(npmi: np.ndarray) -> np.ndarray:
     out = np.zeros(len(npmi), dtype=np.int64)
     out[order] = np.arange(1, len(order) + 1)
     return out
+
+
+def scored_fraction(npmi: np.ndarray) -> float:
+    """Share of the 4^k k-mers that have a score (not NaN): PMI masking ranks the rest as ties."""
+    npmi = np.asarray(npmi)
+    return float(np.count_nonzero(~np.isnan(npmi)) / len(npmi)) if len(npmi) else 0.0
 
 
 def _fmt(x) -> str:
@@ -72,7 +83,15 @@ def write_table(path: str | Path, npmi: np.ndarray, counts: np.ndarray | None = 
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _codes(k: int) -> dict[str, int]:
+    """k-mer -> code, for tables: one dict lookup per row instead of per-base work."""
+    return {w: i for i, w in enumerate(kmers(k))}
+
+
 def _kmer_code(path: Path, line: int, kmer: str, k: int) -> int:
+    if (code := _codes(k).get(kmer)) is not None:
+        return code
     if len(kmer) != k:
         raise TableError(f"{path}:{line}: k-mer {kmer!r} has length {len(kmer)}, expected k={k}")
     codes = base_codes(kmer.upper())
@@ -85,12 +104,23 @@ def _kmer_code(path: Path, line: int, kmer: str, k: int) -> int:
 
 
 def _float(path: Path, line: int, column: str, text: str) -> float:
+    """An NPMI value: empty for an unscored k-mer, else a finite decimal number within
+    +-NPMI_LIMIT (parse_float refuses '0_5', 'nan', 'inf', which float() would take)."""
     if text.strip() == "":
         return math.nan
     try:
-        return float(text)
+        value = parse_float(text)
     except ValueError:
+        if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise TableError(f"{path}:{line}: column {column!r}: {text!r} is not a finite "
+                             f"number (leave the field empty for a k-mer without a score)"
+                             ) from None
         raise TableError(f"{path}:{line}: column {column!r}: {text!r} is not a number") from None
+    if abs(value) > NPMI_LIMIT:
+        raise TableError(f"{path}:{line}: column {column!r}: {text!r} is outside "
+                         f"[-{NPMI_LIMIT:g}, {NPMI_LIMIT:g}], not an NPMI value of any genome's "
+                         f"counts")
+    return value
 
 
 def load_table(path: str | Path, k: int) -> np.ndarray:
@@ -102,7 +132,7 @@ def load_table(path: str | Path, k: int) -> np.ndarray:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")    # a spreadsheet's CSV may start with a BOM
     except (OSError, UnicodeDecodeError) as e:
         raise TableError(f"{path}: cannot read NPMI table ({e})") from None
     lines = text.splitlines()

@@ -2,7 +2,9 @@
 
 A shard holds three datasets (contiguous, uncompressed: random 512-token windows read in ~11 us):
   tokens  uint16 [T]   token ids of all samples back to back, no special tokens
-  npmi    float16 [T]  NPMI of each token's k-mer, NaN where the k-mer has no score
+  npmi    float32 [T]  NPMI of each token's k-mer, NaN where the k-mer has no score (float32
+                       keeps every distinct value of the table, so its ranking: float16 merged
+                       4,096 values into about 2,257 ties)
   offsets int64 [S+1]  sample i is tokens[offsets[i]:offsets[i+1]]
 and attributes format_version, k, vocab_size, npmi_table_sha256, source_sha256, seed, split.
 
@@ -25,9 +27,18 @@ from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
 from cmgems.tokens import vocab_size as _vocab_size
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 1: NPMI stored as float16 (read no more: rebuild)
+NPMI_DTYPE = np.float32
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "valid")
+
+
+def _version_advice(found) -> str:
+    """What to do with a dataset of another format version."""
+    if isinstance(found, int) and found > FORMAT_VERSION:
+        return "; it was written by a newer cmgems: update cmgems to read it"
+    return ("; rebuild it: python -m preprocessing build GENOME DATA_DIR --overwrite (version 1 "
+            "stored NPMI as float16, which ties distinct scores)")
 
 
 class ShardError(InputError):
@@ -51,31 +62,98 @@ def _os_reason(err: BaseException) -> str:
     return str(err).splitlines()[0][:200]
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """A created shard: where its three datasets' data lie in the file (byte offsets), so that
+    parts of it can be written in place by write_part, in any order and by any process."""
+    path: str
+    tokens: int
+    npmi: int
+    offsets: int
+
+
+def create_shard(path: str | Path, n_tokens: int, n_samples: int, **attrs) -> ShardFile:
+    """Create a shard of this size whose data are written afterwards, in place (write_part): the
+    datasets are contiguous, allocated now at offsets fixed by the sizes, and never filled, so
+    the bytes of the finished file depend only on the sizes, attributes and data written, not
+    on who wrote which part. offsets[0] = 0 is written here."""
+    def dcpl():
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        return plist
+
+    path = str(path)
+    try:
+        with h5py.File(path, "w") as f:
+            at = {name: f.create_dataset(name, shape=(n,), dtype=dtype,
+                                         dcpl=dcpl()).id.get_offset()
+                  for name, dtype, n in (("tokens", np.uint16, n_tokens),
+                                         ("npmi", NPMI_DTYPE, n_tokens),
+                                         ("offsets", np.int64, n_samples + 1))}
+            f.attrs["format_version"] = FORMAT_VERSION
+            for key, value in attrs.items():
+                f.attrs[key] = value
+    except (OSError, RuntimeError) as e:
+        # HDF5 reports a full disk (ENOSPC) or a file size limit (EFBIG) as OSError on write or
+        # RuntimeError on close
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}", Path(path)) from None
+    shard = ShardFile(path, at["tokens"], at["npmi"], at["offsets"])
+    _pwrite(path, [(shard.offsets, np.zeros(1, np.int64))])
+    return shard
+
+
+def write_part(shard: ShardFile, tokens: np.ndarray, npmi: np.ndarray, lengths: np.ndarray,
+               token_at: int, sample_at: int) -> None:
+    """Write samples (tokens and npmi back to back, `lengths` tokens each) into a created shard
+    as its samples sample_at, sample_at + 1, ..., starting at token token_at."""
+    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
+    npmi = np.ascontiguousarray(npmi, dtype=NPMI_DTYPE)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    ends += token_at
+    _pwrite(shard.path, [(shard.tokens + tokens.itemsize * token_at, tokens),
+                         (shard.npmi + npmi.itemsize * token_at, npmi),
+                         (shard.offsets + ends.itemsize * (sample_at + 1), ends)])
+
+
+def _pwrite(path: str, parts: list[tuple[int, np.ndarray]]) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for at, data in parts:
+                view = memoryview(data).cast("B")
+                while view:                       # pwrite may write less than asked
+                    done = os.pwrite(fd, view, at)
+                    view, at = view[done:], at + done
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}", Path(path)) from None
+
+
+def shard_entry(path: str | Path, split: str, samples: int, tokens: int) -> dict:
+    """The manifest entry of a finished shard (path relative to its directory)."""
+    return {"path": Path(path).name, "split": split, "samples": int(samples),
+            "tokens": int(tokens), "sha256": sha256_file(path)}
+
+
 def write_shard(path: str | Path, tokens: np.ndarray, npmi: np.ndarray, offsets: np.ndarray,
                 **attrs) -> dict:
     """Write one shard atomically; return its manifest entry (path relative to its directory)."""
     path = Path(path)
-    tokens = np.ascontiguousarray(tokens, dtype=np.uint16)
-    npmi = np.ascontiguousarray(npmi, dtype=np.float16)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     if len(tokens) != len(npmi) or offsets[0] != 0 or offsets[-1] != len(tokens):
         raise ValueError(f"{path}: tokens ({len(tokens)}), npmi ({len(npmi)}) and offsets "
                          f"(last {offsets[-1]}) disagree")
     try:
         with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("tokens", data=tokens)
-                f.create_dataset("npmi", data=npmi)
-                f.create_dataset("offsets", data=offsets)
-                f.attrs["format_version"] = FORMAT_VERSION
-                for key, value in attrs.items():
-                    f.attrs[key] = value
-    except (OSError, RuntimeError) as e:
-        # HDF5 reports a full disk (ENOSPC) or a file size limit (EFBIG) as OSError on write or
-        # RuntimeError on close; atomic_path has removed the temporary file either way.
-        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}") from None
-    return {"path": path.name, "split": attrs.get("split", "train"), "samples": len(offsets) - 1,
-            "tokens": int(len(tokens)), "sha256": sha256_file(path)}
+            shard = create_shard(tmp, len(tokens), len(offsets) - 1, **attrs)
+            write_part(shard, tokens, npmi, np.diff(offsets), 0, 0)
+    except ShardError as e:             # named after the shard, not its temporary file
+        raise ShardError(str(e).replace(str(tmp), str(path), 1), path) from None
+    except OSError as e:                # the rename
+        raise ShardError(f"{path}: cannot write shard: {_os_reason(e)}", path) from None
+    return shard_entry(path, attrs.get("split", "train"), len(offsets) - 1, len(tokens))
 
 
 def merge(paths: list[str | Path], out_path: str | Path, **attrs) -> dict:
@@ -124,7 +202,7 @@ class ShardReader:
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{self.path}: shard format version "
                              f"{self.attrs.get('format_version')}, this cmgems reads version "
-                             f"{FORMAT_VERSION}")
+                             f"{FORMAT_VERSION}{_version_advice(self.attrs.get('format_version'))}")
         if n_tok != n_npmi or self.offsets[-1] != n_tok:
             raise ShardError(f"{self.path}: tokens ({n_tok}), npmi ({n_npmi}) and offsets "
                              f"(end {self.offsets[-1]}) disagree")
@@ -187,6 +265,31 @@ class ShardReader:
         self._open_in, self._file, self._data = None, None, None
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENTRY = {"path": str, "split": str, "samples": int, "tokens": int, "sha256": str}
+
+
+def _check_entry(i: int, s) -> None:
+    """A shard entry {path, split, samples, tokens, sha256}; its path a plain file name (a
+    manifest never points outside its directory)."""
+    if not isinstance(s, dict):
+        raise ValueError(f"shards[{i}] must be an object, got {type(s).__name__}")
+    for key, typ in _ENTRY.items():
+        if key not in s:
+            raise ValueError(f"shards[{i}] lacks {key!r}")
+        if not isinstance(s[key], typ) or isinstance(s[key], bool):
+            raise ValueError(f"shards[{i}].{key} must be {typ.__name__}, got {s[key]!r}")
+    if s["split"] not in SPLITS:
+        raise ValueError(f"shard {s['path']}: split {s['split']!r} not in {SPLITS}")
+    if "/" in s["path"] or "\\" in s["path"] or s["path"] in ("", ".", ".."):
+        raise ValueError(f"shards[{i}].path {s['path']!r} is not a file name in the dataset "
+                         f"directory")
+    if not _SHA256.fullmatch(s["sha256"]):
+        raise ValueError(f"shards[{i}].sha256 {s['sha256']!r} is not a sha256 hex digest")
+    if s["samples"] < 0 or s["tokens"] < 0:
+        raise ValueError(f"shards[{i}]: negative samples or tokens")
+
+
 @dataclass
 class Manifest:
     """manifest.json: what a dataset directory holds and exactly how it was made."""
@@ -200,11 +303,16 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        for name, typ in (("k", int), ("vocab_size", int), ("source", dict), ("params", dict),
+                          ("npmi_table_sha256", str), ("shards", list), ("stats", dict),
+                          ("format_version", int)):
+            if not isinstance(getattr(self, name), typ) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"field {name!r} must be {typ.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__}")
         if self.vocab_size != _vocab_size(self.k):
             raise ValueError(f"vocab_size {self.vocab_size} does not match k={self.k}")
-        for s in self.shards:
-            if s["split"] not in SPLITS:
-                raise ValueError(f"shard {s['path']}: split {s['split']!r} not in {SPLITS}")
+        for i, s in enumerate(self.shards):
+            _check_entry(i, s)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -220,11 +328,16 @@ class Manifest:
                              f"(build it with `python -m preprocessing build GENOME {directory}`)")
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a manifest is a JSON object, got {type(data).__name__}")
             if data.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format version {data.get('format_version')}, "
-                                 f"this cmgems reads version {FORMAT_VERSION}")
+                                 f"this cmgems reads version {FORMAT_VERSION}"
+                                 f"{_version_advice(data.get('format_version'))}")
             return cls(**data)
-        except (ValueError, TypeError, KeyError) as e:
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read manifest ({e.strerror or e})") from None
+        except (ValueError, TypeError, KeyError) as e:     # UnicodeDecodeError included
             raise ShardError(f"{path}: not a valid cmgems manifest ({e})") from None
 
     def checksum(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -11,10 +12,11 @@ from cmgems.options import add_arguments, from_args
 from cmgems.errors import EXIT_INPUT_ERROR, InputError
 from preprocessing.array import count_stage, finish_stage, parse_group, shard_stage, table_stage
 from preprocessing.build import BuildConfig, build, build_table
+from preprocessing.output_dir import INTERRUPTS
 
 # BuildConfig fields that are positional arguments, or also `npmi`'s options
 _POSITIONAL = ("genome", "out_dir")
-_NPMI_FIELDS = ("k", "min_count", "workers")
+_NPMI_FIELDS = ("k", "min_count", "npmi_definition", "workers")
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -102,21 +104,39 @@ def finish_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(fn) -> int:
+class _Formatter(logging.Formatter):
+    """`warning: ...` lines, as errors are `error: ...`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+def _run(fn, interrupted: str = "nothing written") -> int:
+    """Run a command: InputError -> `error: ...`, exit 2; Ctrl-C -> one true line, exit 130."""
+    _logging()
     try:
         fn()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
+        if INTERRUPTS.published is not None:     # the signal came while publishing
+            interrupted = f"{INTERRUPTS.published} was already published, complete"
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
     return 0
 
 
 def build_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return _run(lambda: build(from_args(BuildConfig, a)))
+    return _run(lambda: build(from_args(BuildConfig, a)),
+                f"nothing written ({a.out_dir} unchanged)")
 
 
 def npmi_main(argv: list[str] | None = None) -> int:
@@ -129,7 +149,8 @@ def count_main(argv: list[str] | None = None) -> int:
     a = count_parser().parse_args(argv)
 
     return _run(lambda: count_stage(from_args(BuildConfig, a, {"out_dir": a.work}), a.work,
-                                    parse_group(a.group)))
+                                    parse_group(a.group)),
+                f"this task's counts not written (group {a.group}; run it again)")
 
 
 def table_main(argv: list[str] | None = None) -> int:
@@ -144,12 +165,13 @@ def shard_main(argv: list[str] | None = None) -> int:
         if a.workers < 1:
             raise InputError(f"--workers: must be >= 1, got {a.workers}")
         shard_stage(a.genome, a.work, parse_group(a.group), a.workers)
-    return _run(go)
+    return _run(go, f"this task's shards not recorded (group {a.group}; run it again)")
 
 
 def finish_main(argv: list[str] | None = None) -> int:
     a = finish_parser().parse_args(argv)
-    return _run(lambda: finish_stage(a.work, a.out_dir, keep_work=a.keep_work))
+    return _run(lambda: finish_stage(a.work, a.out_dir, keep_work=a.keep_work),
+                f"nothing written ({a.out_dir} unchanged, {a.work} kept)")
 
 
 COMMANDS = {

@@ -36,18 +36,19 @@ from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
 from cmgems.npmi_table import load_table
 from cmgems.shards import SPLITS, Manifest, ShardError, merge
-from preprocessing.build import BuildConfig, PieceCache, count_ngrams, params_of, write_npmi_table
-from preprocessing.dataset_writer import (INTERRUPTS, TABLE_NAME, ShardWriter, SplitShards,
-                                          Staging, Summary, check_target, check_train_samples,
-                                          check_valid_records, dataset_manifest, genome_sha256,
+from preprocessing.build import (BuildConfig, params_of, scan_genome, stored_table,
+                                 write_npmi_table)
+from preprocessing.dataset_writer import (ShardWriter, SplitShards, Summary,
+                                          check_train_samples, dataset_manifest, genome_sha256,
                                           shard_attrs, shard_ends)
+from preprocessing.output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
 from preprocessing.fasta import FastaReader
-from preprocessing.parallel import PieceRunner
+from preprocessing.parallel import PieceRunner, Scanned
 
 JOB_NAME = "job.json"
 JOB_FORMAT = 1
 # BuildConfig fields that shape the output (job.json holds them; workers is per task)
-_JOB_FIELDS = ("k", "min_count", "valid_fraction", "valid_records", "seed", "npmi_table",
+_JOB_FIELDS = ("k", "min_count", "npmi_definition", "valid_fraction", "valid_records", "seed", "npmi_table",
                "shard_tokens", "overwrite", "piece_bases")
 
 
@@ -155,8 +156,7 @@ def _table_of(work: Path, digest: str, k: int) -> tuple[np.ndarray, str]:
     if meta.get("job") != digest or meta.get("sha256") != sha:
         raise InputError(f"{work / TABLE_NAME}: not the table of {work / JOB_NAME}'s job; "
                          f"rerun the `table` stage")
-    # repr() in npmi.tsv round-trips every float64, so this is the table `table` computed
-    return load_table(work / TABLE_NAME, k), sha
+    return stored_table(work / TABLE_NAME, k), sha
 
 
 # ---- stages ----
@@ -182,13 +182,11 @@ def count_stage(cfg: BuildConfig, work: Path, group: tuple[int, int], out=sys.st
     path = counts_path(work, i)
     with INTERRUPTS:
         with PieceRunner(cfg.workers, cfg.piece_bases, cfg.k) as runner:
-            flat, cache = np.zeros(0, dtype=np.int64), None
-            if cfg.npmi_table is None:
-                cache = PieceCache(cfg.cache_bytes)    # this task's pieces, for the layout pass
-                counts = count_ngrams(cfg.genome, cfg.k, runner, summary, cfg.piece_bases,
-                                      cache, pieces=lambda j: j % n == i)
-                flat = np.concatenate(counts[1:])
-            layout = _layout(cfg, runner, group, cache, summary)
+            layout = _Layout()
+            counts = scan_genome(cfg, runner, summary, cfg.npmi_table is None,
+                                 pieces=lambda j: j % n == i, on_piece=layout.add)
+        flat = np.zeros(0, np.int64) if counts is None else np.concatenate(counts[1:])
+        layout = layout.arrays()
         INTERRUPTS.check()
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, counts=flat, job=np.array(digest), reader=np.array(json.dumps(
@@ -199,40 +197,28 @@ def count_stage(cfg: BuildConfig, work: Path, group: tuple[int, int], out=sys.st
     return path
 
 
-def _layout(cfg: BuildConfig, runner: PieceRunner, group: tuple[int, int],
-            cache: PieceCache | None, summary: Summary) -> dict[str, np.ndarray]:
-    """Number, new bases and samples per split (count and lengths) of each of the group's
-    pieces, cut as `build` cuts them; the NPMI values they get are not used."""
-    i, n = group
-    if cache is not None and cache.pieces is not None:
-        source = ((i + m * n, p) for m, p in enumerate(cache.pieces))
-        reader = None
-    else:
-        reader = FastaReader(cfg.genome, cfg.piece_bases, cfg.k - 1, cfg.min_bases)
-        source = ((j, p) for j, p in enumerate(reader) if j % n == i)
-    piece, bases = [], []
-    per = {s: ([], []) for s in SPLITS}      # samples per piece, lengths
+class _Layout:
+    """Number, new bases and samples per split (count and lengths) of each of a group's
+    pieces, as pass 1 of `build` lays them out (preprocessing.build.scan_genome)."""
 
-    def chosen():
-        for j, p in source:
-            piece.append(j)
-            bases.append(len(p.seq) - p.overlap)
-            yield p
+    def __init__(self):
+        self.piece, self.bases = [], []
+        self.per = {s: ([], []) for s in SPLITS}      # samples per piece, lengths
 
-    for _, cut in runner.cut(chosen(), cfg.seed, cfg.valid_fraction, cfg.valid_records):
-        INTERRUPTS.check()
-        for split, smask in (("train", ~cut.valid), ("valid", cut.valid)):
-            per[split][0].append(int(smask.sum()))
-            per[split][1].append(cut.lengths[smask].astype(np.uint16))   # <= MAX_TOKENS
-    if reader is not None:
-        summary.read(reader.stats)
-    check_valid_records(cfg.genome, cfg.valid_records,
-                        reader.stats.names if reader is not None else cache.names)
-    out = {"piece": np.array(piece, dtype=np.int64), "bases": np.array(bases, dtype=np.int64)}
-    for split, (counts, lens) in per.items():
-        out[f"{split}_n"] = np.array(counts, dtype=np.int64)
-        out[f"{split}_len"] = np.concatenate(lens) if lens else np.zeros(0, np.uint16)
-    return out
+    def add(self, number: int, r: Scanned) -> None:
+        self.piece.append(number)
+        self.bases.append(len(r.piece.seq) - r.piece.overlap)
+        for split, smask in (("train", ~r.valid), ("valid", r.valid)):
+            self.per[split][0].append(int(smask.sum()))
+            self.per[split][1].append(r.lengths[smask].astype(np.uint16))   # <= MAX_TOKENS
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"piece": np.array(self.piece, dtype=np.int64),
+               "bases": np.array(self.bases, dtype=np.int64)}
+        for split, (counts, lens) in self.per.items():
+            out[f"{split}_n"] = np.array(counts, dtype=np.int64)
+            out[f"{split}_len"] = np.concatenate(lens) if lens else np.zeros(0, np.uint16)
+        return out
 
 
 def table_stage(work: Path, out=sys.stdout) -> Path:
@@ -362,50 +348,51 @@ def finish_stage(work: Path, out_dir: Path, keep_work: bool = False, out=sys.std
                              f"`shard` task")
     source_sha = job["genome"]["sha256"]
     params = params_of(cfg, job["npmi_table_sha256"])
-    if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out,
-                          "--overwrite (to `count`)")) is not None:
-        return m
-    counts = [_load_part(counts_path(work, i), digest) for i in range(n)]
-    summary = Summary(**json.loads(str(counts[0]["reader"])))
-    for part in parts:
-        summary.add_cuts(part["stats"])
-    check_train_samples(cfg.genome, cfg.min_bases, summary)
-    whole = {(e["split"], e["path"]): (e, g) for g, part in enumerate(parts)
-             for e in part["shards"]}
-    pieces_of: dict[tuple[str, int], list[dict]] = {}
-    for part in parts:
-        for f in part["fragments"]:
-            pieces_of.setdefault((f["split"], f["shard"]), []).append(f)
-    for e, g in whole.values():
-        if not (work / e["path"]).is_file():
-            raise InputError(f"{work / e['path']}: missing; rerun `shard` task {g}")
+    with output_lock(cfg.out_dir):
+        if (m := check_target(cfg.out_dir, cfg.overwrite, params, source_sha, out,
+                              "--overwrite (to `count`)")) is not None:
+            return m
+        counts = [_load_part(counts_path(work, i), digest) for i in range(n)]
+        summary = Summary(**json.loads(str(counts[0]["reader"])))
+        for part in parts:
+            summary.add_cuts(part["stats"])
+        check_train_samples(cfg.genome, cfg.min_bases, summary)
+        whole = {(e["split"], e["path"]): (e, g) for g, part in enumerate(parts)
+                 for e in part["shards"]}
+        pieces_of: dict[tuple[str, int], list[dict]] = {}
+        for part in parts:
+            for f in part["fragments"]:
+                pieces_of.setdefault((f["split"], f["shard"]), []).append(f)
+        for e, g in whole.values():
+            if not (work / e["path"]).is_file():
+                raise InputError(f"{work / e['path']}: missing; rerun `shard` task {g}")
 
-    with Staging(cfg.out_dir) as staging, INTERRUPTS:
-        partial = staging.dir
-        shutil.copyfile(work / TABLE_NAME, partial / TABLE_NAME)
-        attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
-        entries = []
-        for split in SPLITS:
-            ends = plan[f"{split}_shard_end"]
-            for sh in range(len(ends)):
-                INTERRUPTS.check()
-                name = f"{split}-{sh:05d}.h5"
-                want = int(ends[sh] - (ends[sh - 1] if sh else 0))
-                if (split, name) in whole:
-                    entry = whole[(split, name)][0]
-                    _link_or_copy(work / name, partial / name)
-                else:
-                    entry = _join(work, partial / name, pieces_of.get((split, sh), []), want,
-                                  split, attrs)
-                entries.append(entry)
-        summary.shards = len(entries)
-        summary.seconds = (time.perf_counter() - start
-                           + sum(float(c["seconds"]) for c in counts)
-                           + json.loads((work / "table.json").read_text())["seconds"]
-                           + sum(p["stats"]["seconds"] for p in parts))
-        manifest = dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256,
-                                    entries, summary, table)
-        staging.publish(manifest)
+        with Staging(cfg.out_dir) as staging, INTERRUPTS:
+            partial = staging.dir
+            shutil.copyfile(work / TABLE_NAME, partial / TABLE_NAME)
+            attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
+            entries = []
+            for split in SPLITS:
+                ends = plan[f"{split}_shard_end"]
+                for sh in range(len(ends)):
+                    INTERRUPTS.check()
+                    name = f"{split}-{sh:05d}.h5"
+                    want = int(ends[sh] - (ends[sh - 1] if sh else 0))
+                    if (split, name) in whole:
+                        entry = whole[(split, name)][0]
+                        _link_or_copy(work / name, partial / name)
+                    else:
+                        entry = _join(work, partial / name, pieces_of.get((split, sh), []), want,
+                                      split, attrs)
+                    entries.append(entry)
+            summary.shards = len(entries)
+            summary.seconds = (time.perf_counter() - start
+                               + sum(float(c["seconds"]) for c in counts)
+                               + json.loads((work / "table.json").read_text())["seconds"]
+                               + sum(p["stats"]["seconds"] for p in parts))
+            manifest = dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256,
+                                        entries, summary, table)
+            staging.publish(manifest)
     for line in summary.lines():
         print(line, file=out)
     print(f"wrote {cfg.out_dir}", file=out)

@@ -1,20 +1,19 @@
 """Writing a dataset directory: the parts `build` and the job-array stages (preprocessing.array)
 share, so that both write the same bytes and refuse the same things in the same words.
 
-  Interrupts / INTERRUPTS  SIGINT and SIGTERM remembered, so an interrupted build never publishes
   Summary                  the closing summary, also the manifest's stats
-  ShardWriter, SplitShards one split's samples -> shards (or the array's fragments of shards)
+  ShardWriter, SplitShards one split's samples -> shards or fragments of shards, in this process
+                           (the array's shard stage; build's workers write theirs in place,
+                           preprocessing.shard_plan)
   dataset_manifest         the manifest of a finished dataset
-  check_target, Staging    the output directory: up to date, refused, or written into a hidden
-                           sibling and published whole, manifest last
+  check_writable, genome_sha256, warn_if_unscored, check_valid_records, check_train_samples
+                           the checks both make, in the same words
+The output directory itself (lock, staging, publish, interrupts): preprocessing.output_dir.
 """
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import signal
-import sys
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable
@@ -23,51 +22,40 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
-from cmgems.shards import MANIFEST_NAME, SPLITS, Manifest, ShardError, verify, write_shard
+from cmgems.npmi_table import scored_fraction
+from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, write_shard
 from cmgems.tokens import vocab_size
 from preprocessing import samples
-from preprocessing.fasta import ReadStats
+from preprocessing.fasta import ReadStats, check_genome_file
 
-TABLE_NAME = "npmi.tsv"
-PARTIAL_TAG = ".partial-"
+# Below this share of scored k-mers, PMI masking (genemask, global, cm_gems) mostly masks ties
+# of unscored k-mers: the build says so. The trainer refuses PMI strategies below its own
+# configurable bound, read from the manifest's stats.npmi_scored_fraction.
+WARN_SCORED_FRACTION = 0.5
 
-
-class Interrupts:
-    """SIGINT/SIGTERM raise KeyboardInterrupt as usual, and are also remembered: Python drops
-    an exception raised inside a finalizer or fork hook, so the build checks `check()` after
-    every piece and before publishing, and an interrupted build never publishes."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.saved = {}
-
-    def __enter__(self):
-        self.received = None
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        first = self.received is None
-        self.received = signum
-        if first:
-            raise KeyboardInterrupt
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
-        self.saved, self.received = {}, None
+log = logging.getLogger("cmgems.preprocessing")
 
 
-INTERRUPTS = Interrupts()   # active while a dataset is written; check() is a no-op outside it
+def check_writable(path: Path, what: str) -> None:
+    """Refuse up front (not after the work) a file that cannot be written: its directory is
+    missing, not a directory or read-only (tried by creating a file: permission bits do not
+    tell for root or a read-only mount), or the path is a directory."""
+    parent = path.absolute().parent
+    if path.is_dir():
+        raise InputError(f"{path}: cannot write the {what} (it is a directory)")
+    if not parent.is_dir():
+        raise InputError(f"{path}: cannot write the {what} (directory {parent} "
+                         f"{'is a file' if parent.exists() else 'does not exist'})")
+    probe = parent / f".tmp-{os.getpid()}-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the {what} ({e.strerror or e})") from None
 
 
 def genome_sha256(genome: Path) -> str:
+    check_genome_file(genome)       # a named pipe would hang here
     try:
         return sha256_file(genome)
     except OSError as e:
@@ -123,6 +111,24 @@ class Summary:
             f"shards: {self.shards}",
             f"time: {self.seconds:.2f} s ({mbps:.1f} Mbp/s)",
         ]
+
+
+def warn_if_unscored(table: np.ndarray, where: Path | str, min_count: int | None,
+                     source: str) -> float:
+    """Warn when few k-mers are scored (a genome too small for --min-count, a table of NaN);
+    returns the scored fraction."""
+    frac = scored_fraction(table)
+    if frac >= WARN_SCORED_FRACTION:
+        return frac
+    n, k = int(np.count_nonzero(~np.isnan(table))), round(np.log(len(table)) / np.log(4))
+    why = (f"{source} is too small for --min-count {min_count} (k-mers seen fewer times get no "
+           f"score); lower --min-count or pass --npmi-table" if min_count is not None else
+           f"the table {source} leaves the others empty or NaN")
+    what = (f"NO k-mer is scored (0 of {len(table)} {k}-mers)" if n == 0 else
+            f"only {n} of {len(table)} {k}-mers scored ({100 * frac:.1f}%)")
+    log.warning("%s: %s: %s. PMI masking strategies (genemask, global, cm_gems) would mask "
+                "mostly by ties on this dataset", where, what, why)
+    return frac
 
 
 def check_valid_records(genome: Path, wanted: Iterable[str], names: list[str]) -> None:
@@ -190,7 +196,7 @@ class ShardWriter:
         # a shard holds < shard_tokens + MAX_TOKENS tokens; np.empty: pages touched only if used
         capacity = shard_tokens + samples.MAX_TOKENS + piece_tokens
         self.tokens = np.empty(capacity, np.uint16)
-        self.npmi = np.empty(capacity, np.float16)
+        self.npmi = np.empty(capacity, NPMI_DTYPE)
         self.lengths: list[np.ndarray] = []
         self.n = 0
         self.entries: list[dict] = []
@@ -294,101 +300,5 @@ def dataset_manifest(k: int, genome: Path, source_sha: str, params: dict, table_
     return Manifest(k=k, vocab_size=vocab_size(k),
                     source={"name": genome.name, "sha256": source_sha}, params=params,
                     npmi_table_sha256=table_sha256, shards=entries,
-                    stats={**asdict(summary), "npmi_scored": int((~np.isnan(table)).sum())})
-
-
-# ---- the output directory ----
-
-def _up_to_date(out_dir: Path, params: dict, source_sha: str) -> Manifest | None:
-    try:
-        m = Manifest.load(out_dir)
-        if m.params != params or m.source.get("sha256") != source_sha:
-            return None
-        verify(out_dir, m)
-        if sha256_file(out_dir / TABLE_NAME) != m.npmi_table_sha256:
-            return None
-    except (ShardError, OSError):
-        return None
-    return m
-
-
-def _describe_difference(out: Path, params: dict, source_sha: str) -> str:
-    try:
-        m = Manifest.load(out)
-    except ShardError:
-        return "it is not empty and holds no finished dataset"
-    diff = [k for k in params if m.params.get(k) != params[k]]
-    if m.source.get("sha256") != source_sha:
-        diff.insert(0, f"source ({m.source.get('name')})")
-    if not diff:
-        return "its files differ from its manifest"
-    return "it holds a dataset built with different " + ", ".join(diff)
-
-
-def check_target(out_dir: Path, overwrite: bool, params: dict, source_sha: str, out=sys.stdout,
-                 overwrite_flag: str = "--overwrite") -> Manifest | None:
-    """The finished dataset if OUT_DIR already holds exactly this one ("up to date"), None if it
-    may be written; refuses a non-empty OUT_DIR holding anything else unless `overwrite`."""
-    if (m := _up_to_date(out_dir, params, source_sha)) is not None:
-        print(f"{out_dir}: up to date ({len(m.shards)} shards, nothing rewritten)", file=out)
-        return m
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"{out_dir}: refusing to write: "
-                         f"{_describe_difference(out_dir, params, source_sha)}; "
-                         f"pass {overwrite_flag} to replace it")
-    return None
-
-
-class Staging:
-    """A hidden sibling of OUT_DIR (`dir`) that a dataset is written into and then published
-    from, manifest last: OUT_DIR itself never holds a manifest for partial data. Entering
-    removes what killed builds left; a block that fails removes `dir` again, and an OSError in
-    it (a full disk, a read-only directory) becomes an InputError naming OUT_DIR."""
-
-    def __init__(self, out_dir: Path):
-        self.out = out_dir.resolve()     # "." or "x/" still has a parent and a name
-        self.dir = self.out.parent / f".{self.out.name}{PARTIAL_TAG}{os.getpid()}"
-
-    def __enter__(self) -> "Staging":
-        for stale in self._stale():
-            shutil.rmtree(stale, ignore_errors=True)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir()
-        return self
-
-    def _stale(self) -> list[Path]:
-        """Staging directories of processes that no longer run."""
-        found = []
-        for p in self.out.parent.glob(f".{self.out.name}{PARTIAL_TAG}*"):
-            try:
-                os.kill(int(p.name.rsplit("-", 1)[1]), 0)
-            except (ValueError, ProcessLookupError):
-                found.append(p)
-            except PermissionError:
-                pass
-        return found
-
-    def __exit__(self, exc_type, e, tb) -> None:
-        if exc_type is None:
-            return
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise InputError(f"{self.out}: cannot write the dataset ({e.strerror or e})") from None
-
-    def publish(self, manifest: Manifest) -> None:
-        """Save the manifest, then (unless interrupted) move the finished files into OUT_DIR."""
-        manifest.save(self.dir)
-        INTERRUPTS.check()
-        work, out = self.dir, self.out
-        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-            os.replace(work, out)       # one rename: the dataset appears whole
-            return
-        (out / MANIFEST_NAME).unlink(missing_ok=True)   # from here the old dataset no longer loads
-        for old in list(out.glob("train-*.h5")) + list(out.glob("valid-*.h5")):
-            old.unlink()
-        for e in manifest.shards:
-            os.replace(work / e["path"], out / e["path"])
-        os.replace(work / TABLE_NAME, out / TABLE_NAME)
-        os.replace(work / MANIFEST_NAME, out / MANIFEST_NAME)
-        shutil.rmtree(work)
+                    stats={**asdict(summary), "npmi_scored": int((~np.isnan(table)).sum()),
+                           "npmi_scored_fraction": scored_fraction(table)})

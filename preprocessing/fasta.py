@@ -1,13 +1,17 @@
 """Streaming FASTA reader (plain, gzip, bgzip) that yields each record in bounded pieces.
 
-pyfaidx refuses plain gzip, so the file is streamed: zlib on large blocks, line structure found
-with bytes.find, line breaks removed with bytes.replace (C speed, no loop per base). A record is cut
+Every build reads every record in order, so the file is streamed rather than indexed (an
+indexed reader such as pyfaidx needs a .fai built first, and refuses plain gzip, the form most
+genomes are published in): zlib on large blocks, line structure found with bytes.find, line
+breaks removed with bytes.replace (C speed, no loop per base). A record is cut
 into pieces of `piece_bases` bases; each piece after a record's first repeats the previous
 piece's last `overlap` bases so that no k-mer is lost at the cut. Memory stays bounded by the
 piece size whatever the genome.
 """
 from __future__ import annotations
 
+import os
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,38 +60,104 @@ class ReadStats:
     names: list[str] = field(default_factory=list)
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# The empty block that ends every BGZF file (SAM/BAM specification, 4.1.2): htslib writes it
+# and checks for it; a BGZF file without it was cut short at a block boundary.
+BGZF_EOF = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
+
+
+def check_genome_file(path: Path) -> None:
+    """Refuse, up front, a genome that is not a regular file: the genome is read more than once
+    (sha256, then one or two passes), so a named pipe or a stream would hang or read as empty."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FastaError(f"{path}: cannot read genome ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FastaError(f"{path}: cannot read genome (Is a directory)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a named pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise FastaError(f"{path}: cannot read genome ({kind}: the genome is read more than "
+                         f"once, so it must be a file on disk; save the stream to a file first)")
+
+
+def _is_bgzf(header: bytes) -> bool:
+    """A gzip member header carrying BGZF's 'BC' extra subfield."""
+    if len(header) < 12 or not header[3] & 4:          # FEXTRA
+        return False
+    xlen = int.from_bytes(header[10:12], "little")
+    extra, at = header[12:12 + xlen], 0
+    while at + 4 <= len(extra):
+        size = int.from_bytes(extra[at + 2:at + 4], "little")
+        if extra[at:at + 2] == b"BC" and size == 2:
+            return True
+        at += 4 + size
+    return False
+
+
 def _blocks(path: Path) -> Iterator[bytes]:
     """Decompressed blocks of the file. zlib directly on large reads: about 1.5x GzipFile's
-    speed, which decompresses in 8 KiB steps. Handles bgzip's series of gzip members."""
+    speed, which decompresses in 8 KiB steps. Handles bgzip's series of gzip members.
+
+    Every byte of a compressed file is accounted for: a file ends exactly where its last gzip
+    member ends, anything else after or between members (junk, a damaged member, a BGZF file
+    missing its end-of-file block) is a FastaError naming the byte offset, never a quiet end.
+    """
+    check_genome_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(BLOCK_BYTES)
-            if raw[:2] != b"\x1f\x8b":
+            if raw[:2] != GZIP_MAGIC:
                 while raw:
                     yield raw
                     raw = f.read(BLOCK_BYTES)
                 return
-            d, data = zlib.decompressobj(31), raw
-            while True:
-                out = d.decompress(data, BLOCK_BYTES)   # bounded: 4 MiB of N's can inflate to GiBs
-                if out:
-                    yield out
-                if d.eof:                                # member done; bgzip has many
-                    data = d.unused_data or f.read(BLOCK_BYTES)
-                    if data[:2] != b"\x1f\x8b":
-                        return                           # end of file (or trailing padding)
-                    d = zlib.decompressobj(31)
-                    continue
-                data = d.unconsumed_tail
-                if not data:
-                    data = f.read(BLOCK_BYTES)
-                    if not data:
-                        raise FastaError(f"{path}: truncated gzip file (ends inside a "
-                                         f"compressed block)")
-    except zlib.error as e:
-        raise FastaError(f"{path}: corrupt gzip stream ({e})") from None
+            yield from _members(path, f, raw)
     except OSError as e:
         raise FastaError(f"{path}: cannot read genome ({e.strerror or e})") from None
+
+
+def _members(path: Path, f, data: bytes) -> Iterator[bytes]:
+    """The decompressed text of the gzip members that make up file `f` (its first `data` read)."""
+    if _is_bgzf(data):
+        size = os.fstat(f.fileno()).st_size
+        tail = os.pread(f.fileno(), len(BGZF_EOF), max(0, size - len(BGZF_EOF)))
+        if tail != BGZF_EOF:
+            raise FastaError(f"{path}: BGZF file without its end-of-file block at byte {size} "
+                             f"(cut short, or damaged at its end)")
+    read = len(data)            # bytes of the file read so far
+    start = 0                   # file offset of the member being decompressed
+    d = zlib.decompressobj(31)
+    while True:
+        try:
+            out = d.decompress(data, BLOCK_BYTES)   # bounded: 4 MiB of N's can inflate to GiBs
+        except zlib.error as e:
+            raise FastaError(f"{path}: corrupt gzip member at byte {start} ({e})") from None
+        if out:
+            yield out
+        if d.eof:                                   # member done; bgzip has many
+            rest = d.unused_data
+            while len(rest) < 2 and (more := f.read(BLOCK_BYTES)):
+                rest += more
+                read += len(more)
+            start = read - len(rest)
+            if not rest:
+                return                              # the file ends with its last member
+            if rest[:2] != GZIP_MAGIC:
+                size = max(read, os.fstat(f.fileno()).st_size)
+                raise FastaError(f"{path}: {size - start} bytes at byte {start} that are not "
+                                 f"gzip data, after a gzip member that ends there (junk "
+                                 f"appended to the file, or damage)")
+            d, data = zlib.decompressobj(31), rest
+            continue
+        data = d.unconsumed_tail
+        if data or out:     # output capped: input left, or output zlib may still hold
+            continue
+        data = f.read(BLOCK_BYTES)
+        if not data:
+            raise FastaError(f"{path}: truncated gzip file (ends at byte {read}, inside the "
+                             f"gzip member starting at byte {start})")
+        read += len(data)
 
 
 def _next_header(block: bytes, pos: int) -> int:

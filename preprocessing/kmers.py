@@ -56,16 +56,26 @@ def count_table(seq: bytes, k: int, overlap: int) -> tuple[np.ndarray, int]:
     """
     codes = encode(seq)
     code, vlen = windows(codes, k)
+    return count_windows(code, vlen, k, overlap), non_acgt(codes, overlap)
+
+
+def non_acgt(codes: np.ndarray, overlap: int) -> int:
+    """Symbols other than A/C/G/T in a piece, its overlap excluded."""
+    return int(np.count_nonzero(codes[overlap:] == INVALID))
+
+
+def count_windows(code: np.ndarray, vlen: np.ndarray, k: int, overlap: int) -> np.ndarray:
+    """count_table's table from windows() already computed (shared with cutting samples)."""
     size = 4 ** k
     key = vlen.astype(np.uint16)   # (k+1) * 4^k <= 7 * 4096 keys: 16 bits hold them all
     key <<= 2 * k
     key |= code
     table = np.bincount(key, minlength=(k + 1) * size)
     if overlap:
-        p = np.arange(min(overlap, len(codes)))
+        p = np.arange(min(overlap, len(code)))
         seen = np.minimum(vlen[p], overlap - p).astype(np.int64)
         table -= np.bincount(seen * size + code[p], minlength=(k + 1) * size)
-    return table.reshape(k + 1, size), int(np.count_nonzero(codes[overlap:] == INVALID))
+    return table.reshape(k + 1, size)
 
 
 def ngram_counts(table: np.ndarray, k: int) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ from typing import Callable
 import h5py
 import pytest
 
-from conftest import ROOT, run_module
+from conftest import LAMBDA, ROOT, run_module
 from cmgems.io import sha256_file
 from cmgems.shards import Manifest
 
@@ -108,6 +108,40 @@ FASTA_CASES = [
     fasta_case("--valid-records names no record", lambda p: p.write_text(
         f">chr1\n{_acgt(3000)}\n"), "--valid-records: chrX not found", "--valid-records", "chrX"),
 ]
+def _records_gz(n: int = 20, seed: int = 0) -> bytes:
+    return gzip.compress("".join(f">r{seed}_{i}\n{_acgt(2000, seed + i)}\n"
+                                 for i in range(n)).encode())
+
+
+def _bgzf_blob(p: Path) -> bytes:
+    bgzf = pytest.importorskip("Bio.bgzf")       # biopython: a test extra
+    tmp = p.with_name("tmp-bgzf.gz")
+    with bgzf.BgzfWriter(str(tmp), "wb") as f:
+        for i in range(20):
+            f.write(f">r{i}\n{_acgt(2000, i)}\n".encode())
+            f.flush()
+    blob = tmp.read_bytes()
+    tmp.unlink()
+    return blob
+
+
+def _damaged_bgzf(p: Path):
+    blob = _bgzf_blob(p)
+    p.write_bytes(blob[:3000] + bytes([blob[3000] ^ 0xFF]) + blob[3001:])
+
+
+FASTA_CASES += [
+    fasta_case("junk after the last gzip member", lambda p: p.write_bytes(
+        _records_gz() + b"junk"), "that are not gzip data", suffix=".fa.gz"),
+    fasta_case("junk between gzip members", lambda p: p.write_bytes(
+        _records_gz() + b"\0\0\0" + _records_gz(seed=50)), "that are not gzip data",
+        suffix=".fa.gz"),
+    fasta_case("damaged BGZF block", _damaged_bgzf, "corrupt gzip member at byte",
+               suffix=".fa.gz"),
+    fasta_case("BGZF without its end-of-file block", lambda p: p.write_bytes(
+        _bgzf_blob(p)[:-28]), "BGZF file without its end-of-file block", suffix=".fa.gz"),
+    fasta_case("a named pipe", lambda p: os.mkfifo(p), "a named pipe"),
+]
 DUPLICATE = fasta_case("duplicate record names", lambda p: p.write_text(
     f">chr1\n{_acgt(1500, 1)}\n>chr1\n{_acgt(1500, 2)}\n"), "chr1")
 
@@ -129,6 +163,112 @@ TABLE_CASES = [
                "has length 5, expected k=6"),
     table_case("value not a number", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,high\n",
                "is not a number"),
+]
+TABLE_CASES += [
+    table_case("infinite value", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,0.5\nAAAAAT,inf\n",
+               ":3: column 'norm_dp_true_pmi': 'inf' is not a finite number"),
+    table_case("nan word", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,nan\n",
+               "'nan' is not a finite number (leave the field empty"),
+    table_case("absurd value 1e30", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,1e30\n",
+               "'1e30' is outside [-1000, 1000]"),
+    table_case("0_5 (an underscore)", lambda: "ngram,norm_dp_true_pmi\nAAAAAA,0_5\n",
+               "'0_5' is not a number"),
+]
+
+
+# ---------------------------------------------------------------------- build: outputs, options
+def build_case(name: str, make: Callable[[Path, Path], tuple[list[str], Path | str]],
+               expect: str) -> Case:
+    return Case(f"build: {name}", make, expect)
+
+
+def _lambda_build(out: Path, *extra: str) -> list[str]:
+    return ["-m", "preprocessing", "build", str(LAMBDA), str(out), "--min-count", "5", *extra]
+
+
+def _parent_is_a_file(tmp: Path, _data):
+    (tmp / "notes.txt").write_text("a file where a directory is expected\n")
+    out = tmp / "notes.txt" / "data"
+    return _lambda_build(out), out
+
+
+def _name_too_long(tmp: Path, _data):
+    out = tmp / ("d" * 252)          # fits NAME_MAX itself; its lock file and staging do not
+    return _lambda_build(out), out
+
+
+def _option(flag: str, value: str):
+    return lambda tmp, _data: (_lambda_build(tmp / "out", flag, value), flag)
+
+
+_HOLDERS = []     # lock holders: each ends when its stdin closes (at the latest with pytest)
+
+
+def _out_dir_in_use(tmp: Path, _data):
+    """Another process holds OUT_DIR's lock, as a build under way does."""
+    import subprocess
+    import sys
+    out = tmp / "data"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom cmgems.io import exclusive_lock\n"
+         f"with exclusive_lock({str(tmp / '.data.lock')!r}, 'test'):\n"
+         "    print('held', flush=True)\n    sys.stdin.read()\n"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    _HOLDERS.append(holder)
+    return _lambda_build(out), out
+
+
+BUILD_CASES = [
+    build_case("OUT_DIR being built by another process", _out_dir_in_use,
+               "is in use by pid"),
+    build_case("parent of OUT_DIR is a file", _parent_is_a_file, "notes.txt is a file, not a "
+               "directory"),
+    build_case("OUT_DIR name too long", _name_too_long, "cannot create the output directory "
+               "(File name too long)"),
+    build_case("--min-count 10^30", _option("--min-count", str(10 ** 30)),
+               "--min-count: must be in 1.."),
+    build_case("--shard-tokens 10^20", _option("--shard-tokens", str(10 ** 20)),
+               "--shard-tokens: must be in 510.."),
+    build_case("--seed 2^64", _option("--seed", str(2 ** 64)), "--seed: must be in 0.."),
+    build_case("--seed -1", _option("--seed", "-1"), "--seed: must be in 0.."),
+    build_case("--workers 10^6", _option("--workers", str(10 ** 6)), "--workers: must be in 1..1024"),
+]
+
+
+def _npmi_into(tmp: Path, where: str):
+    out = tmp / where / "table.tsv"
+    return ["-m", "preprocessing", "npmi", str(LAMBDA), str(out), "--min-count", "5"], out
+
+
+NPMI_CASES = [
+    Case("npmi: output directory missing", lambda tmp, _d: _npmi_into(tmp, "missing"),
+         "cannot write the NPMI table (directory"),
+]
+
+
+# ---------------------------------------------------------------------- manifests
+def _broken_manifest(edit: Callable[[dict], object]):
+    def make(tmp: Path, data: Path):
+        import shutil
+        copy = tmp / "data"
+        shutil.copytree(data, copy)
+        manifest = copy / "manifest.json"
+        manifest.write_text(json.dumps(edit(json.loads(manifest.read_text()))))
+        return _train(copy, tmp / "runs" / "run"), manifest
+    return make
+
+
+def _drop_sha(m: dict) -> dict:
+    del m["shards"][1]["sha256"]
+    return m
+
+
+MANIFEST_CASES = [
+    Case("manifest: not a JSON object", _broken_manifest(lambda m: [m]),
+         "not a valid cmgems manifest (a manifest is a JSON object, got list)", slow=True),
+    Case("manifest: a shard without its sha256", _broken_manifest(_drop_sha),
+         "not a valid cmgems manifest (shards[1] lacks 'sha256')", slow=True),
 ]
 
 
@@ -271,7 +411,7 @@ CONFIG_CASES = [
          "k=5, vocab 1029 differ from the manifest's k=6", slow=True),
 ]
 
-ALL = FASTA_CASES + TABLE_CASES + CONFIG_CASES
+ALL = FASTA_CASES + TABLE_CASES + BUILD_CASES + NPMI_CASES + MANIFEST_CASES + CONFIG_CASES
 
 
 def _check(case: Case, tmp: Path, data: Path) -> None:
@@ -292,7 +432,7 @@ def _check(case: Case, tmp: Path, data: Path) -> None:
     left = sorted(str(p) for p in tmp.rglob("*") if p.is_file() and p not in inputs)
     assert not left, f"left behind: {left}"
     assert not (tmp / "runs").exists(), "the refused run left its (empty) directories"
-    cmd = "pretrain" if argv[0] == PRETRAIN else "preprocessing build"
+    cmd = "pretrain" if argv[0] == PRETRAIN else f"preprocessing {argv[2]}"
     record_error(case.name, cmd, line.replace(str(tmp) + "/", ""))
 
 
@@ -308,3 +448,40 @@ def test_duplicate_record_names_are_refused(tiny_dataset, tmp_path):
 
 def test_catalogue_has_at_least_15_cases():
     assert len(ALL) + 1 >= 15
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write to: permission bits for a user; root ignores those, so
+    there a read-only tmpfs is mounted (skipped where mounting is not allowed)."""
+    import subprocess
+    d = tmp_path / "read-only"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(reason=f"running as root, and no read-only mount possible ({res.stderr})")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.parametrize("command", ["build", "npmi"])
+def test_read_only_output_directory(command, read_only_dir, tiny_dataset, tmp_path):
+    if command == "build":
+        out = read_only_dir / "data"
+        case = build_case("OUT_DIR in a read-only directory",
+                          lambda tmp, _d: (_lambda_build(out), out),
+                          "cannot create the output directory (")
+    else:
+        out = read_only_dir / "table.tsv"
+        case = Case("npmi: output directory read-only", lambda tmp, _d: (
+            ["-m", "preprocessing", "npmi", str(LAMBDA), str(out)], out),
+            "cannot write the NPMI table (")
+    _check(case, tmp_path, tiny_dataset)

@@ -101,3 +101,85 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, make, fragment):
     with pytest.raises(FastaError) as e:
         list(FastaReader(path, 1000, 5, 10))
     assert str(path) in str(e.value) and fragment in str(e.value)
+
+
+# ---- compressed files: every byte accounted for ----
+
+def _members(*texts: bytes) -> bytes:
+    return b"".join(gzip.compress(t) for t in texts)
+
+
+def _bgzf(tmp_path: Path, text: bytes) -> bytes:
+    path = _write(tmp_path / "b.fa.gz", text.decode(), "bgzip")
+    return path.read_bytes()
+
+
+A, B = b">a\n" + b"ACGT" * 500 + b"\n", b">b\n" + b"GATTACA" * 300 + b"\n"
+
+
+def test_concatenated_gzip_members_are_one_file(tmp_path):
+    path = tmp_path / "cat.fa.gz"
+    path.write_bytes(_members(A, B))          # cat a.gz b.gz > cat.fa.gz
+    seqs, st, _ = _read(path, piece=1000)
+    assert seqs == {"a": "ACGT" * 500, "b": "GATTACA" * 300} and st.records == 2
+
+
+def test_output_capped_exactly_at_the_end_of_the_input(tmp_path):
+    """Highly compressible members: zlib still holds output when the file's bytes run out."""
+    from preprocessing import fasta
+    text = b">a\n" + b"A" * (3 * fasta.BLOCK_BYTES - 3) + b"\n"
+    path = tmp_path / "runs.fa.gz"
+    path.write_bytes(_members(text, text.replace(b">a", b">b")))
+    reader = FastaReader(path, 1 << 20, 5, 10)
+    assert sum(len(p.seq) - p.overlap for p in reader) == 2 * (3 * fasta.BLOCK_BYTES - 3)
+
+
+def _flip(blob: bytes, at: int) -> bytes:
+    return blob[:at] + bytes([blob[at] ^ 0xFF]) + blob[at + 1:]
+
+
+@pytest.mark.parametrize("make, fragment", [
+    # junk after the last member: a silent end of the genome before
+    (lambda tmp: _members(A, B) + b"trailing junk\n",
+     lambda blob: f"14 bytes at byte {len(blob) - 14} that are not gzip data"),
+    # junk between two members: the second member's records were silently dropped
+    (lambda tmp: _members(A) + b"XYZ" + _members(B),
+     lambda blob: f"bytes at byte {len(gzip.compress(A))} that are not gzip data"),
+    (lambda tmp: _members(A) + b"\x00" * 512,
+     lambda blob: f"512 bytes at byte {len(gzip.compress(A))} that are not gzip data"),
+    # a damaged block of a BGZF file (flipped byte inside the compressed data)
+    (lambda tmp: _flip(_bgzf(tmp, A + B), 400), lambda blob: "corrupt gzip member at byte"),
+    # a BGZF file cut at a block boundary: its end-of-file block is missing
+    (lambda tmp: _bgzf(tmp, A + B)[:-28],
+     lambda blob: f"BGZF file without its end-of-file block at byte {len(blob)}"),
+    (lambda tmp: _members(A)[:-8], lambda blob: f"truncated gzip file (ends at byte {len(blob)}"),
+])
+def test_compressed_bytes_not_accounted_for_are_refused(tmp_path, make, fragment):
+    blob = make(tmp_path)
+    path = tmp_path / "bad.fa.gz"
+    path.write_bytes(blob)
+    with pytest.raises(FastaError) as e:
+        list(FastaReader(path, 1000, 5, 10))
+    assert str(e.value).startswith(f"{path}: ") and fragment(blob) in str(e.value), str(e.value)
+
+
+def test_damaged_bgzf_block_names_its_offset(tmp_path):
+    blob = _bgzf(tmp_path, A + B)
+    # the blocks' offsets, from their BSIZE fields
+    starts, at = [], 0
+    while at < len(blob):
+        starts.append(at)
+        at += int.from_bytes(blob[at + 16:at + 18], "little") + 1
+    assert len(starts) > 3
+    path = tmp_path / "bad.fa.gz"
+    path.write_bytes(_flip(blob, starts[2] + 30))
+    with pytest.raises(FastaError, match=f"corrupt gzip member at byte {starts[2]} "):
+        list(FastaReader(path, 1000, 5, 10))
+
+
+def test_a_named_pipe_is_refused_up_front(tmp_path):
+    import os
+    fifo = tmp_path / "genome.fa"
+    os.mkfifo(fifo)
+    with pytest.raises(FastaError, match="a named pipe"):   # no writer: a hang before
+        list(FastaReader(fifo, 1000, 5, 10))

@@ -240,6 +240,13 @@ def test_genemask_csv_loads():
     ("kmer\tnpmi\nAAA\t0.5\nAAA\t0.1\n", ":3: k-mer 'AAA' listed twice"),
     ("# k: 3\nkmer\tnpmi\nAAA\tx\n", ":3: column 'npmi': 'x' is not a number"),
     ("", "empty NPMI table"),
+    ("kmer\tnpmi\nAAA\t0.5\nAAT\tinf\n", ":3: column 'npmi': 'inf' is not a finite number"),
+    ("kmer\tnpmi\nAAA\t-inf\n", ":2: column 'npmi': '-inf' is not a finite number"),
+    ("kmer\tnpmi\nAAA\tNaN\n", ":2: column 'npmi': 'NaN' is not a finite number (leave"),
+    ("kmer\tnpmi\nAAA\t1e30\n", ":2: column 'npmi': '1e30' is outside [-1000, 1000]"),
+    ("kmer\tnpmi\nAAA\t-1001\n", ":2: column 'npmi': '-1001' is outside"),
+    ("kmer\tnpmi\nAAA\t0_5\n", ":2: column 'npmi': '0_5' is not a number"),
+    ("kmer\tnpmi\nAAA\t0x10\n", ":2: column 'npmi': '0x10' is not a number"),
 ])
 def test_bad_tables_name_file_and_line(tmp_path, content, fragment):
     path = tmp_path / "bad.tsv"
@@ -247,6 +254,24 @@ def test_bad_tables_name_file_and_line(tmp_path, content, fragment):
     with pytest.raises(npmi_table.TableError) as e:
         npmi_table.load_table(path, 3)
     assert str(path) in str(e.value) and fragment in str(e.value)
+
+
+def test_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffngram,norm_dp_true_pmi\r\nAAA,0.25\r\nAAT,\r\nCCC,-1e-3\r\n"
+                     .encode("utf-8"))
+    table = npmi_table.load_table(path, 3)
+    assert table[_code("AAA")] == np.float32(0.25) and table[_code("CCC")] == np.float32(-1e-3)
+    assert np.isnan(table[_code("AAT")]) and np.isnan(table).sum() == 62
+
+
+def test_written_tables_parse_strictly(tmp_path):
+    """Every value repr() writes (tiny, huge within the bound, negative zero) reads back."""
+    values = np.full(4 ** 3, np.nan)
+    values[:6] = [5e-324, -0.0, 999.999, -1e-300, 1.0, 1 / 3]
+    path = npmi_table.write_table(tmp_path / "t.tsv", values)
+    loaded = npmi_table.load_table(path, 3)
+    assert np.array_equal(loaded, values.astype(np.float32), equal_nan=True)
 
 
 def test_genemask_csv_with_wrong_k_names_line(tmp_path, genemask_csv):

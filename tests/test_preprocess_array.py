@@ -4,6 +4,7 @@ single `build` gives (same shard bytes, same npmi.tsv, same manifest but for the
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -156,6 +157,10 @@ def test_missing_or_foreign_parts_are_refused(tmp_path):
     run_module("-m", "preprocessing", "table", str(work))
     for i in range(3):
         run_module("-m", "preprocessing", "shard", str(LAMBDA), str(work), "--group", f"{i}/3")
+    from cmgems.io import exclusive_lock
+    with exclusive_lock(tmp_path / ".out.lock", "test"):       # a build of OUT_DIR under way
+        _fails("finish", str(work), str(out), fragment=f"is in use by pid {os.getpid()}")
+    assert not out.exists() and (work / "job.json").is_file()
     run_module("-m", "preprocessing", "finish", str(work), str(out))
     assert len(ShardSet(out, "train")) > 0
 
@@ -202,3 +207,37 @@ def test_slurm_job_array_builds_the_build_dataset(cluster, tmp_path):
     assert "--group 2/3" in all_logs()
     assert_same_dataset(ref, tmp_path / "out")
     assert not (tmp_path / "out.work").exists()
+
+
+@pytest.mark.parametrize("table", ["counted", "external"])
+def test_array_and_build_give_the_same_bytes_for_every_shard(tmp_path, table):
+    """In process (fast): the sha256 of every shard, npmi.tsv and the manifest of an array run
+    equal build's. The external table holds values just above float16 rounding midpoints, where
+    rounding float64 -> float32 -> float16 and float64 -> float16 disagree: one rounding path
+    (npmi.tsv read back to the shards' dtype) gives the same bytes whichever stage cuts."""
+    import io
+    from cmgems import npmi_table
+    from preprocessing.array import count_stage, finish_stage, shard_stage, table_stage
+    from preprocessing.build import BuildConfig, build
+    genome = tmp_path / "g.fa"
+    _synthetic(genome, [300_000, 40_000, 150_000], seed=11, n_every=30_000)
+    extra = {}
+    if table == "external":
+        values = 1 + (2 * np.arange(4096) + 1) * 2.0 ** -11 + 2.0 ** -30
+        assert not np.array_equal(values.astype(np.float16),
+                                  values.astype(np.float32).astype(np.float16))
+        extra["npmi_table"] = tmp_path / "mid.tsv"
+        npmi_table.write_table(extra["npmi_table"], values)
+    opts = dict(genome=genome, min_count=3, valid_fraction=0.1, shard_tokens=40_000,
+                piece_bases=60_000, **extra)
+    quiet = io.StringIO()
+    build(BuildConfig(out_dir=tmp_path / "ref", **opts), out=quiet)
+    work, out = tmp_path / "work", tmp_path / "out"
+    for i in range(2):
+        count_stage(BuildConfig(out_dir=work, **opts), work, (i, 2), out=quiet)
+    table_stage(work, out=quiet)
+    for i in range(2):
+        shard_stage(genome, work, (i, 2), out=quiet)
+    finish_stage(work, out, out=quiet)
+    assert_same_dataset(tmp_path / "ref", out)
+    assert len(Manifest.load(out).shards) > 4
