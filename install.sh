@@ -21,5 +21,9 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 else
   $py -m pip install -q torch==2.13.0
 fi
-$py -m pip install -q -c constraints.txt -e ".[test]"
+# Installed as a user's pip would (package data, console scripts: cmgems, cmgems-pretrain, ...). The
+# checkout's own commands (python launchers/pretrain.py, python -m preprocessing, the tests) run
+# the checkout's code, whatever is installed; after changing it, run this again for the console
+# scripts.
+$py -m pip install -q -c constraints.txt ".[test]"
 echo "cmgems installed in $(pwd)/.venv"

@@ -13,13 +13,27 @@ from pathlib import Path
 
 log = logging.getLogger("cmgems")
 
-# Everything shipped lives under the project root (the checkout, or the installed tree).
-PROJECT = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parent
+# A checkout holds the shipped files in the project's own folders beside cmgems/. An installed
+# distribution holds them inside the package (setup.cfg's package_dir): launchers/ is
+# cmgems/launchers/, ds_configs/ is cmgems/ds_configs/, data/ is cmgems/genomes/ (cmgems/data.py
+# is the loader).
+CHECKOUT = _PACKAGE.parent if (_PACKAGE.parent / "setup.cfg").is_file() else None
+INSTALLED_FOLDERS = {"launchers": "launchers", "ds_configs": "ds_configs", "data": "genomes"}
 
 
 def path(relative: str) -> Path:
-    """The shipped file `relative` (e.g. "launchers/configs/quick.yaml")."""
-    return PROJECT / relative
+    """The shipped file `relative`, named as in a checkout (e.g. "launchers/configs/quick.yaml")."""
+    if CHECKOUT is not None:
+        return CHECKOUT / relative
+    folder, _, rest = relative.partition("/")
+    return _PACKAGE / INSTALLED_FOLDERS.get(folder, folder) / rest
+
+
+def preprocessing_module() -> str:
+    """`python -m` name of the preprocessing package: top-level in a checkout, inside cmgems
+    when installed."""
+    return "preprocessing" if CHECKOUT is not None else "cmgems.preprocessing"
 
 
 def resolve(value: str, what: str) -> str:
@@ -28,7 +42,7 @@ def resolve(value: str, what: str) -> str:
     given = Path(value)
     if not value or given.is_absolute() or given.exists():
         return value
-    shipped = PROJECT / given
+    shipped = path(given.as_posix())
     if shipped.exists():
         log.info("%s: %s is not in %s; using the one shipped with cmgems, %s", what, value,
                  Path.cwd(), shipped)

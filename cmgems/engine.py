@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from cmgems import bundled
 from cmgems.config import PretrainConfig
 from cmgems.errors import InputError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = bundled.path("ds_configs")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
+if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
+    sys.path.insert(0, str(ROOT))
 
 from cmgems.compare import CompareConfig  # noqa: E402
 from cmgems.compare_run import RunFailed, run_comparison  # noqa: E402
@@ -40,7 +41,7 @@ from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.finetune import FinetuneConfig  # noqa: E402
 from cmgems.pretrain_process import Interrupted  # noqa: E402
 
-PRETRAIN = ROOT / "launchers" / "pretrain.py"
+PRETRAIN = Path(__file__).resolve().parent / "pretrain.py"
 GROUPS = {"what to compare": ("strategies", "output_dir", "name", "experiment"),
           "pretraining (the same for every strategy)": (
               "config", "data_dir", "max_steps", "model", "seed", "num_gpus", "pretrain_args"),

@@ -15,9 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-from cmgems.options import add_arguments, from_args, parse_int
-from cmgems.errors import EXIT_INPUT_ERROR, InputError
-from cmgems.finetune import EvalRuns, FinetuneConfig
+ROOT = Path(__file__).resolve().parents[1]
+if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
+    sys.path.insert(0, str(ROOT))
+
+from cmgems.options import add_arguments, from_args, parse_int  # noqa: E402
+from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
+from cmgems.finetune import EvalRuns, FinetuneConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

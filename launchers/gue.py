@@ -18,10 +18,14 @@ import logging
 import sys
 from pathlib import Path
 
-from cmgems.options import add_arguments, from_args
-from cmgems.errors import EXIT_INPUT_ERROR, InputError
-from cmgems.finetune import EvalRuns, FinetuneConfig
-from cmgems.gue import OVERRIDES, run_suite
+ROOT = Path(__file__).resolve().parents[1]
+if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
+    sys.path.insert(0, str(ROOT))
+
+from cmgems.options import add_arguments, from_args  # noqa: E402
+from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
+from cmgems.finetune import EvalRuns, FinetuneConfig  # noqa: E402
+from cmgems.gue import OVERRIDES, run_suite  # noqa: E402
 
 RUN_DEFAULTS = {"seed": 42, "runs": 1}  # DNABERT-2's and CM-GEMS' scripts: one run, seed 42
 

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `deepspeed launchers/pretrain.py` from a checkout, uninstalled
+if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
+    sys.path.insert(0, str(ROOT))
 
 from cmgems import bundled, preflight  # noqa: E402
 from cmgems.config import PretrainConfig, from_sources  # noqa: E402
@@ -58,13 +59,16 @@ def ensure_dataset(cfg) -> None:
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"{cfg.data_dir}: no dataset yet; building it from {cfg.genome}", file=sys.stderr)
-        # `python -m preprocessing` of this checkout, run in the user's working directory; its
-        # report goes to stderr with the other logs: stdout is this command's result line
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        res = subprocess.run([sys.executable, "-m", "preprocessing", "build", cfg.genome,
-                              cfg.data_dir, "--min-count", str(cfg.min_count)], env=env,
-                             stdout=sys.stderr)
+        # the preprocessing of this cmgems (checkout or installed), run in the user's working
+        # directory; its report goes to stderr with the other logs: stdout is this command's
+        # result line
+        env = dict(os.environ)
+        if bundled.CHECKOUT is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(bundled.CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        res = subprocess.run([sys.executable, "-m", bundled.preprocessing_module(), "build",
+                              cfg.genome, cfg.data_dir, "--min-count", str(cfg.min_count)],
+                             env=env, stdout=sys.stderr)
         if res.returncode != 0:
             raise InputError(f"{cfg.genome}: preprocessing into {cfg.data_dir} failed "
                              f"(exit {res.returncode}, see above)")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from cmgems.options import add_arguments, from_args
 from cmgems.errors import EXIT_INPUT_ERROR, InputError
-from preprocessing.array import count_stage, finish_stage, parse_group, shard_stage, table_stage
-from preprocessing.build import BuildConfig, build, build_table
-from preprocessing.output_dir import INTERRUPTS
+
+from .array import count_stage, finish_stage, parse_group, shard_stage, table_stage
+from .build import BuildConfig, build, build_table
+from .output_dir import INTERRUPTS
 
 # BuildConfig fields that are positional arguments, or also `npmi`'s options
 _POSITIONAL = ("genome", "out_dir")

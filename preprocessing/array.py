@@ -36,14 +36,15 @@ from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
 from cmgems.npmi_table import load_table
 from cmgems.shards import SPLITS, Manifest, ShardError, merge
-from preprocessing.build import (BuildConfig, params_of, scan_genome, stored_table,
+
+from .build import (BuildConfig, params_of, scan_genome, stored_table,
                                  write_npmi_table)
-from preprocessing.dataset_writer import (ShardWriter, SplitShards, Summary,
+from .dataset_writer import (ShardWriter, SplitShards, Summary,
                                           check_train_samples, dataset_manifest, genome_sha256,
                                           shard_attrs, shard_ends)
-from preprocessing.output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
-from preprocessing.fasta import FastaReader
-from preprocessing.parallel import PieceRunner, Scanned
+from .output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
+from .fasta import FastaReader
+from .parallel import PieceRunner, Scanned
 
 JOB_NAME = "job.json"
 JOB_FORMAT = 1

@@ -28,14 +28,15 @@ from cmgems.npmi_table import load_table, write_table
 from cmgems.progress import Progress
 from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, ShardFile, create_shard
 from cmgems.tokens import K_RANGE
-from preprocessing import kmers, npmi, samples
-from preprocessing.dataset_writer import (Summary, check_train_samples, check_valid_records,
+
+from . import kmers, npmi, samples
+from .dataset_writer import (Summary, check_train_samples, check_valid_records,
                                           check_writable, dataset_manifest, genome_sha256,
                                           shard_attrs, warn_if_unscored)
-from preprocessing.output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
-from preprocessing.fasta import FastaReader, Piece
-from preprocessing.parallel import PieceRunner, Scanned
-from preprocessing.shard_plan import ShardPlan
+from .output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
+from .fasta import FastaReader, Piece
+from .parallel import PieceRunner, Scanned
+from .shard_plan import ShardPlan
 
 PIECE_BASES = 1 << 19   # part of the sample layout (recorded in params), not a tuning knob
 # Bounds of the integer options: beyond them a value is a typo, and would otherwise fail late

@@ -25,8 +25,9 @@ from cmgems.io import sha256_file
 from cmgems.npmi_table import scored_fraction
 from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, write_shard
 from cmgems.tokens import vocab_size
-from preprocessing import samples
-from preprocessing.fasta import ReadStats, check_genome_file
+
+from . import samples
+from .fasta import ReadStats, check_genome_file
 
 # Below this share of scored k-mers, PMI masking (genemask, global, cm_gems) mostly masks ties
 # of unscored k-mers: the build says so. The trainer refuses PMI strategies below its own

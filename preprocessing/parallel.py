@@ -31,8 +31,9 @@ import numpy as np
 
 from cmgems.io import sha256_file
 from cmgems.shards import NPMI_DTYPE, write_part
-from preprocessing import kmers, samples
-from preprocessing.fasta import Piece
+
+from . import kmers, samples
+from .fasta import Piece
 
 # Queued tasks in all helpers together: enough that a helper never waits while this process
 # reads the genome (measured best on 2 cores: 8 for one helper), two at least per helper.

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmgems.tokens import NUM_SPECIAL
-from preprocessing.kmers import encode, non_acgt, windows
+
+from .kmers import encode, non_acgt, windows
 
 MAX_TOKENS = 510          # 512 positions with [CLS] and [SEP]
 MIN_TOKENS = 5
