@@ -9,9 +9,8 @@ if missing), batch 64, blocks of 512, the same sample order; the consumer does n
 batch (or, with --device cuda, copy it to the GPU from pinned memory). Time to the first batch
 (worker start-up) is left out and reported apart. Each figure is the median of --runs timed runs.
 
-"packed" adds the CPU packing plan of every batch (helper code in cmgems/packing.py, see
-packed_rows below) and reports the share of real tokens in the packed rows; while cmgems/packing.py
-is absent the packed row says so and is left empty.
+"packed" adds the CPU packing plan of every batch (cmgems.packing.plan, rows of --max-length) and
+reports the share of real tokens in the positions the model computes.
 
     python benchmarks/bench_loader.py                     # 0, 1, 2 workers, 3 runs
     python benchmarks/bench_loader.py --device cuda       # pinned memory, copy to the GPU
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from benchmarks.common import ensure_data, markdown_table  # noqa: E402
+from cmgems import packing  # noqa: E402
 from cmgems.data import SampleDataset, ShardedSampler, TrainBatches  # noqa: E402
 from cmgems.shards import ShardSet  # noqa: E402
 from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
@@ -109,22 +109,6 @@ def per_sample_stream(dataset: PerSampleDataset, bs: int, seed: int, workers: in
         epoch += 1
 
 
-# ---------------------------------------------------------------------- packing hook
-def packed_rows(lengths: torch.Tensor, max_length: int) -> int | None:
-    """HOOK for the packed figure: rows of max_length that the CPU packing plan (cmgems/packing.py)
-    lays this batch into; None while that module is not in this branch. Wire the plan function
-    of cmgems.packing here once it is merged."""
-    try:
-        from cmgems import packing
-    except ImportError:
-        return None
-    plan = getattr(packing, "plan", None)
-    if plan is None:
-        raise SystemExit("bench_loader: cmgems.packing has no plan(lengths, max_length); wire its "
-                         "packing-plan function into packed_rows()")
-    return int(plan(lengths, max_length).rows)
-
-
 # ---------------------------------------------------------------------- measuring
 def time_stream(stream, batches: int, device: str, max_length: int, packed: bool
                 ) -> dict[str, float]:
@@ -141,10 +125,7 @@ def time_stream(stream, batches: int, device: str, max_length: int, packed: bool
         samples += len(lengths)
         real += int(lengths.sum())
         if packed:
-            rows = packed_rows(lengths, max_length)
-            if rows is None:
-                return {}
-            slots += rows * max_length
+            slots += packing.plan(lengths, b["input_ids"].shape[1], max_length).slots
         else:
             slots += b["input_ids"].numel()
         if device != "cpu":
@@ -221,9 +202,6 @@ def main() -> None:
         ok = best["samples_per_s"] >= TARGET
         print(f"target: >= {TARGET:,} samples/s with 2 workers: "
               f"{best['samples_per_s']:,.0f} -> {'ok' if ok else 'BELOW TARGET'}")
-    if not any(r.get("samples_per_s") for r in rows if "packing" in r["loader"]):
-        print("packed: cmgems/packing.py is not in this branch; the packed rows are left empty "
-              "(see packed_rows in this script)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -37,15 +37,10 @@ def _reason(e: BaseException) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
 
 
-def build_model(name: str, k: int, init_from: str = "") -> BertForMaskedLM:
-    """A fresh model (initialised under the caller's seeded RNG), or one loaded from an HF dir.
-
-    A directory to initialise from must hold a readable BERT config.json and weights that fill
-    every parameter with finite numbers: transformers would otherwise initialise missing tensors
-    at random with a warning, and a model that trains from partly random weights is a silent
-    wrong result."""
-    if not init_from:
-        return BertForMaskedLM(bert_config(name, k))
+def check_model_dir(init_from: str | Path, k: int | None = None) -> tuple[BertConfig, Path]:
+    """(config, weights file) of an HF model directory, without loading the weights: raises
+    InputError naming the file when the config is missing or unreadable, when there are no
+    weights, or when the vocabulary is not the k-mer vocabulary (k given)."""
     path = Path(init_from)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
@@ -57,9 +52,23 @@ def build_model(name: str, k: int, init_from: str = "") -> BertForMaskedLM:
     weights = next((path / w for w in WEIGHT_FILES if (path / w).is_file()), None)
     if weights is None:
         raise InputError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)})")
-    if config.vocab_size != vocab_size(k):
+    if k is not None and config.vocab_size != vocab_size(k):
         raise InputError(f"{path}: vocab size {config.vocab_size} is not the k={k} "
                          f"vocabulary ({vocab_size(k)}) of the dataset")
+    return config, weights
+
+
+def build_model(name: str, k: int, init_from: str = "") -> BertForMaskedLM:
+    """A fresh model (initialised under the caller's seeded RNG), or one loaded from an HF dir.
+
+    A directory to initialise from must hold a readable BERT config.json and weights that fill
+    every parameter with finite numbers: transformers would otherwise initialise missing tensors
+    at random with a warning, and a model that trains from partly random weights is a silent
+    wrong result."""
+    if not init_from:
+        return BertForMaskedLM(bert_config(name, k))
+    config, weights = check_model_dir(init_from, k)
+    path = Path(init_from)
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its table of missing keys: the error below says it

@@ -7,14 +7,13 @@ counts per rank); these checks need no process group, so every rank runs them al
 """
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from cmgems import checkpoint
+from cmgems import checkpoint, models
 from cmgems.config import PretrainConfig
 from cmgems.engine import build_ds_config
 from cmgems.errors import InputError
@@ -40,7 +39,7 @@ def check(cfg: PretrainConfig, resume: bool) -> None:
     # the DeepSpeed config as the trainer will fill it ("auto" values, batch sizes per rank)
     build_ds_config(cfg, int(os.environ.get("WORLD_SIZE") or 1), torch.device("cpu"))
     if cfg.init_from:
-        _check_json(Path(cfg.init_from) / "config.json", "--init-from model")
+        models.check_model_dir(cfg.init_from)
 
 
 def _check_output(out: Path, resume: bool) -> None:
@@ -66,12 +65,3 @@ def _check_data(cfg: PretrainConfig) -> None:
         raise InputError(f"{data}: holds no dataset ({MANIFEST_NAME}), and the genome to build it "
                          f"from, {cfg.genome}, is not a file (--genome GENOME, or --data-dir of a "
                          f"built dataset)")
-
-
-def _check_json(path: Path, what: str) -> None:
-    try:
-        json.loads(path.read_text())
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what} ({e.strerror})") from None
-    except ValueError as e:
-        raise InputError(f"{path}: {what} is not valid JSON ({e})") from None

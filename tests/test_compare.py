@@ -17,6 +17,7 @@ from cmgems.compare import (FewshotTask, config_mismatch, finished_result, parse
                             parse_strategies)
 from cmgems.compare_report import markdown_table
 from cmgems.errors import InputError
+from cmgems.options import DEFAULT_SEED
 from fewshot_files import shuffled_pool, write_fewshot_tsv
 
 COMPARE = str(ROOT / "launchers" / "compare.py")
@@ -188,7 +189,8 @@ def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, prom, tmp_pat
         assert matrix[s] == [f"{final[m]:.3f}" if m in final else "n/a"
                              for m in ("random", "genemask", "global")]
     # How the few-shot sets were drawn, and the same draws for both strategies.
-    assert any(line.startswith("- prom10: 2 run(s), seeds 0-1; training: 10 per class drawn per "
+    seeds = f"seeds {DEFAULT_SEED}-{DEFAULT_SEED + 1}"
+    assert any(line.startswith(f"- prom10: 2 run(s), {seeds}; training: 10 per class drawn per "
                                f"run from a pool of 200 (100, 100 per class; {pool})")
                for line in md)
     fs = {s: json.loads((out / s / "fewshot" / "prom10.json").read_text()) for s in rows}
