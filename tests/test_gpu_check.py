@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -73,14 +72,24 @@ def test_tiny_mode_runs_every_step_and_writes_the_table(tiny_dataset, tmp_path):
     assert loader and "x the per-sample loader" in loader[0][7]
 
 
-@pytest.mark.slow
-def test_a_failing_step_is_a_failed_row_and_exit_1(tiny_dataset, tmp_path):
-    broken = tmp_path / "data"
-    shutil.copytree(tiny_dataset, broken)
-    (broken / "manifest.json").write_text("{}")
+def test_a_failing_step_is_a_failed_row_and_exit_1(tmp_path):
+    """Every check fails (a PYTHON that exits 3 for them, and runs the table-making commands):
+    each is a FAILED row with its exit status, the later checks still run, the exit is 1."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "benchmarks/gpu_train.py row"|"benchmarks/gpu_train.py pytest-row"|\\
+  "benchmarks/gpu_train.py table"|"benchmarks/gpu_train.py loader-rows") ;;
+  *) exit 3 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
     table = tmp_path / "t.md"
-    res = run_check(table, GPU_CHECK_TINY="1", GPU_CHECK_DATA=str(broken))
+    res = run_check(table, GPU_CHECK_TINY="1", PYTHON=str(python))
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     text = table.read_text()
-    for check in ("training logo packing=off", "loader", "cm_gems run"):
+    for check in ("CUDA masking identity", "training logo packing=off",
+                  "training logo packing=on", "loader", "cm_gems run"):
         assert f"| {check} | - | FAILED | " in text, text
+    assert text.count("exit 3") == 5, text
