@@ -278,7 +278,7 @@ def config_case(name: str, body: str, expect: str, suffix: str = ".yaml") -> Cas
         cfg = tmp / f"config{suffix}"
         cfg.write_text(body)
         return _train(data, tmp / "runs" / "run", "--config", str(cfg)), cfg
-    return Case(f"config: {name}", make, expect)
+    return Case(f"config: {name}", make, expect, slow=True)
 
 
 def bytes_config_case(name: str, body: bytes, expect: str) -> Case:
@@ -286,10 +286,10 @@ def bytes_config_case(name: str, body: bytes, expect: str) -> Case:
         cfg = tmp / "config.yaml"
         cfg.write_bytes(body)
         return _train(data, tmp / "runs" / "run", "--config", str(cfg)), cfg
-    return Case(f"config: {name}", make, expect)
+    return Case(f"config: {name}", make, expect, slow=True)
 
 
-def option_case(name: str, extra: list[str], named: str, expect: str, slow=False) -> Case:
+def option_case(name: str, extra: list[str], named: str, expect: str, slow=True) -> Case:
     def make(tmp, data):
         return _train(data, tmp / "runs" / "run", *extra), named
     return Case(name, make, expect, slow=slow)

@@ -37,6 +37,7 @@ def test_without_cuda_it_skips_and_exits_0(tmp_path):
     assert not table.exists()
 
 
+@pytest.mark.slow
 def test_pytest_row_counts_and_table(tmp_path):
     junit = tmp_path / "t.xml"
     junit.write_text('<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" '
@@ -72,6 +73,7 @@ def test_tiny_mode_runs_every_step_and_writes_the_table(tiny_dataset, tmp_path):
     assert loader and "x the per-sample loader" in loader[0][7]
 
 
+@pytest.mark.slow
 def test_a_failing_step_is_a_failed_row_and_exit_1(tmp_path):
     """Every check fails (a PYTHON that exits 3 for them, and runs the table-making commands):
     each is a FAILED row with its exit status, the later checks still run, the exit is 1."""

@@ -87,6 +87,7 @@ def test_config_file_errors_name_the_file_and_field(tmp_path):
 
 
 # ---------------------------------------------------------------------- subprocess runs
+@pytest.mark.slow
 def test_help_documents_every_field():
     res = run_module(PRETRAIN, "--help")
     text = " ".join(res.stdout.split())
@@ -161,6 +162,7 @@ def test_export_interval_keeps_step_exports(stage0_run):
     assert not list(exports.glob(".tmp-*")) and not list(exports.glob(".old-*"))
 
 
+@pytest.mark.slow
 def test_export_loads_with_transformers(stage0_run):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
     export = stage0_run / "export"

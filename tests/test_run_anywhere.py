@@ -34,6 +34,7 @@ def launch(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_help_shows_the_defaults_a_run_without_config_uses(tmp_path):
     text = " ".join(launch("--help", cwd=tmp_path).stdout.split())
     quick = load_file(QUICK, PretrainConfig)
@@ -46,6 +47,7 @@ def test_help_shows_the_defaults_a_run_without_config_uses(tmp_path):
     assert "quick.yaml over the built-in defaults" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--data-dir", "nowhere", "--genome", "nope.fa"],
      "nowhere: holds no dataset (manifest.json), and the genome to build it from, nope.fa, is "
@@ -53,7 +55,7 @@ def test_help_shows_the_defaults_a_run_without_config_uses(tmp_path):
     (["--resume"], "--resume needs the run to continue"),
     (["--ds-config", "missing.json"], "missing.json: cannot read DeepSpeed config"),
     (["--config", "nope.yaml"], "nope.yaml: cannot read config"),
-    (["--init-from", "no-model"], "no-model/config.json: cannot read --init-from model"),
+    (["--init-from", "no-model"], "no-model: not a model directory (no config.json)"),
 ])
 def test_bad_input_fails_before_deepspeed_starts(tmp_path, args, message):
     res = launch(*args, cwd=tmp_path)
@@ -64,6 +66,7 @@ def test_bad_input_fails_before_deepspeed_starts(tmp_path, args, message):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_an_output_dir_of_an_earlier_run_is_refused_before_deepspeed_starts(tmp_path,
                                                                             tiny_dataset):
     run = tmp_path / "runs" / "old"
@@ -125,6 +128,7 @@ def _help_default(parser, flag: str) -> str:
     return re.search(r"\(default: ([^)]*)\)", action.help).group(1)
 
 
+@pytest.mark.slow
 def test_every_seed_defaults_to_the_one_constant():
     from cmgems import compare, finetune
     from cmgems.options import DEFAULT_SEED

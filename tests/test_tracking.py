@@ -66,6 +66,7 @@ def test_unusable_uris_are_refused(uri, message, monkeypatch):
         PretrainConfig(tracking_uri=uri)
 
 
+@pytest.mark.slow
 def test_unknown_scheme_stops_pretraining_before_it_starts(tmp_path):
     out = tmp_path / "run"
     res = run_module("-m", "launchers.pretrain", "--output-dir", str(out), "--max-steps", "1",
