@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from benchmarks.common import ensure_data, markdown_table  # noqa: E402
+from benchmarks.common import add_data_dir, ensure_data, markdown_table  # noqa: E402
 from cmgems import packing  # noqa: E402
 from cmgems.data import SampleDataset, ShardedSampler, TrainBatches  # noqa: E402
 from cmgems.shards import ShardSet  # noqa: E402
@@ -168,8 +168,7 @@ def measure(args, shards: ShardSet) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT / "data" / "ecoli_k12_mg1655"),
-                   help="dataset to read (built from the bundled genome if missing)")
+    add_data_dir(p)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-length", type=int, default=512)

@@ -1,7 +1,8 @@
 """Masking throughput: samples/s of select + corrupt per strategy on real E. coli batches.
 
 Batches of 64 x 512 ([CLS] + 510 6-mer tokens + [SEP]) cut from the bundled E. coli genome, NPMI
-from GeneMask's GRCh38 table. Each figure is the median of several timed runs; the baseline, a
+from GeneMask's GRCh38 table where ../shared/data holds it, else from the bundled E. coli dataset's
+own npmi.tsv (built if missing); --npmi names another table (our TSV or GeneMask's CSV). Each figure is the median of several timed runs; the baseline, a
 per-sample Python GeneMask (loops over samples, centres and span positions, as the public
 GeneMask code does) followed by the same corruption, is measured in the same run.
 
@@ -11,7 +12,6 @@ GeneMask code does) followed by the same corruption, is measured in the same run
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import math
 import os
@@ -27,8 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import DATA_DIR, ensure_data  # noqa: E402
 from cmgems import masking  # noqa: E402
-from cmgems.tokens import CLS_ID, SEP_ID, kmer_ids, vocab, vocab_size  # noqa: E402
+from cmgems.npmi_table import load_table  # noqa: E402
+from cmgems.tokens import CLS_ID, NUM_SPECIAL, SEP_ID, kmer_ids, vocab_size  # noqa: E402
 
 ECOLI = ROOT / "data" / "ecoli_k12_mg1655.fa.gz"
 NPMI_CSV = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
@@ -40,11 +42,9 @@ def load_batches(n_batches: int, batch: int, tokens: int, npmi_csv: Path, seed: 
     with gzip.open(ECOLI, "rt") as f:
         seq = "".join(line.strip() for line in f if not line.startswith(">"))
     ids = torch.from_numpy(kmer_ids(seq, 6))
+    by_code = torch.from_numpy(load_table(npmi_csv, 6))          # NPMI per k-mer code
     table = torch.full((V6,), float("nan"))
-    index = {kmer: i for i, kmer in enumerate(vocab(6))}
-    with open(npmi_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            table[index[row["ngram"]]] = float(row["norm_dp_true_pmi"])
+    table[NUM_SPECIAL:NUM_SPECIAL + len(by_code)] = by_code
     n = n_batches * batch
     starts = torch.from_numpy(np.random.default_rng(seed).integers(0, len(ids) - tokens, n))
     rows = ids[starts.unsqueeze(1) + torch.arange(tokens)]
@@ -118,8 +118,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=7, help="timed runs; the median is reported")
     ap.add_argument("--repeats", type=int, default=40, help="batches per timed run")
     ap.add_argument("--baseline-repeats", type=int, default=2, help="batches per baseline run")
-    ap.add_argument("--npmi", type=Path, default=NPMI_CSV)
+    ap.add_argument("--npmi", type=Path, help="NPMI table (default: GeneMask's GRCh38 CSV in "
+                    "../shared/data if there, else the bundled E. coli dataset's npmi.tsv)")
     args = ap.parse_args(argv)
+    if args.npmi is None:
+        args.npmi = NPMI_CSV if NPMI_CSV.is_file() else DATA_DIR / "npmi.tsv"
+        if not NPMI_CSV.is_file():
+            ensure_data(DATA_DIR)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     print(f"device {device} (generator on {gen_device}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), batches {args.batch} x 512 E. coli tokens, "
           f"median of {args.runs} runs x {args.repeats} batches, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; NPMI {args.npmi}")
     print(f"{'':<10} {'wall clock samples/s':>33} {'CPU time':>11}")
     print(f"{'strategy':<10} {'median':>11} {'min':>10} {'max':>10} {'median':>11}  "
           f"(target {TARGET:,})")

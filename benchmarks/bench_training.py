@@ -3,7 +3,7 @@ system against a bare PyTorch loop.
 
 cmgems: the real Trainer (loader over the HDF5 shards, curriculum masking in the training process,
 DeepSpeed engine, MLflow logging every --log-interval steps, the MLM head at the selected positions
-only), padded, and packed where PretrainConfig has the `packing` field.
+only), padded and packed (cmgems.packing).
 
 HF route: transformers.Trainer with DataCollatorForLanguageModeling and BertForMaskedLM, whose
 vocabulary head runs at every position. Its masking is plain token masking: 15 % of tokens,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -45,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ensure_data, markdown_table  # noqa: E402
+from benchmarks.common import add_data_dir, ensure_data, markdown_table  # noqa: E402
 from cmgems import models  # noqa: E402
 from cmgems.config import PretrainConfig  # noqa: E402
 from cmgems.data import SampleDataset, TrainBatches  # noqa: E402
@@ -59,7 +58,6 @@ TARGET_VS_HF = 1.5      # cmgems real tokens/s over the HF route's
 TARGET_VS_BARE = 1.10   # full-system step time over the bare loop's
 # name: (cmgems model, layers; None keeps the architecture's own), default batch, steps
 MODELS = {"logo": ("logo", None, 8, 10), "dnabert4": ("dnabert", 4, 4, 5)}
-HAS_PACKING = "packing" in {f.name for f in dataclasses.fields(PretrainConfig)}
 
 
 @contextlib.contextmanager
@@ -192,9 +190,7 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
     base = dict(data_dir=args.data_dir, model=arch, mode="cm_gems", max_steps=steps,
                 micro_batch_size=bs, grad_accum=1, max_length=args.max_length,
                 eval_interval=10 ** 9, save_interval=10 ** 9, log_interval=args.log_interval,
-                warmup_steps=10, num_workers=args.workers, eval_batches=1)
-    if HAS_PACKING:
-        base["packing"] = False
+                warmup_steps=10, num_workers=args.workers, eval_batches=1, packing=False)
 
     def rates(system: str, layout: str, round_: int, **extra) -> list[float]:
         """Real tokens/s of each timed step of one run."""
@@ -208,7 +204,7 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
         tokens = [int(b["lengths"].sum()) for b in batches]
         slots = sum(b["input_ids"].numel() for b in batches)
         vocab_size = config.vocab_size
-    layouts = ("padded", "packed") if HAS_PACKING else ("padded",)
+    layouts = ("padded", "packed")
     per_step = {key: [] for key in ["hf", *layouts, "bare"]}
     # Rounds alternate the systems, so a change of load on a shared machine falls on all of them.
     for round_ in range(args.rounds):
@@ -226,9 +222,6 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
               "cmgems_selected_share": selected_share(batches, PretrainConfig(**base), vocab_size)}
     rows = [{**common, "layout": layout, "cmgems_real_tokens_per_s": median[layout],
              "ratio_vs_hf": median[layout] / median["hf"]} for layout in layouts]
-    if not HAS_PACKING:
-        rows.append({**common, "layout": "packed", "note": "no `packing` config field in this "
-                     "branch (cmgems/packing.py): not measured"})
     rows[0]["padded_real_token_share"] = sum(tokens) / slots
     if "bare" in median:
         rows[0]["bare_real_tokens_per_s"] = median["bare"]
@@ -239,8 +232,7 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT / "data" / "ecoli_k12_mg1655"),
-                   help="dataset to read (built from the bundled genome if missing)")
+    add_data_dir(p)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, default=0,
                    help="steps per system (0: per model, logo 10, dnabert4 5)")

@@ -7,6 +7,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GENOME = ROOT / "data" / "ecoli_k12_mg1655.fa.gz"
+DATA_DIR = ROOT / "data" / "ecoli_k12_mg1655"
+
+
+def add_data_dir(parser) -> None:
+    """--data-dir: the dataset a benchmark reads, the bundled genome's unless given."""
+    parser.add_argument("--data-dir", default=str(DATA_DIR),
+                        help="dataset to read (built from the bundled genome if missing)")
 
 
 def ensure_data(data_dir: Path, genome: Path = GENOME, *extra: str) -> None:

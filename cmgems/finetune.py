@@ -36,7 +36,7 @@ from .eval_report import predictions_path, write_predictions
 from .eval_tracking import Tracking, finish_task_run, log_run, start_task_run
 from .io import atomic_path
 from .metrics import classification_metrics, summarize
-from .options import DEFAULT_SEED, option
+from .options import DEFAULT_SEED, add_arguments, option
 from .shots import ShotPool, class_counts, shot_pool
 from .tasks import OVERFLOW_MODES, TaskData, check_labels, load_task_file, num_labels
 from .tokens import PAD_ID, k_from_vocab_size
@@ -145,6 +145,18 @@ class EvalRuns:
         except OSError as e:
             log.warning("MLflow tracking disabled: %s", e)
             return None
+
+    @staticmethod
+    def add_arguments(parser, defaults: dict | None = None):
+        """The evaluation launchers' "runs and results" options, -v/--verbose among them."""
+        group = add_arguments(parser, EvalRuns, title="runs and results", defaults=defaults)
+        group.add_argument("-v", "--verbose", action="store_true", help="log every run's metrics")
+        return group
+
+    @staticmethod
+    def configure_logging(verbose: bool) -> None:
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
 
 
 @dataclass

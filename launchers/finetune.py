@@ -11,7 +11,6 @@ GUE-style folder (train.csv, dev.csv, test.csv):
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -65,15 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "few-shot reference)")
     g.add_argument("--last-weights", dest="select_best", action="store_const", const=False,
                    help="the same as --no-select-best")
-    runs = add_arguments(p, EvalRuns, title="runs and results")
-    runs.add_argument("-v", "--verbose", action="store_true", help="log every run's metrics")
+    EvalRuns.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    EvalRuns.configure_logging(args.verbose)
     try:
         few = args.train is not None or args.pool is not None
         if args.task_dir is not None and (few or args.test):

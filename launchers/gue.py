@@ -14,7 +14,6 @@ means, one column per model, then the settings every task ran with; plus a JSON 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -46,15 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                   title="overrides of the published per-task settings, for every task "
                         "(default: each task's own; --epochs alone also drops the mouse tasks' "
                         "max steps)")
-    runs = add_arguments(p, EvalRuns, title="runs and results", defaults=RUN_DEFAULTS)
-    runs.add_argument("-v", "--verbose", action="store_true", help="log every run's metrics")
+    EvalRuns.add_arguments(p, RUN_DEFAULTS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    EvalRuns.configure_logging(args.verbose)
     try:
         md = run_suite(args.gue_root, args.model_dirs, args.out, overrides=args,
                        runs=from_args(EvalRuns, args, RUN_DEFAULTS), only=args.tasks,

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems import bundled, preflight  # noqa: E402
+from cmgems import bundled  # noqa: E402
 from cmgems.config import PretrainConfig, from_sources  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.options import add_arguments, load_file  # noqa: E402
@@ -85,6 +85,9 @@ def main(argv=None) -> int:
         cfg = from_sources(str(config), args)
         cfg.genome = bundled.resolve(cfg.genome, "genome")
         cfg.ds_config = bundled.resolve(cfg.ds_config, "ds_config")
+        # imported once the config is read: torch, transformers and DeepSpeed take seconds, and
+        # --help or a config error should not wait for them
+        from cmgems import preflight
         preflight.check(cfg, args.resume)
         ensure_dataset(cfg)
         from cmgems.trainer import Trainer

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -158,6 +158,20 @@ class PieceCache:
             self.pieces.append(p)
 
 
+def _chosen(reader: FastaReader, pieces: Callable[[int], bool] | None,
+            cache: PieceCache | None, numbers: list[int] | None = None) -> Iterator[Piece]:
+    """The reader's pieces whose number in the file `pieces` accepts (all without it), kept in
+    the cache and their numbers appended to `numbers` on the way."""
+    for i, p in enumerate(reader):
+        if pieces is not None and not pieces(i):
+            continue
+        if cache is not None:
+            cache.add(p)
+        if numbers is not None:
+            numbers.append(i)
+        yield p
+
+
 def count_ngrams(genome: Path, k: int, runner: PieceRunner, summary: Summary,
                  piece_bases: int = PIECE_BASES, cache: PieceCache | None = None,
                  pieces: Callable[[int], bool] | None = None) -> list[np.ndarray]:
@@ -166,16 +180,8 @@ def count_ngrams(genome: Path, k: int, runner: PieceRunner, summary: Summary,
     reader = FastaReader(genome, piece_bases, k - 1, samples.MIN_TOKENS + k - 1)
     table = np.zeros((k + 1) * 4 ** k, dtype=np.int64)
 
-    def chosen():
-        for i, p in enumerate(reader):
-            if pieces is not None and not pieces(i):
-                continue
-            if cache is not None:
-                cache.add(p)
-            yield p
-
     with _progress("counting", None) as bar:
-        for p, counts, non_acgt in runner.count(chosen()):
+        for p, counts, non_acgt in runner.count(_chosen(reader, pieces, cache)):
             INTERRUPTS.check()
             table += counts
             summary.bases_non_acgt += non_acgt
@@ -198,18 +204,9 @@ def scan_genome(cfg: BuildConfig, runner: PieceRunner, summary: Summary, count: 
     table = np.zeros((k + 1) * 4 ** k, dtype=np.int64) if count else None
     numbers = []
 
-    def chosen():
-        for i, p in enumerate(reader):
-            if pieces is not None and not pieces(i):
-                continue
-            if cache is not None:
-                cache.add(p)
-            numbers.append(i)
-            yield p
-
     with _progress("counting" if count else "scanning", None) as bar:
-        for j, r in enumerate(runner.scan(chosen(), count, cfg.seed, cfg.valid_fraction,
-                                          cfg.valid_records)):
+        for j, r in enumerate(runner.scan(_chosen(reader, pieces, cache, numbers), count,
+                                          cfg.seed, cfg.valid_fraction, cfg.valid_records)):
             INTERRUPTS.check()
             if count:
                 table += r.counts

@@ -17,7 +17,7 @@ import pytest
 from cmgems import npmi_table
 from cmgems.shards import Manifest, ShardError, ShardSet, verify
 from cmgems.tokens import vocab
-from conftest import ECOLI, ROOT, run_module
+from conftest import ECOLI, LAMBDA, ROOT, run_module
 from preprocessing import samples
 from preprocessing.build import BuildConfig, build
 
@@ -519,8 +519,7 @@ def test_default_definition_is_genemask_and_an_external_table_records_none(tmp_p
     assert Manifest.load(tiny_dataset).params["npmi_definition"] == "genemask"
     table = tmp_path / "t.tsv"
     npmi_table.write_table(table, np.linspace(-1, 1, 4096))
-    cfg = BuildConfig(genome=ROOT.parent / "shared" / "data" / "genomes" / "lambda_phage.fa.gz",
-                      out_dir=tmp_path / "ext", npmi_table=table)
+    cfg = BuildConfig(genome=LAMBDA, out_dir=tmp_path / "ext", npmi_table=table)
     m = build(cfg, out=io.StringIO())
     assert m.params["npmi_definition"] is None
 

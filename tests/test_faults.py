@@ -29,7 +29,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_module
+from conftest import LAMBDA, ROOT, run_module
 from mlflow_server import MlflowServer
 from cmgems.checkpoint import FAULT_PAUSE_ENV, latest_tag
 from cmgems.shards import Manifest, ShardSet
@@ -553,8 +553,7 @@ def test_damaged_pointer_is_refused_and_destroys_nothing(how, tiny_dataset, refe
 def test_resume_onto_another_dataset_is_refused(tiny_dataset, references, tmp_path):
     out = _copy_run(references(1), tmp_path)
     other = tmp_path / "other"
-    run_module("-m", "preprocessing", "build", str(ROOT.parent / "shared" / "data" / "genomes" /
-                                                   "lambda_phage.fa.gz"), str(other),
+    run_module("-m", "preprocessing", "build", str(LAMBDA), str(other),
                "--min-count", "5", "--valid-fraction", "0.1", "--seed", "1",
                "--shard-tokens", "20000")
     res = run_module(*fault_args(other, out, "--resume"), env=ONE_THREAD, check=False)

@@ -17,11 +17,10 @@ from cmgems.options import DEFAULT_SEED
 from cmgems.shots import shot_pool
 from cmgems.tasks import load_task_file, num_labels
 from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, kmer_ids, write_vocab
-from conftest import SHARED, run_module
+from conftest import run_module, shared_file
 from fewshot_files import (TSV_HEAD, easy_rows, genome_windows, shuffled_pool, write_csv,
                            write_fewshot_tsv)
 
-PROM = SHARED / "fewshot" / "prom-core"
 TINY = FinetuneConfig(epochs=1, max_length=40)  # a few optimizer steps per run
 
 
@@ -392,13 +391,11 @@ def test_cli_in_process_maps_options_and_writes_json(model, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- optional, ../shared
-@pytest.mark.skipif(not PROM.is_dir(), reason=f"{PROM} is absent (GeneMask's prom-core few-shot "
-                    "files, beside a development checkout only)")
 def test_prom_core_ten_shot_runs_draw_from_the_thousand_shot_pool():
     """GeneMask's Prom-core 10/train.tsv is one draw (20 rows); drawn from its 1000-shot file,
     the runs differ in data, each 10 per class."""
-    one = load_task_file(PROM / "10" / "train.tsv", 6)
-    pool = load_task_file(PROM / "1000" / "train.tsv", 6)
+    one = load_task_file(shared_file("fewshot/prom-core/10/train.tsv"), 6)
+    pool = load_task_file(shared_file("fewshot/prom-core/1000/train.tsv"), 6)
     plan = shot_pool(pool.path, pool.labels, num_labels(pool), None, (one.path, one.labels))
     assert plan.shots == 10 and plan.size == 2000
     sets = [tuple(plan.rows(0, r)) for r in range(10)]
