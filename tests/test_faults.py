@@ -245,13 +245,8 @@ def _kill_chain(data: Path, tmp: Path, ranks: int) -> list[dict]:
     return kills
 
 
-# Two ranks double the chain's time (about 90 s on 2 cores); the fault report
-# (benchmarks/fault_report.py sets CMGEMS_FAULT_REPORT) runs both, the suite one.
-KILL9_RANKS = [1, 2] if os.environ.get("CMGEMS_FAULT_REPORT") else [1]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", KILL9_RANKS)
+@pytest.mark.parametrize("ranks", [1, 2])
 def test_kill9_at_three_points_then_resume_equals_uninterrupted(ranks, tiny_dataset, references,
                                                                tmp_path):
     ref = references(ranks)
