@@ -8,6 +8,7 @@ shards, laid out with numpy), so the order of batches is the same whatever the n
 """
 from __future__ import annotations
 
+import abc
 import copy
 import itertools
 from typing import Iterator
@@ -201,15 +202,16 @@ class _InSlot:
         self.batch, self.slot, self.rows, self.width = batch, slot, rows, width
 
 
-class _Batches(Dataset):
+class _Batches(Dataset, abc.ABC):
     """Item b: batch b, built whole: in a loader worker into shared slots, in the training process
-    directly."""
+    directly. A subclass says which samples batch b holds."""
 
     slots: _Slots | None = None
     pin_memory = False
 
+    @abc.abstractmethod
     def indices(self, b: int) -> np.ndarray:
-        raise NotImplementedError
+        """The sample indices of batch b."""
 
     def __getitem__(self, b: int):
         try:
