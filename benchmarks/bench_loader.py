@@ -1,7 +1,7 @@
 """Loader throughput: samples/s and real tokens/s of TrainBatches, against the per-sample loader
 it replaced, measured in the same run on the same dataset.
 
-TrainBatches (cmgems.data) builds each micro-batch whole: one memory-mapped gather per shard and a
+TrainBatches (cmgems.data.loader) builds each micro-batch whole: one memory-mapped gather per shard and a
 numpy layout. The baseline, kept here verbatim in spirit, is the loader cmgems had before: an
 h5py read per sample (tokens, then NPMI), a per-row torch collate, a DataLoader over sample
 indices (a new one, with new workers, every epoch). Both read the bundled E. coli dataset (built
@@ -9,7 +9,7 @@ if missing), batch 64, blocks of 512, the same sample order; the consumer does n
 batch (or, with --device cuda, copy it to the GPU from pinned memory). Time to the first batch
 (worker start-up) is left out and reported apart. Each figure is the median of --runs timed runs.
 
-"packed" adds the CPU packing plan of every batch (cmgems.packing.plan, rows of --max-length) and
+"packed" adds the CPU packing plan of every batch (cmgems.data.packing.plan, rows of --max-length) and
 reports the share of real tokens in the positions the model computes.
 
     python benchmarks/bench_loader.py                     # 0, 1, 2 workers, 3 runs
@@ -33,10 +33,10 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from benchmarks.common import add_data_dir, ensure_data, markdown_table  # noqa: E402
-from cmgems import packing  # noqa: E402
-from cmgems.data import SampleDataset, ShardedSampler, TrainBatches  # noqa: E402
-from cmgems.shards import ShardSet  # noqa: E402
-from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
+from cmgems.data import packing  # noqa: E402
+from cmgems.data.loader import SampleDataset, ShardedSampler, TrainBatches  # noqa: E402
+from cmgems.data.shards import ShardSet  # noqa: E402
+from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID  # noqa: E402
 
 TARGET = 50_000  # samples/s with 2 workers on a 2-core machine
 

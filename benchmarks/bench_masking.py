@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import DATA_DIR, ensure_data  # noqa: E402
-from cmgems import masking  # noqa: E402
-from cmgems.npmi_table import load_table  # noqa: E402
-from cmgems.tokens import CLS_ID, NUM_SPECIAL, SEP_ID, kmer_ids, vocab_size  # noqa: E402
+from cmgems.masking import maskings  # noqa: E402
+from cmgems.data.npmi_table import load_table  # noqa: E402
+from cmgems.data.tokens import CLS_ID, NUM_SPECIAL, SEP_ID, kmer_ids, vocab_size  # noqa: E402
 
 ECOLI = ROOT / "data" / "ecoli_k12_mg1655.fa.gz"
 NPMI_CSV = ROOT.parent / "shared" / "data" / "npmi" / "hg38_6mer_npmi_genemask.csv"
@@ -142,9 +142,9 @@ def main(argv=None) -> int:
     print(f"{'strategy':<10} {'median':>11} {'min':>10} {'max':>10} {'median':>11}  "
           f"(target {TARGET:,})")
     results = {}
-    for name in masking.STRATEGIES:
+    for name in maskings.STRATEGIES:
         def step(b, name=name):
-            return masking.mask_batch(b[0], b[1], b[2], name, V6, gen)
+            return maskings.mask_batch(b[0], b[1], b[2], name, V6, gen)
         wall, cpu = time_runs(step, dev_batches, args.runs, args.repeats, sync)
         results[name] = (statistics.median(wall), statistics.median(cpu))
         verdict = "ok" if results[name][0] >= TARGET else (
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     cpu_gen = torch.Generator().manual_seed(0)
 
     def baseline(b):
-        sel = genemask_per_sample(b[0], b[1], b[2], masking.DEFAULT_PROBABILITY["genemask"], rng)
-        return masking.corrupt(b[0], sel, V6, cpu_gen)
+        sel = genemask_per_sample(b[0], b[1], b[2], maskings.DEFAULT_PROBABILITY["genemask"], rng)
+        return maskings.corrupt(b[0], sel, V6, cpu_gen)
     wall, cpu = time_runs(baseline, batches, args.runs, args.baseline_repeats, lambda: None)
     base = (statistics.median(wall), statistics.median(cpu))
     print(_row("baseline", wall, cpu, "per-sample Python GeneMask + the same corrupt, CPU"))
@@ -169,14 +169,14 @@ def main(argv=None) -> int:
     ids = torch.cat([b[0] for b in batches]).to(device)
     npmi = torch.cat([b[1] for b in batches]).to(device)
     mask = torch.cat([b[2] for b in batches]).to(device)
-    for name in masking.STRATEGIES:
-        sel = masking.select(name, ids, npmi, mask, torch.Generator(device=gen_device)
+    for name in maskings.STRATEGIES:
+        sel = maskings.select(name, ids, npmi, mask, torch.Generator(device=gen_device)
                              .manual_seed(1))
-        s = masking.mask_stats(sel, npmi, mask, name)
+        s = maskings.mask_stats(sel, npmi, mask, name)
         print(f"  {name:<10} {s['selected_fraction']:.4f}  spans {s['spans_per_sample']:.2f}  "
               f"NPMI {s['npmi_selected']:.3f} vs {s['npmi_real']:.3f}")
     sel = genemask_per_sample(ids.cpu(), npmi.cpu(), mask.cpu(),
-                              masking.DEFAULT_PROBABILITY["genemask"], random.Random(1))
+                              maskings.DEFAULT_PROBABILITY["genemask"], random.Random(1))
     print(f"  {'baseline':<10} {sel.float().mean().item() * 512 / 510:.4f}")
     return 0
 

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmgems.shards import Manifest  # noqa: E402
+from cmgems.data.shards import Manifest  # noqa: E402
 from preprocessing.array import count_stage, finish_stage, shard_stage, table_stage  # noqa: E402
 from preprocessing.build import BuildConfig, build  # noqa: E402
 

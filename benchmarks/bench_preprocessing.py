@@ -85,7 +85,7 @@ import gzip, json, resource, sys, time, tempfile
 from pathlib import Path
 genome, bases = sys.argv[1], int(sys.argv[2])
 from transformers import BertTokenizerFast
-from cmgems.tokens import kmerize, write_vocab
+from cmgems.data.tokens import kmerize, write_vocab
 vocab = Path(tempfile.mkdtemp()) / "vocab.txt"
 write_vocab(vocab, 6)
 tok = BertTokenizerFast(vocab=str(vocab), do_lower_case=False)

@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 
 def tokenizer_rates(bases: int) -> dict:
-    from cmgems.tokenizer import DNAKmerTokenizer
-    from cmgems.tokens import kmerize, vocab, write_vocab
+    from cmgems.model.tokenizer import DNAKmerTokenizer
+    from cmgems.data.tokens import kmerize, vocab, write_vocab
     seq = "".join(np.random.default_rng(0).choice(list("ACGTN"), bases, p=[.24] * 4 + [.04]))
     tok = DNAKmerTokenizer(k=6)
     t0 = time.perf_counter()
@@ -58,9 +58,9 @@ def tokenizer_rates(bases: int) -> dict:
 def log_model_seconds(tmp: Path) -> dict:
     from transformers import BertForMaskedLM
 
-    from cmgems.models import bert_config, export
-    from cmgems.tracking import Tracker
-    from cmgems.tracking_uri import resolve_tracking_uri
+    from cmgems.model.architectures import bert_config, export
+    from cmgems.tracking.tracker import Tracker
+    from cmgems.tracking.uri import resolve_tracking_uri
     config = bert_config("logo", 6)
     model_dir = export(BertForMaskedLM(config).state_dict(), config, tmp / "export")
     tracker = Tracker(True, resolve_tracking_uri(tmp / "runs"), "bench", "log-model")
@@ -75,8 +75,8 @@ def log_model_seconds(tmp: Path) -> dict:
 
 
 def system_metrics_cost(tmp: Path, samples: int) -> dict:
-    from cmgems.tracking import Tracker
-    from cmgems.tracking_uri import resolve_tracking_uri
+    from cmgems.tracking.tracker import Tracker
+    from cmgems.tracking.uri import resolve_tracking_uri
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     tracker = Tracker(True, resolve_tracking_uri(tmp / "runs"), "bench", "system-metrics")
     t0, c0 = time.perf_counter(), time.process_time()

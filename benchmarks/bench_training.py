@@ -3,7 +3,7 @@ system against a bare PyTorch loop.
 
 cmgems: the real Trainer (loader over the HDF5 shards, curriculum masking in the training process,
 DeepSpeed engine, MLflow logging every --log-interval steps, the MLM head at the selected positions
-only), padded and packed (cmgems.packing).
+only), padded and packed (cmgems.data.packing).
 
 HF route: transformers.Trainer with DataCollatorForLanguageModeling and BertForMaskedLM, whose
 vocabulary head runs at every position. Its masking is plain token masking: 15 % of tokens,
@@ -45,14 +45,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.common import add_data_dir, ensure_data, markdown_table  # noqa: E402
-from cmgems import models  # noqa: E402
-from cmgems.config import PretrainConfig  # noqa: E402
-from cmgems.data import SampleDataset, TrainBatches  # noqa: E402
-from cmgems.masking import mask_batch  # noqa: E402
+from cmgems.model import architectures as models  # noqa: E402
+from cmgems.pretrain.config import PretrainConfig  # noqa: E402
+from cmgems.data.loader import SampleDataset, TrainBatches  # noqa: E402
+from cmgems.masking.maskings import mask_batch  # noqa: E402
 from cmgems.rng import generator  # noqa: E402
-from cmgems.shards import ShardSet  # noqa: E402
-from cmgems.tokens import write_vocab  # noqa: E402
-from cmgems.trainer import MaskedLM, Trainer  # noqa: E402
+from cmgems.data.shards import ShardSet  # noqa: E402
+from cmgems.data.tokens import write_vocab  # noqa: E402
+from cmgems.pretrain.trainer import MaskedLM, Trainer  # noqa: E402
 
 TARGET_VS_HF = 1.5      # cmgems real tokens/s over the HF route's
 TARGET_VS_BARE = 1.10   # full-system step time over the bare loop's

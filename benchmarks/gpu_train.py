@@ -11,8 +11,8 @@ tests/test_gpu_check.py).
 train: --steps steps of the cmgems Trainer (DeepSpeed engine, masking on the device, MLflow),
 timed from the end of step --warmup to the end of the last step with the device synchronised at
 those two points only. Real tokens are the non-pad tokens ([CLS]/[SEP] included) of the timed
-steps' samples; TFLOP/s = cmgems.models.flops_per_token (6 x parameters + attention, full MLM
-head) x real tokens/s; MFU = that over the device's dense bf16 peak (cmgems.trainer.PEAK_TFLOPS).
+steps' samples; TFLOP/s = cmgems.model.architectures.flops_per_token (6 x parameters + attention, full MLM
+head) x real tokens/s; MFU = that over the device's dense bf16 peak (cmgems.pretrain.trainer.PEAK_TFLOPS).
 """
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import ROOT
-from cmgems.config import PretrainConfig
-from cmgems.data import SampleDataset, TrainBatches
-from cmgems.models import flops_per_token
-from cmgems.shards import ShardSet
-from cmgems.trainer import Trainer, peak_tflops
+from cmgems.pretrain.config import PretrainConfig
+from cmgems.data.loader import SampleDataset, TrainBatches
+from cmgems.model.architectures import flops_per_token
+from cmgems.data.shards import ShardSet
+from cmgems.pretrain.trainer import Trainer, peak_tflops
 
 
 def device_name() -> str:

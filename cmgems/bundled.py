@@ -16,7 +16,7 @@ log = logging.getLogger("cmgems")
 _PACKAGE = Path(__file__).resolve().parent
 # A checkout holds the shipped files in the project's own folders beside cmgems/. An installed
 # distribution holds them inside the package (setup.cfg's package_dir): launchers/ is
-# cmgems/launchers/, ds_configs/ is cmgems/ds_configs/, data/ is cmgems/genomes/ (cmgems/data.py
+# cmgems/launchers/, ds_configs/ is cmgems/ds_configs/, data/ is cmgems/genomes/ (cmgems/data/loader.py
 # is the loader).
 CHECKOUT = _PACKAGE.parent if (_PACKAGE.parent / "setup.cfg").is_file() else None
 INSTALLED_FOLDERS = {"launchers": "launchers", "ds_configs": "ds_configs", "data": "genomes"}

@@ -29,14 +29,14 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import TrainerCallback
 
-from cmgems.curriculum import CMGemsSchedule, check_mode, first_strategy, make_schedule
-from cmgems.data import SampleDataset
+from cmgems.masking.curriculum import CMGemsSchedule, check_mode, first_strategy, make_schedule
+from cmgems.data.loader import SampleDataset
 from cmgems.errors import InputError
-from cmgems.masking import DEFAULT_PROBABILITY, IGNORE_INDEX, check_strategy, mask_batch
-from cmgems.npmi_table import load_table, npmi_of_ids
+from cmgems.masking.maskings import DEFAULT_PROBABILITY, IGNORE_INDEX, check_strategy, mask_batch
+from cmgems.data.npmi_table import load_table, npmi_of_ids
 from cmgems.rng import generator
-from cmgems.shards import Manifest, ShardSet
-from cmgems.tokens import CLS_ID, K_RANGE, NUM_SPECIAL, PAD_ID, SEP_ID
+from cmgems.data.shards import Manifest, ShardSet
+from cmgems.data.tokens import CLS_ID, K_RANGE, NUM_SPECIAL, PAD_ID, SEP_ID
 
 log = logging.getLogger("cmgems.hf")
 
@@ -63,7 +63,7 @@ class MaskingCollator:
     "attention_mask", "labels"} for a masked language model.
 
     npmi_table: NPMI per k-mer code (float [4^k], NaN = unscored; k follows from its length).
-    mode: fixed:<strategy>, cm_step or cm_gems (cmgems.curriculum). Features that bring their own
+    mode: fixed:<strategy>, cm_step or cm_gems (cmgems.masking.curriculum). Features that bring their own
     "labels" (collator.frozen's) are only padded. Batch b of a process is masked with generator
     (seed, b, DataLoader worker id): a run repeats exactly for the same seed and num_workers.
     """

@@ -1,6 +1,6 @@
 """Configs as dataclasses, and the one way they meet a command line or a config file.
 
-Every config (cmgems.config.PretrainConfig, cmgems.finetune.FinetuneConfig,
+Every config (cmgems.pretrain.config.PretrainConfig, cmgems.evaluation.finetune.FinetuneConfig,
 preprocessing.build.BuildConfig) declares its fields with `option`: default, help text, and whether
 the field decides a run's outcome (`resume=True`: a resumed run must use the checkpoint's value).
 `add_arguments(parser, Cls)` makes one --option per field with that help; `from_args(Cls, args,

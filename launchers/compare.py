@@ -34,18 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems.compare import CompareConfig  # noqa: E402
-from cmgems.compare_run import RunFailed, run_comparison  # noqa: E402
+from cmgems.compare.config import CompareConfig  # noqa: E402
+from cmgems.compare.run import RunFailed, run_comparison  # noqa: E402
 from cmgems.options import add_arguments, from_args  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
-from cmgems.finetune import FinetuneConfig  # noqa: E402
-from cmgems.pretrain_process import Interrupted  # noqa: E402
+from cmgems.evaluation.finetune import FinetuneConfig  # noqa: E402
+from cmgems.pretrain.process import Interrupted  # noqa: E402
 
 PRETRAIN = Path(__file__).resolve().parent / "pretrain.py"
 GROUPS = {"what to compare": ("strategies", "output_dir", "name", "experiment"),
           "pretraining (the same for every strategy)": (
               "config", "data_dir", "max_steps", "model", "seed", "num_gpus", "pretrain_args"),
-          "few-shot evaluation of each export (cmgems.finetune.fewshot)": (
+          "few-shot evaluation of each export (cmgems.evaluation.finetune.fewshot)": (
               "runs", "shots", "fewshot_seed")}
 
 

@@ -20,7 +20,7 @@ if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an in
 
 from cmgems.options import add_arguments, from_args, parse_int  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
-from cmgems.finetune import EvalRuns, FinetuneConfig  # noqa: E402
+from cmgems.evaluation.finetune import EvalRuns, FinetuneConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("give --task-dir, or --train (or --pool) and --test")
         if args.task_dir is not None and args.shots is not None:
             raise InputError("--shots applies to --train/--pool files only")
-        from cmgems.eval_report import summary_table
-        from cmgems.finetune import fewshot, finetune_task
+        from cmgems.evaluation.report import summary_table
+        from cmgems.evaluation.finetune import fewshot, finetune_task
         config, runs = from_args(FinetuneConfig, args), from_args(EvalRuns, args)
         common = dict(runs=runs.runs, seed=runs.seed, config=config,
                       tracking=runs.tracking_target(), name=args.name, out_json=args.out,

@@ -23,8 +23,8 @@ if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an in
 
 from cmgems.options import add_arguments, from_args  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
-from cmgems.finetune import EvalRuns, FinetuneConfig  # noqa: E402
-from cmgems.gue import OVERRIDES, run_suite  # noqa: E402
+from cmgems.evaluation.finetune import EvalRuns, FinetuneConfig  # noqa: E402
+from cmgems.evaluation.gue import OVERRIDES, run_suite  # noqa: E402
 
 RUN_DEFAULTS = {"seed": 42, "runs": 1}  # DNABERT-2's and CM-GEMS' scripts: one run, seed 42
 

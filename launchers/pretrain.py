@@ -26,10 +26,10 @@ if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an in
     sys.path.insert(0, str(ROOT))
 
 from cmgems import bundled  # noqa: E402
-from cmgems.config import PretrainConfig, from_sources  # noqa: E402
+from cmgems.pretrain.config import PretrainConfig, from_sources  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.options import add_arguments, load_file  # noqa: E402
-from cmgems.shards import MANIFEST_NAME  # noqa: E402
+from cmgems.data.shards import MANIFEST_NAME  # noqa: E402
 
 QUICK = "launchers/configs/quick.yaml"  # the config of a run without --config
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -87,10 +87,10 @@ def main(argv=None) -> int:
         cfg.ds_config = bundled.resolve(cfg.ds_config, "ds_config")
         # imported once the config is read: torch, transformers and DeepSpeed take seconds, and
         # --help or a config error should not wait for them
-        from cmgems import preflight
+        from cmgems.pretrain import preflight
         preflight.check(cfg, args.resume)
         ensure_dataset(cfg)
-        from cmgems.trainer import Trainer
+        from cmgems.pretrain.trainer import Trainer
         result = Trainer(cfg, resume=args.resume).train()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

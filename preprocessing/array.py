@@ -34,8 +34,8 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
-from cmgems.npmi_table import load_table
-from cmgems.shards import SPLITS, Manifest, ShardError, merge
+from cmgems.data.npmi_table import load_table
+from cmgems.data.shards import SPLITS, Manifest, ShardError, merge
 
 from .build import (BuildConfig, params_of, scan_genome, stored_table,
                                  write_npmi_table)

@@ -24,10 +24,10 @@ import numpy as np
 from cmgems.options import DEFAULT_SEED, option
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
-from cmgems.npmi_table import load_table, write_table
+from cmgems.data.npmi_table import load_table, write_table
 from cmgems.progress import Progress
-from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, ShardFile, create_shard
-from cmgems.tokens import K_RANGE
+from cmgems.data.shards import NPMI_DTYPE, SPLITS, Manifest, ShardFile, create_shard
+from cmgems.data.tokens import K_RANGE
 
 from . import kmers, npmi, samples
 from .dataset_writer import (Summary, check_train_samples, check_valid_records,

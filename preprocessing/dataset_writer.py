@@ -22,9 +22,9 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
-from cmgems.npmi_table import scored_fraction
-from cmgems.shards import NPMI_DTYPE, SPLITS, Manifest, write_shard
-from cmgems.tokens import vocab_size
+from cmgems.data.npmi_table import scored_fraction
+from cmgems.data.shards import NPMI_DTYPE, SPLITS, Manifest, write_shard
+from cmgems.data.tokens import vocab_size
 
 from . import samples
 from .fasta import ReadStats, check_genome_file
@@ -184,7 +184,7 @@ class ShardWriter:
     the end of each shard in sample numbers across the split) the writer gets the split's
     samples from number `first` on, up to some later one: the shards lying wholly among them are
     written as build writes them, and the parts of the (at most two) shards reaching beyond them
-    as fragments part-GROUP-{split}-NNNNN.h5 (listed in `fragments`) for cmgems.shards.merge.
+    as fragments part-GROUP-{split}-NNNNN.h5 (listed in `fragments`) for cmgems.data.shards.merge.
     """
 
     def __init__(self, directory: Path, split: str, attrs: dict, shard_tokens: int,

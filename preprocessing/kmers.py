@@ -1,6 +1,6 @@
 """Vectorized k-mer work on one piece of sequence: 2-bit codes, rolling codes, n-gram counts.
 
-Same codes as cmgems.tokens (A=0 T=1 C=2 G=3, first base most significant), but built for
+Same codes as cmgems.data.tokens (A=0 T=1 C=2 G=3, first base most significant), but built for
 throughput: bytes.translate instead of a fancy-index lookup, and uint16 rolling codes (4^6 fits)
 instead of int64, which keeps every pass over the piece in cache-friendly narrow types.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cmgems.tokens import ALPHABET
+from cmgems.data.tokens import ALPHABET
 
 INVALID = 4   # code of any symbol that is not A/C/G/T (N, IUPAC, '-')
 _TABLE = bytearray([INVALID]) * 256

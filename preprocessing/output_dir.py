@@ -23,7 +23,7 @@ from typing import Iterator
 
 from cmgems.errors import InputError
 from cmgems.io import exclusive_lock, sha256_file
-from cmgems.shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardError, verify
+from cmgems.data.shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardError, verify
 
 TABLE_NAME = "npmi.tsv"
 PARTIAL_TAG = ".partial-"

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 
 from cmgems.io import sha256_file
-from cmgems.shards import NPMI_DTYPE, write_part
+from cmgems.data.shards import NPMI_DTYPE, write_part
 
 from . import kmers, samples
 from .fasta import Piece

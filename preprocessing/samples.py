@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cmgems.tokens import NUM_SPECIAL
+from cmgems.data.tokens import NUM_SPECIAL
 
 from .kmers import encode, non_acgt, windows
 
@@ -25,7 +25,7 @@ _MEAN = FULL_FRACTION * MAX_TOKENS + (1 - FULL_FRACTION) * (MIN_TOKENS + MAX_TOK
 @dataclass
 class PieceSamples:
     tokens: np.ndarray    # uint16 token ids of all kept samples back to back
-    npmi: np.ndarray      # NPMI per token, as shards store it (cmgems.shards.NPMI_DTYPE)
+    npmi: np.ndarray      # NPMI per token, as shards store it (cmgems.data.shards.NPMI_DTYPE)
     lengths: np.ndarray   # int64 tokens per sample
     valid: np.ndarray     # bool per sample: goes to the validation split
     dropped: int          # tokens in fragments shorter than MIN_TOKENS

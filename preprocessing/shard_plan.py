@@ -6,7 +6,7 @@ for each split, the samples and tokens of each piece, and where `build`'s shards
 ends with the sample that reaches shard_tokens; the last one takes the rest). Then the cutting
 pass knows, for every piece, which shards its samples fall into and at which sample and token
 of each: a worker cuts the piece and writes its samples straight into those shards
-(cmgems.shards.write_part), and a shard is hashed once the last piece writing into it is done.
+(cmgems.data.shards.write_part), and a shard is hashed once the last piece writing into it is done.
 Only per-piece and per-shard counts are kept: memory grows with the number of pieces and shards,
 not with the number of samples.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cmgems.shards import SPLITS, ShardFile
+from cmgems.data.shards import SPLITS, ShardFile
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import LAMBDA, ROOT, run_module
 from cmgems.io import sha256_file
-from cmgems.shards import Manifest
+from cmgems.data.shards import Manifest
 
 PRETRAIN = str(ROOT / "launchers" / "pretrain.py")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -311,7 +311,7 @@ def _ds(**over) -> dict:
 
 def _init_from_k5(tmp: Path, data: Path):
     from transformers import BertConfig, BertForMaskedLM
-    from cmgems.tokens import vocab_size
+    from cmgems.data.tokens import vocab_size
     model = tmp / "k5-model"
     BertForMaskedLM(BertConfig(vocab_size=vocab_size(5), hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
@@ -320,7 +320,7 @@ def _init_from_k5(tmp: Path, data: Path):
 
 def _saved_model(tmp: Path) -> Path:
     from transformers import BertConfig, BertForMaskedLM
-    from cmgems.tokens import vocab_size
+    from cmgems.data.tokens import vocab_size
     model = tmp / "model"
     BertForMaskedLM(BertConfig(vocab_size=vocab_size(6), hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64)).save_pretrained(model)

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cmgems import npmi_table
-from cmgems.shards import Manifest, ShardError, ShardSet, verify
-from cmgems.tokens import vocab
+from cmgems.data import npmi_table
+from cmgems.data.shards import Manifest, ShardError, ShardSet, verify
+from cmgems.data.tokens import vocab
 from conftest import ECOLI, LAMBDA, ROOT, run_module
 from preprocessing import samples
 from preprocessing.build import BuildConfig, build

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_module
-from cmgems.compare import (FewshotTask, config_mismatch, finished_result, parse_fewshot,
+from cmgems.compare.config import (FewshotTask, config_mismatch, finished_result, parse_fewshot,
                             parse_strategies)
-from cmgems.compare_report import markdown_table
+from cmgems.compare.report import markdown_table
 from cmgems.errors import InputError
 from cmgems.options import DEFAULT_SEED
 from fewshot_files import shuffled_pool, write_fewshot_tsv

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from cmgems import options
-from cmgems.config import PretrainConfig, from_sources
+from cmgems.pretrain.config import PretrainConfig, from_sources
 from cmgems.errors import InputError
 from cmgems.options import check_fields, load_file, option
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cmgems.curriculum import make_schedule
+from cmgems.masking.curriculum import make_schedule
 from cmgems.errors import InputError
 from cmgems.rng import derive_seed, generator
 

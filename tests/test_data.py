@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmgems import data
-from cmgems.data import (SampleDataset, ShardedSampler, TrainBatches, collate, eval_loader)
-from cmgems.shards import ShardError, ShardSet
-from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID
+from cmgems.data import loader as data
+from cmgems.data.loader import (SampleDataset, ShardedSampler, TrainBatches, collate, eval_loader)
+from cmgems.data.shards import ShardError, ShardSet
+from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID
 
 MAX_LENGTH, BS = 100, 5
 

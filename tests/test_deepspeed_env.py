@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cmgems import deepspeed_env
+from cmgems.pretrain import deepspeed_env
 from conftest import ROOT
 
 
@@ -80,7 +80,7 @@ def test_file_system_type_of_a_path(tmp_path):
 
 QUIET = """
 import logging, torch
-from cmgems import deepspeed_env
+from cmgems.pretrain import deepspeed_env
 deepspeed_env.quiet_notices()
 import deepspeed
 from deepspeed.accelerator import real_accelerator

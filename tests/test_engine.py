@@ -9,22 +9,22 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from conftest import ROOT, run_module
-from cmgems.config import PretrainConfig
-from cmgems.engine import build_ds_config, param_groups, resolve_precision
+from cmgems.pretrain.config import PretrainConfig
+from cmgems.pretrain.engine import build_ds_config, param_groups, resolve_precision
 from cmgems.errors import InputError
-from cmgems.models import build_model, bert_config
-from cmgems.tokens import vocab_size
+from cmgems.model.architectures import build_model, bert_config
+from cmgems.data.tokens import vocab_size
 
 # A real DeepSpeed engine per ZeRO stage over the real LOGO model; optimizer steps whose
 # gradients are all zero. AdamW's update is then its decoupled decay alone, p <- p (1 - lr wd):
 # a weight shrinks by exactly that factor, a bias or LayerNorm weight must not move at all.
 DECAY_CHECK = r"""
 import json, sys, torch
-from cmgems import distributed
-from cmgems.config import PretrainConfig
-from cmgems.engine import build_ds_config, ds_config_path, initialize
-from cmgems.models import build_model
-from cmgems.trainer import MaskedLM
+from cmgems.pretrain import distributed
+from cmgems.pretrain.config import PretrainConfig
+from cmgems.pretrain.engine import build_ds_config, ds_config_path, initialize
+from cmgems.model.architectures import build_model
+from cmgems.pretrain.trainer import MaskedLM
 
 dist = distributed.init()
 report = {}

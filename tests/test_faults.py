@@ -5,7 +5,7 @@ MLflow server, real HDF5 files; each scenario records what happened for benchmar
 The kill points are made reliable by watching the run from outside, plus one injection point:
   mid-step              train/loss of step 3 is in the store -> kill (step 4 is being computed;
                         the last checkpoint is step 2)
-  during a checkpoint   CMGEMS_FAULT_PAUSE_CHECKPOINT=120@4 (cmgems/checkpoint.py) holds every
+  during a checkpoint   CMGEMS_FAULT_PAUSE_CHECKPOINT=120@4 (cmgems/pretrain/checkpoint.py) holds every
                         rank after DeepSpeed wrote step 4's files, before the pointer moves; the
                         step_00000004 directory appears -> kill
   right after one       checkpoints/latest_complete names step 4 -> kill
@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 
 from conftest import LAMBDA, ROOT, run_module
 from mlflow_server import MlflowServer
-from cmgems.checkpoint import FAULT_PAUSE_ENV, latest_tag
-from cmgems.shards import Manifest, ShardSet
+from cmgems.pretrain.checkpoint import FAULT_PAUSE_ENV, latest_tag
+from cmgems.data.shards import Manifest, ShardSet
 
 PRETRAIN = str(ROOT / "launchers" / "pretrain.py")
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

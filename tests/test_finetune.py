@@ -12,11 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cmgems.errors import InputError
-from cmgems.finetune import FinetuneConfig, Tracking, fewshot, finetune_task, model_info
+from cmgems.evaluation.finetune import FinetuneConfig, Tracking, fewshot, finetune_task, model_info
 from cmgems.options import DEFAULT_SEED
-from cmgems.shots import shot_pool
-from cmgems.tasks import load_task_file, num_labels
-from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, kmer_ids, write_vocab
+from cmgems.evaluation.shots import shot_pool
+from cmgems.evaluation.tasks import load_task_file, num_labels
+from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID, kmer_ids, write_vocab
 from conftest import run_module, shared_file
 from fewshot_files import (TSV_HEAD, easy_rows, genome_windows, shuffled_pool, write_csv,
                            write_fewshot_tsv)

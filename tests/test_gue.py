@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cmgems import gue as gue_lib
+from cmgems.evaluation import gue as gue_lib
 from cmgems.errors import InputError
-from cmgems.tasks import GUE_TASKS, discover_gue_tasks
+from cmgems.evaluation.tasks import GUE_TASKS, discover_gue_tasks
 from conftest import run_module
 from launchers import gue
 from fewshot_files import easy_rows, write_csv

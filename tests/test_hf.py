@@ -11,12 +11,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cmgems.hf import CurriculumCallback, MaskingCollator, ShardDataset
-from cmgems.masking import IGNORE_INDEX, mask_batch
-from cmgems.npmi_table import load_table, npmi_of_ids
+from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
+from cmgems.data.npmi_table import load_table, npmi_of_ids
 from cmgems.rng import generator
-from cmgems.shards import ShardSet
-from cmgems.tokenizer import DNAKmerTokenizer
-from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
+from cmgems.data.shards import ShardSet
+from cmgems.model.tokenizer import DNAKmerTokenizer
+from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
 
 
 def features(dataset, n: int, start: int = 0) -> list[dict]:
@@ -24,7 +24,7 @@ def features(dataset, n: int, start: int = 0) -> list[dict]:
 
 
 def expected(collator, feats, strategy, batch_index, worker=0):
-    """What cmgems.masking itself gives this batch with the collator's generator."""
+    """What cmgems.masking.maskings itself gives this batch with the collator's generator."""
     ids = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(f["input_ids"]) for f in feats],
                                           batch_first=True, padding_value=PAD_ID)
     attention = (ids != PAD_ID).long()

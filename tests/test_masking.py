@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmgems import masking
+from cmgems.masking import maskings
 from cmgems.errors import InputError
 from cmgems.rng import generator
-from cmgems.tokens import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, kmer_ids, vocab, vocab_size
+from cmgems.data.tokens import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, kmer_ids, vocab, vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]
 ECOLI = ROOT / "data" / "ecoli_k12_mg1655.fa.gz"
@@ -50,18 +50,18 @@ def span(lo: int, hi: int) -> set[int]:
 
 @pytest.mark.parametrize("k", [3, 4, 5, 6])
 def test_span_extents(k):
-    left, right = masking.kspan(k)
+    left, right = maskings.kspan(k)
     assert left + right + 1 == k
-    assert masking.pmi_span(k) == (k - 1, k - 1)
+    assert maskings.pmi_span(k) == (k - 1, k - 1)
     centres = torch.zeros(1, 40, dtype=torch.bool)
     centres[0, 20] = True
-    assert positions(masking.dilate(centres, left, right)[0]) == span(20 - left, 20 + right)
-    assert len(positions(masking.dilate(centres, *masking.pmi_span(k))[0])) == 2 * k - 1
+    assert positions(maskings.dilate(centres, left, right)[0]) == span(20 - left, 20 + right)
+    assert len(positions(maskings.dilate(centres, *maskings.pmi_span(k))[0])) == 2 * k - 1
 
 
 def test_span_for_k6_is_t_minus_2_to_t_plus_3():
-    assert masking.kspan(6) == (2, 3)
-    assert masking.pmi_span(6) == (5, 5)
+    assert maskings.kspan(6) == (2, 3)
+    assert maskings.pmi_span(6) == (5, 5)
 
 
 # ----------------------------------------------------------------------------- random
@@ -69,7 +69,7 @@ def test_span_for_k6_is_t_minus_2_to_t_plus_3():
 
 def test_random_all_centres_selects_exactly_the_real_tokens():
     ids, npmi, mask = batch([10, 3, 1], width=16)
-    sel = masking.select("random", ids, npmi, mask, gen(), mlm_probability=1.0)
+    sel = maskings.select("random", ids, npmi, mask, gen(), mlm_probability=1.0)
     assert positions(sel[0]) == span(1, 10)
     assert positions(sel[1]) == span(1, 3)
     assert positions(sel[2]) == {1}
@@ -77,8 +77,8 @@ def test_random_all_centres_selects_exactly_the_real_tokens():
 
 def test_random_never_selects_specials_or_pad_and_spans_have_k_tokens():
     ids, npmi, mask = batch([510, 300, 40, 5] * 16, width=512)
-    sel = masking.select("random", ids, npmi, mask, gen(3), k=6)
-    real = masking.real_tokens(ids, mask)
+    sel = maskings.select("random", ids, npmi, mask, gen(3), k=6)
+    real = maskings.real_tokens(ids, mask)
     assert not (sel & ~real).any()
     assert sel.any()
     # Every run of selected tokens not cut by the row's ends is a union of 6-spans: >= 6 long.
@@ -99,25 +99,25 @@ def test_random_never_selects_specials_or_pad_and_spans_have_k_tokens():
 
 def test_random_zero_probability_selects_nothing():
     ids, npmi, mask = batch([100, 50])
-    assert not masking.select("random", ids, npmi, mask, gen(), mlm_probability=0.0).any()
+    assert not maskings.select("random", ids, npmi, mask, gen(), mlm_probability=0.0).any()
 
 
-@pytest.mark.parametrize("strategy", masking.STRATEGIES)
+@pytest.mark.parametrize("strategy", maskings.STRATEGIES)
 def test_empty_rows_and_zero_probability(strategy):
     ids, npmi, mask = batch([0, 20, 0], width=24)
     npmi[:, 3] = 1.0
-    sel = masking.select(strategy, ids, npmi, mask, gen(), mlm_probability=0.0)
+    sel = maskings.select(strategy, ids, npmi, mask, gen(), mlm_probability=0.0)
     if strategy == "global":  # m = max(1, round(L * p)) still masks one anchor of a real row
         assert positions(sel[1]) == span(1, 8) and not sel[0].any() and not sel[2].any()
     else:
         assert not sel.any()
-    full = masking.select(strategy, ids, npmi, mask, gen(), mlm_probability=1.0)
+    full = maskings.select(strategy, ids, npmi, mask, gen(), mlm_probability=1.0)
     assert not full[0].any() and not full[2].any() and full[1].any()
 
 
 def test_random_fraction_matches_centre_probability():
     ids, npmi, mask = batch([510] * 256, width=512)
-    sel = masking.select("random", ids, npmi, mask, gen(1))
+    sel = maskings.select("random", ids, npmi, mask, gen(1))
     interior = sel[:, 10:500].float().mean().item()
     expected = 1 - (1 - 0.025) ** 6
     assert abs(interior - expected) < 0.006, (interior, expected)
@@ -125,9 +125,9 @@ def test_random_fraction_matches_centre_probability():
 
 def test_random_is_deterministic_per_seed():
     ids, npmi, mask = batch([510] * 8, width=512)
-    a = masking.select("random", ids, npmi, mask, gen(7))
-    b = masking.select("random", ids, npmi, mask, gen(7))
-    c = masking.select("random", ids, npmi, mask, gen(8))
+    a = maskings.select("random", ids, npmi, mask, gen(7))
+    b = maskings.select("random", ids, npmi, mask, gen(7))
+    c = maskings.select("random", ids, npmi, mask, gen(8))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -144,8 +144,8 @@ def _genemask(centre_rows: list[list[int]], npmi_rows: list[dict[int, float]], w
         centres[row, cs] = True
         for pos, v in npmi_rows[row].items():
             npmi[row, pos] = v
-    real = masking.real_tokens(ids, mask)
-    return masking.genemask_from_centres(centres, real, npmi, gen(seed), k=6)
+    real = maskings.real_tokens(ids, mask)
+    return maskings.genemask_from_centres(centres, real, npmi, gen(seed), k=6)
 
 
 def test_genemask_extends_the_local_best_to_an_11_span():
@@ -218,10 +218,10 @@ def test_genemask_matches_a_loop_reference_on_random_inputs():
     lengths = [510, 400, 100, 37, 12, 510, 250, 510]
     ids, _, mask = batch(lengths, width=512)
     npmi = torch.randn(ids.shape, generator=gen(21))  # distinct values: no ties to break
-    real = masking.real_tokens(ids, mask)
+    real = maskings.real_tokens(ids, mask)
     rates = torch.tensor([0.0176, 0.03, 0.05, 0.1, 0.3, 0.002, 0.02, 0.04]).unsqueeze(1)
     centres = (torch.rand(ids.shape, generator=gen(22)) < rates) & real
-    sel = masking.genemask_from_centres(centres, real, npmi, gen(23), 6)
+    sel = maskings.genemask_from_centres(centres, real, npmi, gen(23), 6)
     counts = centres.sum(1).tolist()
     assert min(counts) < 9 <= max(counts)
     for row, n in enumerate(lengths):
@@ -232,23 +232,23 @@ def test_genemask_matches_a_loop_reference_on_random_inputs():
 def test_genemask_public_select_matches_its_centres():
     ids, npmi, mask = batch([510] * 32, width=512)
     npmi = torch.randn(ids.shape, generator=gen(5))
-    sel = masking.select("genemask", ids, npmi, mask, gen(11))
+    sel = maskings.select("genemask", ids, npmi, mask, gen(11))
     # Rebuild the same draws: the centres first, then the tie-break noise from the same stream.
     g = gen(11)
-    real = masking.real_tokens(ids, mask)
+    real = maskings.real_tokens(ids, mask)
     centres = torch.zeros(ids.numel(), dtype=torch.bool)
-    centres[masking.bernoulli_positions(ids.numel(), 0.0176, g, "cpu")] = True
+    centres[maskings.bernoulli_positions(ids.numel(), 0.0176, g, "cpu")] = True
     centres = centres.view(ids.shape) & real
     assert centres.any()
-    expected = masking.genemask_from_centres(centres, real, npmi, g, 6)
+    expected = maskings.genemask_from_centres(centres, real, npmi, g, 6)
     assert torch.equal(sel, expected)
-    assert (masking.dilate(centres, 2, 3) & real & ~sel).sum() == 0
+    assert (maskings.dilate(centres, 2, 3) & real & ~sel).sum() == 0
 
 
 @pytest.mark.parametrize("p", [0.0176, 0.3])
 def test_bernoulli_positions_rate_and_independence(p):
     count = 400_000
-    at = masking.bernoulli_positions(count, p, gen(9), "cpu")
+    at = maskings.bernoulli_positions(count, p, gen(9), "cpu")
     assert at.dtype == torch.int64 and (at[1:] > at[:-1]).all()
     assert 0 <= int(at[0]) and int(at[-1]) < count
     hits = torch.zeros(count)
@@ -258,9 +258,9 @@ def test_bernoulli_positions_rate_and_independence(p):
     # Successes are independent: P(next is a success | this one is) is p again.
     after = hits[1:][hits[:-1] == 1].mean().item()
     assert abs(after - p) < 5 * math.sqrt(p * (1 - p) / int(hits.sum()))
-    assert torch.equal(at, masking.bernoulli_positions(count, p, gen(9), "cpu"))
-    assert masking.bernoulli_positions(count, 0.0, gen(9), "cpu").numel() == 0
-    assert masking.bernoulli_positions(5, 1.0, gen(9), "cpu").tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(at, maskings.bernoulli_positions(count, p, gen(9), "cpu"))
+    assert maskings.bernoulli_positions(count, 0.0, gen(9), "cpu").numel() == 0
+    assert maskings.bernoulli_positions(5, 1.0, gen(9), "cpu").tolist() == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- global
@@ -272,7 +272,7 @@ def test_global_selects_exactly_the_m_highest_with_11_spans():
     for i, p in enumerate(peaks):
         npmi[0, p] = 10.0 - i  # the last one (250) is the 8th best: left out
     npmi[0, 0] = npmi[0, 511] = 50.0  # specials with a high value are never chosen
-    sel = masking.select("global", ids, npmi, mask, gen())
+    sel = maskings.select("global", ids, npmi, mask, gen())
     expected = set().union(*(span(max(1, p - 5), min(510, p + 5)) for p in peaks[:7]))
     assert positions(sel[0]) == expected
 
@@ -281,7 +281,7 @@ def test_global_m_is_at_least_one_and_follows_length():
     ids, npmi, mask = batch([10, 100, 510], width=512)
     npmi[:, 5] = 1.0
     npmi[2, 100] = npmi[2, 200] = npmi[2, 300] = npmi[2, 400] = npmi[2, 450] = npmi[2, 30] = 1.0
-    sel = masking.select("global", ids, npmi, mask, gen())
+    sel = maskings.select("global", ids, npmi, mask, gen())
     assert positions(sel[0]) == span(1, 10)          # m = max(1, round(0.136)) = 1
     assert positions(sel[1]) == span(1, 10)          # m = round(1.36) = 1
     # m = 7: six disjoint 11-spans and the one at 5, clipped to 1..10
@@ -291,9 +291,9 @@ def test_global_m_is_at_least_one_and_follows_length():
 
 def test_global_m_per_sample_or_fixed():
     length = torch.tensor([0, 1, 10, 36, 37, 110, 255, 510])
-    assert masking.global_anchors(length, 0.0136).tolist() == [0, 1, 1, 1, 1, 1, 3, 7]
-    assert masking.global_anchors(length, 0.0136, global_m=7).tolist() == [0, 1, 7, 7, 7, 7, 7, 7]
-    assert masking.global_anchors(length, 0.5, global_m=2).tolist() == [0, 1, 2, 2, 2, 2, 2, 2]
+    assert maskings.global_anchors(length, 0.0136).tolist() == [0, 1, 1, 1, 1, 1, 3, 7]
+    assert maskings.global_anchors(length, 0.0136, global_m=7).tolist() == [0, 1, 7, 7, 7, 7, 7, 7]
+    assert maskings.global_anchors(length, 0.5, global_m=2).tolist() == [0, 1, 2, 2, 2, 2, 2, 2]
 
 
 def test_global_fixed_m_takes_the_same_count_in_every_sample():
@@ -303,23 +303,23 @@ def test_global_fixed_m_takes_the_same_count_in_every_sample():
         for i, p in enumerate(peaks):
             npmi[row, p] = 9.0 - i
         npmi[row, 38] = 1.0  # 4th best: left out with global_m = 3
-    sel = masking.select("global", ids, npmi, mask, gen(), global_m=3)
+    sel = maskings.select("global", ids, npmi, mask, gen(), global_m=3)
     expected = set().union(*(span(max(1, p - 5), p + 5) for p in peaks))
     assert all(positions(sel[row]) == expected for row in range(3))
     # Per sample (default): 200 tokens give m = 3 as well, 50 give 1, 510 give 7.
-    default = masking.select("global", ids, npmi, mask, gen())
+    default = maskings.select("global", ids, npmi, mask, gen())
     assert positions(default[0]) == span(1, 8) and positions(default[1]) == expected
     assert len(positions(default[2])) > len(expected)
     # A fixed m larger than a sample: every real token of it, nothing outside.
     ids, npmi, mask = batch([6, 300], width=302)
-    sel = masking.select("global", ids, npmi, mask, gen(), global_m=300)
+    sel = maskings.select("global", ids, npmi, mask, gen(), global_m=300)
     assert positions(sel[0]) == span(1, 6) and sel[1].sum() == 300
-    _, _, via_batch = masking.mask_batch(ids, npmi, mask, ["global", "random"], V6, gen(),
+    _, _, via_batch = maskings.mask_batch(ids, npmi, mask, ["global", "random"], V6, gen(),
                                          probabilities={"random": 0.0}, global_m=50)
     assert positions(via_batch[0]) == span(1, 6) and via_batch[1].sum() == 0
     for bad in (-1, 2.5):
         with pytest.raises(InputError, match="global_m"):
-            masking.select("global", ids, npmi, mask, gen(), global_m=bad)
+            maskings.select("global", ids, npmi, mask, gen(), global_m=bad)
 
 
 def test_global_breaks_ties_with_the_generator():
@@ -330,10 +330,10 @@ def test_global_breaks_ties_with_the_generator():
     npmi[0, tied] = 1.0
     chosen = []
     for seed in range(40):
-        sel = masking.select("global", ids, npmi, mask, gen(seed))
+        sel = maskings.select("global", ids, npmi, mask, gen(seed))
         picks = [t for t in tied if sel[0, t]]
         assert len(picks) == 1 and sel[0].sum() == 77
-        assert torch.equal(sel, masking.select("global", ids, npmi, mask, gen(seed)))
+        assert torch.equal(sel, maskings.select("global", ids, npmi, mask, gen(seed)))
         chosen.append(picks[0])
     assert set(chosen) == set(tied)
 
@@ -342,7 +342,7 @@ def test_global_breaks_ties_with_the_generator():
 def test_global_pmi_span_follows_k(k):
     ids, npmi, mask = batch([30], width=32, k=k)
     npmi[0, 15] = 2.0
-    sel = masking.select("global", ids, npmi, mask, gen(), k=k)
+    sel = maskings.select("global", ids, npmi, mask, gen(), k=k)
     assert positions(sel[0]) == span(15 - (k - 1), 15 + (k - 1))
 
 
@@ -351,7 +351,7 @@ def test_global_ranks_unscored_tokens_lowest():
     npmi[0, 1:31] = float("nan")
     npmi[0, 12] = -3.0
     npmi[0, 20] = float("-inf")
-    sel = masking.select("global", ids, npmi, mask, gen())
+    sel = maskings.select("global", ids, npmi, mask, gen())
     assert positions(sel[0]) == span(7, 17)
 
 
@@ -360,10 +360,10 @@ def test_global_ranks_unscored_tokens_lowest():
 
 def test_corrupt_proportions_and_labels():
     ids, _, mask = batch([510] * 128, width=512)
-    real = masking.real_tokens(ids, mask)
+    real = maskings.real_tokens(ids, mask)
     selected = real.clone()
     selected[:, ::3] = False
-    inputs, labels = masking.corrupt(ids, selected, V6, gen(2))
+    inputs, labels = maskings.corrupt(ids, selected, V6, gen(2))
     n = int(selected.sum())
     masked = (inputs == MASK_ID) & selected
     unchanged = (inputs == ids) & selected
@@ -385,16 +385,16 @@ def test_corrupt_proportions_and_labels():
 
 def test_corrupt_without_selection_changes_nothing():
     ids, _, mask = batch([20, 5])
-    inputs, labels = masking.corrupt(ids, torch.zeros(ids.shape, dtype=torch.bool), V6, gen())
+    inputs, labels = maskings.corrupt(ids, torch.zeros(ids.shape, dtype=torch.bool), V6, gen())
     assert torch.equal(inputs, ids) and (labels == -100).all()
 
 
 def test_corrupt_is_deterministic_per_seed():
     ids, _, mask = batch([510] * 4, width=512)
-    sel = masking.real_tokens(ids, mask)
-    a = masking.corrupt(ids, sel, V6, gen(4))
-    b = masking.corrupt(ids, sel, V6, gen(4))
-    c = masking.corrupt(ids, sel, V6, gen(5))
+    sel = maskings.real_tokens(ids, mask)
+    a = maskings.corrupt(ids, sel, V6, gen(4))
+    b = maskings.corrupt(ids, sel, V6, gen(4))
+    c = maskings.corrupt(ids, sel, V6, gen(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
 
@@ -408,35 +408,35 @@ def test_mask_batch_mixes_strategies_per_sample():
         npmi[:, p] = 5.0 + i
     names = ["global", "random", "global", "random", "random", "global"]
     g = generator(0, 10, 0, "mask")
-    inputs, labels, sel = masking.mask_batch(ids, npmi, mask, names, V6, g, k=6,
+    inputs, labels, sel = maskings.mask_batch(ids, npmi, mask, names, V6, g, k=6,
                                              probabilities={"random": 0.0})
     for row, name in enumerate(names):
         assert sel[row].sum() == (77 if name == "global" else 0)
     assert torch.equal(labels != -100, sel)
-    again = masking.mask_batch(ids, npmi, mask, names, V6, generator(0, 10, 0, "mask"),
+    again = maskings.mask_batch(ids, npmi, mask, names, V6, generator(0, 10, 0, "mask"),
                                probabilities={"random": 0.0})
     assert all(torch.equal(x, y) for x, y in zip((inputs, labels, sel), again))
 
 
 def test_mask_batch_single_name_and_errors():
     ids, npmi, mask = batch([510] * 2, width=512)
-    _, _, sel = masking.mask_batch(ids, npmi, mask, "random", V6, gen(), k=6,
+    _, _, sel = maskings.mask_batch(ids, npmi, mask, "random", V6, gen(), k=6,
                                    probabilities={"random": 1.0})
     assert sel.sum() == 2 * 510
     with pytest.raises(InputError, match="unknown 'bert'"):
-        masking.mask_batch(ids, npmi, mask, ["random", "bert"], V6, gen())
+        maskings.mask_batch(ids, npmi, mask, ["random", "bert"], V6, gen())
     with pytest.raises(InputError, match="k"):
-        masking.select("random", ids, npmi, mask, gen(), k=7)
+        maskings.select("random", ids, npmi, mask, gen(), k=7)
     with pytest.raises(ValueError, match="3 strategies for a batch of 2"):
-        masking.mask_batch(ids, npmi, mask, ["random"] * 3, V6, gen())
+        maskings.mask_batch(ids, npmi, mask, ["random"] * 3, V6, gen())
 
 
 def test_masking_leaves_the_global_rng_alone():
     ids, npmi, mask = batch([510] * 4, width=512)
     state = torch.random.get_rng_state()
-    for s in masking.STRATEGIES:
-        masking.mask_batch(ids, npmi, mask, s, V6, gen())
-        masking.mask_batch(ids, npmi, mask, s, V6, None)
+    for s in maskings.STRATEGIES:
+        maskings.mask_batch(ids, npmi, mask, s, V6, gen())
+        maskings.mask_batch(ids, npmi, mask, s, V6, None)
     assert torch.equal(state, torch.random.get_rng_state())
 
 
@@ -450,14 +450,14 @@ def test_mask_stats_figures():
     sel = torch.zeros(ids.shape, dtype=torch.bool)
     sel[0, [2, 3, 4, 8]] = True  # two spans
     sel[1, [4, 10]] = True       # two spans, one NaN
-    stats = masking.mask_stats(sel, npmi, mask, ["random", "global"])
+    stats = maskings.mask_stats(sel, npmi, mask, ["random", "global"])
     assert stats["selected_fraction"] == pytest.approx(6 / 20)
     assert stats["spans_per_sample"] == pytest.approx(2.0)
     assert stats["npmi_selected"] == pytest.approx((1 + 2 + 3 + 7 + 9) / 5)
     assert stats["npmi_real"] == pytest.approx((45 + 45 - 3) / 19)
     assert stats["mix_random"] == 0.5 and stats["mix_global"] == 0.5
     assert stats["mix_genemask"] == 0.0
-    assert masking.mask_stats(sel, npmi, mask, "genemask")["mix_genemask"] == 1.0
+    assert maskings.mask_stats(sel, npmi, mask, "genemask")["mix_genemask"] == 1.0
 
 
 # ----------------------------------------------------------------------------- E. coli
@@ -493,8 +493,8 @@ def ecoli(genemask_csv):
                                                ("global", 0.11, 0.16)])
 def test_mask_fraction_on_ecoli_is_near_15_percent(ecoli, strategy, low, high):
     ids, npmi, mask = ecoli
-    sel = masking.select(strategy, ids, npmi, mask, generator(0, 0, 0, "mask"))
-    stats = masking.mask_stats(sel, npmi, mask, strategy)
+    sel = maskings.select(strategy, ids, npmi, mask, generator(0, 0, 0, "mask"))
+    stats = maskings.mask_stats(sel, npmi, mask, strategy)
     print(f"{strategy}: {stats}")
     assert low < stats["selected_fraction"] < high
     if strategy != "random":  # PMI strategies pick above-average NPMI
@@ -505,18 +505,18 @@ def test_mask_fraction_on_ecoli_is_near_15_percent(ecoli, strategy, low, high):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("strategy", masking.STRATEGIES)
+@pytest.mark.parametrize("strategy", maskings.STRATEGIES)
 def test_cuda_matches_cpu(ecoli, strategy):
     ids, npmi, mask = (t[:64] for t in ecoli)
-    cpu = masking.mask_batch(ids, npmi, mask, strategy, V6, generator(1, 2, 0, "mask"))
-    cuda = masking.mask_batch(ids.cuda(), npmi.cuda(), mask.cuda(), strategy, V6,
+    cpu = maskings.mask_batch(ids, npmi, mask, strategy, V6, generator(1, 2, 0, "mask"))
+    cuda = maskings.mask_batch(ids.cuda(), npmi.cuda(), mask.cuda(), strategy, V6,
                               generator(1, 2, 0, "mask"))
     for a, b in zip(cpu, cuda):
         assert b.is_cuda and torch.equal(a, b.cpu())
 
 
 def test_global_m_is_a_validated_config_field():
-    from cmgems.config import PretrainConfig
+    from cmgems.pretrain.config import PretrainConfig
     assert PretrainConfig().global_m == 0  # per sample, round(L x p_global), by default
     assert PretrainConfig(global_m=7).global_m == 7
     with pytest.raises(InputError, match="global_m must be >= 0"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from cmgems import metrics
+from cmgems.evaluation import metrics
 
 
 @pytest.mark.parametrize("n_classes", [2, 3, 9])

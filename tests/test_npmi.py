@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmgems import npmi_table
-from cmgems.tokens import NUM_SPECIAL
+from cmgems.data import npmi_table
+from cmgems.data.tokens import NUM_SPECIAL
 from preprocessing import kmers, npmi
 from preprocessing.fasta import FastaReader
 from conftest import shared_file

@@ -22,7 +22,7 @@ SHIPPED = ("cmgems/launchers/configs/quick.yaml", "cmgems/launchers/configs/pape
            "cmgems/launchers/slurm/preprocess.sbatch", "cmgems/ds_configs/zero2.json",
            "cmgems/ds_configs/zero2-offload.json", "cmgems/genomes/ecoli_k12_mg1655.fa.gz",
            "cmgems/genomes/lambda_phage.fa.gz", "cmgems/preprocessing/__main__.py",
-           "cmgems/launchers/cli.py", "cmgems/tokenizer.py")
+           "cmgems/launchers/cli.py", "cmgems/model/tokenizer.py")
 
 
 def console_scripts() -> list[str]:

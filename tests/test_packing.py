@@ -13,11 +13,11 @@ from mlflow.tracking import MlflowClient
 from transformers import AttentionInterface, BertConfig, BertForMaskedLM
 
 from conftest import ROOT, run_module
-from cmgems import packing
-from cmgems.data import collate
-from cmgems.masking import IGNORE_INDEX, mask_batch
-from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
-from cmgems.trainer import MaskedLM
+from cmgems.data import packing
+from cmgems.data.loader import collate
+from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
+from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
+from cmgems.pretrain.trainer import MaskedLM
 
 V6 = vocab_size(6)
 

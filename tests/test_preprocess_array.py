@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmgems.shards import Manifest, ShardSet, verify
+from cmgems.data.shards import Manifest, ShardSet, verify
 from conftest import LAMBDA, ROOT, run_module
 from test_build import _synthetic
 
@@ -216,7 +216,7 @@ def test_array_and_build_give_the_same_bytes_for_every_shard(tmp_path, table):
     rounding float64 -> float32 -> float16 and float64 -> float16 disagree: one rounding path
     (npmi.tsv read back to the shards' dtype) gives the same bytes whichever stage cuts."""
     import io
-    from cmgems import npmi_table
+    from cmgems.data import npmi_table
     from preprocessing.array import count_stage, finish_stage, shard_stage, table_stage
     from preprocessing.build import BuildConfig, build
     genome = tmp_path / "g.fa"

@@ -17,10 +17,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_module
-from cmgems import config as config_mod
+from cmgems.pretrain import config as config_mod
 from cmgems import options
-from cmgems.data import ShardedSampler, collate
-from cmgems.tokens import CLS_ID, PAD_ID, SEP_ID
+from cmgems.data.loader import ShardedSampler, collate
+from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID
 
 PRETRAIN = str(ROOT / "launchers" / "pretrain.py")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cmgems import deepspeed_env
-from cmgems.config import PretrainConfig
+from cmgems.pretrain import deepspeed_env
+from cmgems.pretrain.config import PretrainConfig
 from cmgems.options import load_file
 from conftest import ROOT
 
@@ -130,7 +130,8 @@ def _help_default(parser, flag: str) -> str:
 
 @pytest.mark.slow
 def test_every_seed_defaults_to_the_one_constant():
-    from cmgems import compare, finetune
+    from cmgems.compare import config as compare
+    from cmgems.evaluation import finetune
     from cmgems.options import DEFAULT_SEED
     from launchers import compare as compare_cli, finetune as finetune_cli, gue as gue_cli
     from preprocessing.__main__ import build_parser

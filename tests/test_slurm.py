@@ -129,7 +129,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tiny_datas
 
 
 def test_preprocess_job_builds_a_verified_dataset(cluster, lambda_fasta, tmp_path):
-    from cmgems.shards import Manifest, ShardSet, verify
+    from cmgems.data.shards import Manifest, ShardSet, verify
 
     out = tmp_path / "lambda"
     env = clean_env()

@@ -13,11 +13,11 @@ import torch
 from transformers import BertConfig
 
 from conftest import run_module
-from cmgems import tokenizer as tokenizer_module
-from cmgems import tokens
-from cmgems.model_card import render
-from cmgems.models import export
-from cmgems.tokenizer import DNAKmerTokenizer, kmer_vocab
+from cmgems.model import tokenizer as tokenizer_module
+from cmgems.data import tokens
+from cmgems.model.card import render
+from cmgems.model.architectures import export
+from cmgems.model.tokenizer import DNAKmerTokenizer, kmer_vocab
 
 
 def random_dna(rng, n: int, symbols="ACGTacgtNnRY-", p=None) -> str:

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cmgems import tokens
+from cmgems.data import tokens
 from preprocessing import kmers
 
 

@@ -14,10 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_module
-from cmgems.config import PretrainConfig
+from cmgems.pretrain.config import PretrainConfig
 from cmgems.errors import InputError
-from cmgems.tracking import Tracker
-from cmgems.tracking_uri import check_tracking_uri, relocate_artifacts, resolve_tracking_uri
+from cmgems.tracking.tracker import Tracker
+from cmgems.tracking.uri import check_tracking_uri, relocate_artifacts, resolve_tracking_uri
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +184,8 @@ def test_export_is_logged_and_registered_as_a_transformers_model(uri, exp, tmp_p
     import mlflow.transformers
     from transformers import BertConfig, BertForMaskedLM
 
-    from cmgems.models import export
-    from cmgems.tokens import PAD_ID, vocab_size
+    from cmgems.model.architectures import export
+    from cmgems.data.tokens import PAD_ID, vocab_size
     config = BertConfig(vocab_size=vocab_size(6), hidden_size=32, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
                         pad_token_id=PAD_ID)

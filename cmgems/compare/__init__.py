@@ -1,0 +1,1 @@
+"""Comparing curricula: pretrain each mode, finetune each export, report."""

@@ -1,0 +1,227 @@
+"""Comparing masking strategies: what to compare (CompareConfig, the strategy and few-shot task
+lists) and what an earlier comparison already finished.
+
+A comparison pretrains one run per strategy and finetunes each export on few-shot tasks
+(cmgems.compare.run); cmgems.compare.report turns the results into a table and plots.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmgems.pretrain.config import MODELS
+from cmgems.options import DEFAULT_SEED, option
+from cmgems.masking.curriculum import MODES
+from cmgems.errors import InputError
+
+# Strategy name -> PretrainConfig.mode: one per curriculum mode, fixed:<s> named <s>; the order is
+# the curriculum's (the fixed baselines first).
+STRATEGY_MODES = {mode.partition(":")[2] or mode: mode for mode in MODES}
+DEFAULT_STRATEGIES = tuple(STRATEGY_MODES)
+TASK_FILE_SUFFIXES = (".tsv", ".csv")
+
+
+def parse_strategies(text: str) -> list[str]:
+    """'random,cm_gems' -> ['random', 'cm_gems'] (order kept, duplicates refused)."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise InputError("--strategies: empty list")
+    unknown = [s for s in names if s not in STRATEGY_MODES]
+    if unknown:
+        raise InputError(f"--strategies: unknown strategy {unknown[0]!r}; choose from "
+                         f"{', '.join(STRATEGY_MODES)}")
+    if len(set(names)) != len(names):
+        raise InputError(f"--strategies: {text!r} names a strategy twice")
+    return names
+
+
+@dataclass(frozen=True)
+class FewshotTask:
+    """One few-shot evaluation: a training and a test file (.tsv k-mer text or .csv)."""
+
+    name: str  # label in the table, the plots and the MLflow metric names
+    train: Path  # training file: the pool each run draws its n examples per class from
+    test: Path  # test file
+
+    def __post_init__(self):
+        if not self.name or any(c in self.name for c in "|\n"):
+            raise InputError(f"few-shot task name {self.name!r}: must be non-empty, without '|'")
+        for what, path in (("train", self.train), ("test", self.test)):
+            if not path.is_file():
+                raise InputError(f"few-shot task {self.name}: {what} file {path} does not exist")
+            if path.suffix not in TASK_FILE_SUFFIXES:
+                raise InputError(f"few-shot task {self.name}: {what} file {path} must end in "
+                                 f"{' or '.join(TASK_FILE_SUFFIXES)}")
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe form of the name (for the per-task JSON of each strategy)."""
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
+
+
+def _task_file(folder: Path, stem: str) -> Path | None:
+    for suffix in TASK_FILE_SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def _task_from_folder(name: str | None, folder: Path, spec: str) -> FewshotTask:
+    """A folder holding train.tsv/.csv; its test file sits beside it or, as in GeneMask's
+    prom-core/<shots>/train.tsv + prom-core/test.tsv layout, one level up."""
+    train = _task_file(folder, "train")
+    test = _task_file(folder, "test") or _task_file(folder.parent, "test")
+    if train is None or test is None:
+        raise InputError(f"--fewshot {spec}: folder {folder} needs train.tsv (or .csv) and a "
+                         f"test.tsv (or .csv) beside it or in its parent")
+    return FewshotTask(name or f"{folder.resolve().parent.name}/{folder.resolve().name}",
+                       train, test)
+
+
+def parse_fewshot(spec: str) -> FewshotTask:
+    """NAME=TRAIN:TEST, TRAIN:TEST, NAME=FOLDER or FOLDER (see _task_from_folder)."""
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        name, rest = None, spec
+    elif not name.strip():
+        raise InputError(f"--fewshot {spec!r}: empty task name before '='")
+    rest = rest.strip()
+    if not rest:
+        raise InputError(f"--fewshot {spec!r}: no files given")
+    if Path(rest).is_dir():
+        return _task_from_folder(name, Path(rest), spec)
+    train, colon, test = rest.rpartition(":")
+    if not colon or not train:
+        raise InputError(f"--fewshot {spec!r}: expected NAME=TRAIN:TEST or a folder "
+                         f"({rest} is not a folder)")
+    train_p, test_p = Path(train), Path(test)
+    return FewshotTask(name or f"{train_p.resolve().parent.name}/{train_p.stem}", train_p, test_p)
+
+
+def unique_tasks(tasks: list[FewshotTask]) -> list[FewshotTask]:
+    names = [t.name for t in tasks]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise InputError(f"--fewshot: two tasks are named {dup!r}; name them with NAME=...")
+    return tasks
+
+
+def finished_result(run_dir: Path) -> dict | None:
+    """A run's result.json when it trained to the end (stopped_by null), else None."""
+    path = Path(run_dir) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except ValueError:
+        return None  # a half-written file: the run did not finish cleanly
+    if result.get("stopped_by") is not None or not (Path(run_dir) / "export" / "config.json").is_file():
+        return None
+    return result
+
+
+def config_mismatch(run_dir: Path, expected: dict) -> str | None:
+    """Which requested field a finished run's config.json contradicts, if any (a run kept from an
+    earlier comparison with other settings must not be reused silently)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        got = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"{path} is missing or unreadable"
+    for key, want in expected.items():
+        have = got.get(key)
+        if key == "data_dir" and have is not None:
+            same = Path(have).resolve() == Path(want).resolve()
+        else:
+            same = have == want
+        if not same:
+            return f"{key} is {have!r} there, {want!r} requested"
+    return None
+
+
+def switch_step(result: dict) -> int | None:
+    events = result.get("events") or []
+    return int(events[0]["step"]) if events else None
+
+
+# The three frozen validation maskings every pretraining is scored under at its end.
+PPL_MASKINGS = ("random", "genemask", "global")
+
+
+def final_ppl(result: dict) -> dict[str, float | None]:
+    """{masking: perplexity of the final model under that frozen validation masking} from
+    result.json's "final_ppl"; None for a masking (or a run) that lacks it."""
+    got = result.get("final_ppl") or {}
+    return {m: (float(got[m]) if isinstance(got.get(m), (int, float)) else None)
+            for m in PPL_MASKINGS}
+
+
+def final_ref_ppl(result: dict) -> tuple[int, float] | None:
+    hist = result.get("history") or []
+    return (int(hist[-1]["step"]), float(hist[-1]["ppl_ref"])) if hist else None
+
+
+@dataclass
+class CompareConfig:
+    """What a comparison runs. Pretraining options left unset (None) take the pretraining
+    config's values; the finetuning hyperparameters are a FinetuneConfig beside this."""
+
+    # --- what to compare ------------------------------------------------------------------------
+    strategies: str = option(",".join(DEFAULT_STRATEGIES), "Comma-separated strategies, each "
+                             "pretrained once: " + ", ".join(f"{k} (mode {v})" for k, v in
+                                                             STRATEGY_MODES.items()) + ".")
+    output_dir: str = option("runs/compare", "Comparison folder: one run folder per strategy, "
+                             "logs, report, and the default MLflow store OUTPUT_DIR/mlflow.db; "
+                             "reuse it to skip finished runs.")
+    name: str | None = option(None, "MLflow parent run name; children are NAME-<strategy> "
+                              "(default: the output folder's name).")
+    experiment: str = option("cmgems-compare", "MLflow experiment of the parent and child runs; "
+                             "MLFLOW_TRACKING_URI selects a server instead of "
+                             "OUTPUT_DIR/mlflow.db.")
+    # --- pretraining, the same for every strategy ------------------------------------------
+    config: str | None = option(None, "Pretraining config file, YAML or JSON (default: "
+                                "launchers/pretrain.py's, launchers/configs/quick.yaml).")
+    data_dir: str | None = option(None, "Dataset folder (manifest.json + shards); built from the "
+                                  "config's genome on first use when empty (default: the "
+                                  "config's).")
+    max_steps: int | None = option(None, "Step budget of every run (default: the config's).")
+    model: str | None = option(None, "Model size: logo (2 layers) or dnabert (BERT-base) "
+                               "(default: the config's).", choices=MODELS)
+    seed: int | None = option(None, "Seed of every run: same init, data order and masking "
+                              "randomness (default: the config's).")
+    num_gpus: int | None = option(None, "GPUs per run: > 0 launches `deepspeed --num_gpus N`, 0 "
+                                  "plain python on CPU (default: every visible GPU, 0 when there "
+                                  "is none).")
+    pretrain_args: str = option("", "More launchers/pretrain.py options for every run, one quoted "
+                                "string, e.g. \"--max-length 128 --eval-interval 25\"; anything "
+                                "after a bare `--` is passed on too.")
+    # --- few-shot evaluation of each export ------------------------------------------------
+    fewshot: tuple[str, ...] = option((), "Few-shot task specs (see parse_fewshot).", cli=False)
+    runs: int = option(10, "Seeded finetuning runs per task, reported as mean ± std (10: "
+                       "GeneMask's protocol).")
+    shots: int | None = option(None, "n: examples per class each run draws, without "
+                               "replacement, from the task's training file (the pool); run r's "
+                               "draw follows from (fewshot seed, r). Default: inferred when the "
+                               "file holds exactly n of every class.")
+    fewshot_seed: int = option(DEFAULT_SEED, "Seed of the first finetuning run; run r uses "
+                               "seed+r.")
+
+    def __post_init__(self):
+        self.fewshot = tuple(self.fewshot)
+        parse_strategies(self.strategies)
+        if self.runs < 1:
+            raise InputError(f"--runs must be >= 1, got {self.runs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise InputError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise InputError(f"--num-gpus must be >= 0, got {self.num_gpus}")
+        if self.config and not Path(self.config).is_file():
+            raise InputError(f"--config {self.config}: no such file")
+        if self.data_dir:
+            self.data_dir = str(Path(self.data_dir).resolve())
+
+    @property
+    def strategy_list(self) -> list[str]:
+        return parse_strategies(self.strategies)
+

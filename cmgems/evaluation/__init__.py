@@ -1,0 +1,1 @@
+"""Evaluation: finetuning, few-shot draws, task files, metrics, GUE, reports."""

@@ -1,0 +1,139 @@
+"""The GUE suite: finetune and test exported models on every GUE task present, as a table.
+
+Each task uses the published settings for DNABERT k-mer models (cmgems.evaluation.tasks.GUE_TASKS: max
+length, epochs, learning rate, 32 examples per optimizer step, warmup, evaluation interval,
+autocast on GPU; the weights of lowest dev loss are tested; one run, seed 42), unless an override
+is given for every task. The result is a Table-2-style markdown: test MCC x 100 per task (mean ±
+std over runs), the human and non-human means, one column per model, then the settings each task
+ran with; plus a JSON with every run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cmgems.options import given_options
+from cmgems.errors import InputError
+from cmgems.evaluation.finetune import EvalRuns, FinetuneConfig, evaluate, load_task_dir, model_info
+from cmgems.io import atomic_path
+from cmgems.evaluation.metrics import mean_std
+from cmgems.evaluation.tasks import GueTask, discover_gue_tasks
+
+log = logging.getLogger(__name__)
+
+# FinetuneConfig fields a GUE run may set for every task, over the task's own settings.
+OVERRIDES = ("epochs", "max_steps", "max_length", "lr", "batch_size", "grad_accum", "precision",
+             "device")
+
+
+def task_config(task: GueTask, overrides: argparse.Namespace) -> FinetuneConfig:
+    """FinetuneConfig of one GUE task; the FinetuneConfig options given in `overrides` (not
+    None) replace the task's settings, and epochs given without max_steps drops a task's step
+    budget (the mouse tasks')."""
+    given = given_options(FinetuneConfig, overrides)
+    base = {"lr": task.lr, "epochs": task.epochs, "max_steps": task.max_steps,
+            "batch_size": task.batch_size, "grad_accum": task.grad_accum,
+            "warmup_steps": task.warmup_steps, "eval_steps": task.eval_steps,
+            "max_length": task.max_length, "precision": task.precision}
+    if "epochs" in given and "max_steps" not in given:
+        base["max_steps"] = None
+    return FinetuneConfig(**{**base, **given})
+
+
+def markdown_table(results: dict[str, dict[str, dict]], tasks, model_names: list[str]) -> str:
+    """results[model][task name] = evaluate() output. MCC x 100, 'mean ± std' when runs > 1."""
+    def cell(r):
+        return mean_std(r["mean"]["mcc"], r["std"]["mcc"], with_std=len(r["runs"]) > 1)
+
+    header = "| Task | " + " | ".join(model_names) + " |"
+    lines = [header, "|---|" + "---|" * len(model_names)]
+    for t in tasks:
+        lines.append(f"| {t.name} | " + " | ".join(cell(results[m][t.name]) for m in model_names)
+                     + " |")
+    for label, human in (("Human mean", True), ("Non-human mean", False)):
+        group = [t for t in tasks if t.human == human]
+        if not group:
+            continue
+        means = [100 * np.mean([results[m][t.name]["mean"]["mcc"] for t in group])
+                 for m in model_names]
+        lines.append(f"| **{label}** ({len(group)} tasks) | "
+                     + " | ".join(f"**{v:.2f}**" for v in means) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def settings_table(tasks, configs: dict[str, FinetuneConfig], results: dict[str, dict[str, dict]],
+                   runs: EvalRuns) -> str:
+    """The settings each task ran with (configs[task name]; the precision as resolved on this
+    machine, from the first model's first run)."""
+    first = next(iter(results.values()))
+    lines = ["| Task | max length | epochs | max steps | lr | batch x accum = per step | warmup "
+             "steps | dev every | precision | seeds |", "|---|" + "---|" * 9]
+    for t in tasks:
+        c = configs[t.name]
+        used = first[t.name]["runs"][0]["precision"]
+        shown = used if c.precision == used else f"{used} ({c.precision})"
+        seeds = (f"{runs.seed}" if runs.runs == 1
+                 else f"{runs.seed}-{runs.seed + runs.runs - 1}")
+        lines.append(f"| {t.name} | {c.max_length} | {c.epochs} | {c.max_steps or '—'} | {c.lr:g}"
+                     f" | {c.batch_size} x {c.grad_accum} = {c.global_batch} | {c.warmup_steps} |"
+                     f" {c.eval_steps} | {shown} | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def model_names(model_dirs: list[Path]) -> list[str]:
+    """Column names: the dir names, made unique with their parents where they clash."""
+    names = [d.resolve().name for d in model_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{d.resolve().parent.name}/{d.resolve().name}" for d in model_dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in model_dirs]
+    return names
+
+
+def run_suite(gue_root: Path, model_dirs: list[Path], out_dir: Path, *,
+              overrides: argparse.Namespace, runs: EvalRuns,
+              only: list[str] | None = None, progress: bool = False) -> Path:
+    """Finetune every model on every task present (or the `only` ones); write gue.md and
+    gue.json to out_dir; return gue.md."""
+    gue_root, out_dir = Path(gue_root), Path(out_dir)
+    tasks = discover_gue_tasks(gue_root)
+    if only:
+        unknown = set(only) - {t.name for t in tasks}
+        if unknown:
+            raise InputError(f"--tasks: {', '.join(sorted(unknown))} not found under {gue_root}")
+        tasks = [t for t in tasks if t.name in set(only)]
+    infos = [model_info(d) for d in model_dirs]  # check every model before any training
+    names = model_names(model_dirs)
+    tracking = runs.tracking_target()
+    configs = {t.name: task_config(t, overrides) for t in tasks}
+    results: dict[str, dict[str, dict]] = {n: {} for n in names}
+    for info, name in zip(infos, names):
+        for task in tasks:
+            config = configs[task.name]
+            train, dev, test = load_task_dir(info, gue_root / task.name, config)
+            log.info("%s: %s (%d train, %d test)", name, task.name, len(train), len(test))
+            results[name][task.name] = evaluate(
+                info, train, test, dev=dev, runs=runs.runs, seed=runs.seed, config=config,
+                tracking=tracking, name=f"gue/{task.name}/{name}", progress=progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, tasks, names)
+    md = out_dir / "gue.md"
+    with atomic_path(out_dir / "gue.json") as tmp:
+        tmp.write_text(json.dumps({"models": dict(zip(names, map(str, model_dirs))),
+                                   "tasks": [dataclasses.asdict(t) for t in tasks],
+                                   "settings": {n: dataclasses.asdict(c)
+                                                for n, c in configs.items()},
+                                   "results": results}, indent=2) + "\n")
+    with atomic_path(md) as tmp:
+        tmp.write_text(f"# GUE: test MCC x 100\n\nGUE root: `{gue_root}`; runs per task: "
+                       f"{runs.runs} (seed {runs.seed} + r).\n\n{table}\n## Settings\n\n"
+                       "Every task: AdamW (weight decay 0.01, none on biases and LayerNorm), "
+                       "linear warmup then linear decay, gradient clipping 1.0, the weights of "
+                       "lowest dev loss tested; precision as run (as requested).\n\n"
+                       f"{settings_table(tasks, configs, results, runs)}")
+    return md

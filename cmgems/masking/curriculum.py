@@ -1,0 +1,209 @@
+"""Masking curricula: which strategy each sample of a training step is masked with.
+
+- fixed:<strategy>: one strategy throughout (random, genemask or global).
+- cm_step (CM-Step baseline): training is cut into 100 equal blocks of max_steps; in block b
+  (0..99, b = step * 100 // max_steps) global is used with probability b / 100, else random.
+  The paper leaves open what one draw covers. `draw="batch"` (the default): one draw per
+  micro-batch, all its samples masked alike, as the public CM-Step code does (it draws once per
+  call of its collator, i.e. per micro-batch of 10 before gradient accumulation); the numbers
+  the paper reports come from that code. `draw="sample"`: one draw per sample, which gives every
+  micro-batch the same expected mix with less variance between micro-batches. Both keep the
+  expected share of global at b / 100 in block b.
+- cm_gems (CM-GEMS): genemask until the drop in validation perplexity between two consecutive
+  evaluations falls below `threshold` for `patience` consecutive evaluations (and not before
+  `min_steps`), then global for the rest of training; it never switches back.
+
+The trainer all-reduces the validation perplexity before observe(), so a schedule is a pure
+function of its inputs and every rank holds the same one. Steps are 0-based global steps.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cmgems.errors import InputError
+from cmgems.masking.maskings import STRATEGIES
+
+CM_STEP_BLOCKS = 100
+CM_STEP_DRAWS = ("batch", "sample")
+# Every schedule's name: one fixed strategy, or one of the two curricula.
+MODES = tuple(f"fixed:{s}" for s in STRATEGIES) + ("cm_step", "cm_gems")
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise InputError(f"curriculum: unknown mode {mode!r} (expected "
+                         f"fixed:{'|'.join(STRATEGIES)}, cm_step or cm_gems)")
+    return mode
+
+
+PMI_STRATEGIES = ("genemask", "global")
+
+
+def uses_pmi(name: str) -> bool:
+    """Whether a mode (or a strategy name) masks by NPMI: everything but random."""
+    return name in ("cm_step", "cm_gems") or name.removeprefix("fixed:") in PMI_STRATEGIES
+
+
+def first_strategy(mode: str) -> str:
+    """The strategy a mode starts with: what the frozen validation masking uses by default."""
+    return {"cm_step": "random", "cm_gems": "genemask"}.get(check_mode(mode),
+                                                             mode[len("fixed:"):])
+
+
+@dataclass
+class ScheduleConfig:
+    mode: str
+    """fixed:random | fixed:genemask | fixed:global | cm_step | cm_gems."""
+    max_steps: int
+    """Total training steps; cm_step's blocks are max_steps / 100 long."""
+    threshold: float = 1.0
+    """cm_gems: switch once the perplexity drop between consecutive evaluations is below this."""
+    patience: int = 1
+    """cm_gems: consecutive evaluations below the threshold needed for the switch."""
+    min_steps: int = 0
+    """cm_gems: no switch at an evaluation before this step."""
+    draw: str = "batch"
+    """cm_step: one random-or-global draw per micro-batch ("batch") or per sample ("sample")."""
+
+    def __post_init__(self):
+        check_mode(self.mode)
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise InputError(f"curriculum max_steps: must be a positive integer, "
+                             f"got {self.max_steps!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise InputError(f"curriculum threshold: must be finite and >= 0, "
+                             f"got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise InputError(f"curriculum patience: must be an integer >= 1, got {self.patience!r}")
+        if not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise InputError(f"curriculum min_steps: must be an integer >= 0, "
+                             f"got {self.min_steps!r}")
+        if self.draw not in CM_STEP_DRAWS:
+            raise InputError(f"curriculum draw: must be one of {CM_STEP_DRAWS}, "
+                             f"got {self.draw!r}")
+
+
+@dataclass
+class _Schedule(abc.ABC):
+    config: ScheduleConfig
+    history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, validation perplexity) of every observed evaluation."""
+    events: list[dict] = field(default_factory=list)
+    """Stage switches: {step, from, to, perplexity_history}."""
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    @abc.abstractmethod
+    def stage(self) -> str:
+        """Name of the current stage."""
+
+    @property
+    def stage_index(self) -> int:
+        return 0
+
+    @property
+    def first_strategy(self) -> str:
+        """The strategy the frozen validation masking uses."""
+        return first_strategy(self.mode)
+
+    def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
+        return [self.stage] * batch_size
+
+    def observe(self, step: int, perplexity: float) -> dict | None:
+        """Record a validation perplexity; returns the switch event if the stage changes."""
+        self.history.append((int(step), float(perplexity)))
+        return None
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "history": [list(h) for h in self.history],
+                "events": [dict(e) for e in self.events]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise InputError(f"curriculum: checkpoint was trained with mode {state.get('mode')!r}, "
+                             f"the configuration says {self.mode!r}")
+        self.history = [(int(s), float(p)) for s, p in state["history"]]
+        self.events = [dict(e) for e in state["events"]]
+
+
+class FixedSchedule(_Schedule):
+    @property
+    def stage(self) -> str:
+        return self.mode[len("fixed:"):]
+
+
+class CMStepSchedule(_Schedule):
+    @property
+    def stage(self) -> str:
+        return "cm_step"
+
+    def global_probability(self, step: int) -> float:
+        block = min(CM_STEP_BLOCKS - 1, max(0, step) * CM_STEP_BLOCKS // self.config.max_steps)
+        return block / CM_STEP_BLOCKS
+
+    def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
+        # The generator is the micro-batch's own (seed, micro-batch, rank): either reading is a
+        # pure function of those, so a resumed run draws the same.
+        n = 1 if self.config.draw == "batch" else batch_size
+        draws = torch.rand(n, generator=generator, device=generator.device)
+        use_global = (draws < self.global_probability(step)).tolist()
+        if self.config.draw == "batch":
+            use_global = use_global * batch_size
+        return ["global" if g else "random" for g in use_global]
+
+
+class CMGemsSchedule(_Schedule):
+    STAGES = ("genemask", "global")
+
+    def __init__(self, config: ScheduleConfig):
+        super().__init__(config)
+        self.below = 0  # consecutive evaluations whose drop fell below the threshold
+
+    @property
+    def stage(self) -> str:
+        return self.STAGES[self.stage_index]
+
+    @property
+    def stage_index(self) -> int:
+        return 1 if self.events else 0
+
+    def observe(self, step: int, perplexity: float) -> dict | None:
+        previous = self.history[-1][1] if self.history else None
+        super().observe(step, perplexity)
+        if self.events or previous is None:
+            return None
+        drop = previous - float(perplexity)
+        # A non-finite drop (a diverged or overflowing perplexity) is no sign of a plateau.
+        self.below = self.below + 1 if math.isfinite(drop) and drop < self.config.threshold else 0
+        if self.below < self.config.patience or step < self.config.min_steps:
+            return None
+        event = {"step": int(step), "from": self.STAGES[0], "to": self.STAGES[1],
+                 "perplexity_history": [p for _, p in self.history]}
+        self.events.append(event)
+        return dict(event)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "below": self.below}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.below = int(state.get("below", 0))
+
+
+def make_schedule(mode: str, max_steps: int, threshold: float = 1.0, patience: int = 1,
+                  min_steps: int = 0, draw: str = "batch") -> _Schedule:
+    config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps, draw)
+    if mode == "cm_step":
+        return CMStepSchedule(config)
+    if mode == "cm_gems":
+        return CMGemsSchedule(config)
+    return FixedSchedule(config)

@@ -1,0 +1,1 @@
+"""The models: architectures, the DNA tokenizer that travels in every export, the model card."""

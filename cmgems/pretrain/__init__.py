@@ -1,0 +1,1 @@
+"""Pretraining: config, the training loop, the DeepSpeed engine, checkpoints, the run directory."""

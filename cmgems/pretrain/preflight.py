@@ -1,0 +1,68 @@
+"""A pretraining run's inputs and output checked before DeepSpeed starts: a wrong path, a taken
+output directory or an unreadable DeepSpeed config fails in a second, not after the process group
+and the op compilation (tens of seconds) or a dataset build.
+
+The trainer checks the same things again where it uses them (and more: shard hashes, sample
+counts per rank); these checks need no process group, so every rank runs them alike.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from cmgems.pretrain import checkpoint
+from cmgems.model import architectures
+from cmgems.pretrain.config import PretrainConfig
+from cmgems.pretrain.engine import build_ds_config
+from cmgems.errors import InputError
+from cmgems.data.shards import MANIFEST_NAME, Manifest
+
+
+def default_output_dir(cfg: PretrainConfig) -> tuple[str, Path]:
+    """(run name, run directory): as given, else <model>-<mode>-<start time> under runs/."""
+    name = cfg.run_name or f"{cfg.model}-{cfg.mode.replace(':', '-')}-" \
+                          f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return name, Path(cfg.output_dir) if cfg.output_dir else Path("runs") / name
+
+
+def check(cfg: PretrainConfig, resume: bool) -> None:
+    """Raise InputError for the first thing that would stop this run later."""
+    named = bool(cfg.output_dir or cfg.run_name)  # else a fresh timestamped directory
+    if resume and not named:
+        raise InputError("--resume needs the run to continue: --output-dir DIR or --run-name "
+                         "NAME (the default run name carries the start time)")
+    if named:
+        _check_output(default_output_dir(cfg)[1], resume)
+    _check_data(cfg)
+    # the DeepSpeed config as the trainer will fill it ("auto" values, batch sizes per rank)
+    build_ds_config(cfg, int(os.environ.get("WORLD_SIZE") or 1), torch.device("cpu"))
+    if cfg.init_from:
+        architectures.check_model_dir(cfg.init_from)
+
+
+def _check_output(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another --output-dir")
+    if not resume and checkpoint.latest_tag(out / "checkpoints") is not None:
+        raise InputError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue "
+                         f"it, or choose another --output-dir")
+    parent = next((p for p in (out, *out.parents) if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise InputError(f"{out}: cannot be written ({parent} is not writable)")
+
+
+def _check_data(cfg: PretrainConfig) -> None:
+    data = Path(cfg.data_dir)
+    if (data / MANIFEST_NAME).is_file():
+        manifest = Manifest.load(data)
+        for split in ("train", "valid"):
+            if not manifest.split_shards(split):
+                raise InputError(f"{data / MANIFEST_NAME}: no {split!r} shards; a run needs "
+                                 f"both splits (rebuild it with a validation split)")
+    elif not Path(cfg.genome).is_file():
+        raise InputError(f"{data}: holds no dataset ({MANIFEST_NAME}), and the genome to build it "
+                         f"from, {cfg.genome}, is not a file (--genome GENOME, or --data-dir of a "
+                         f"built dataset)")

@@ -1,0 +1,712 @@
+"""The pretraining loop: data -> masking (curriculum) -> DeepSpeed engine -> evaluation ->
+curriculum events -> MLflow, checkpoints, HF export.
+
+Everything random is a pure function of (seed, step, rank): masks come from cmgems.rng, dropout is
+reseeded at every micro-batch, the data order follows from the step count. A resumed run therefore
+masks, drops out and reads exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cmgems.pretrain import checkpoint, distributed
+from cmgems.pretrain.config import PretrainConfig
+from cmgems.options import resume_fields
+from cmgems.masking.curriculum import make_schedule, uses_pmi
+from cmgems.data.loader import SampleDataset, TrainBatches, eval_loader
+from cmgems.pretrain.engine import build_ds_config, ds_config_path, initialize, resolve_precision
+from cmgems.errors import InputError
+from cmgems.io import atomic_path
+from cmgems.masking.maskings import DEFAULT_PROBABILITY, STRATEGIES, mask_batch, mask_stats
+from cmgems.model.card import dataset_summary
+from cmgems.model.card import render as render_model_card
+from cmgems.model.architectures import build_model, count_parameters, export, flops_per_token
+from cmgems.data.packing import choose_attention
+from cmgems.tracking.plots import perplexity_plot
+from cmgems.pretrain.preflight import default_output_dir
+from cmgems.progress import Progress, quiet_library_bars
+from cmgems.rng import derive_seed, generator
+from cmgems.pretrain.run_dir import RunDir, publish_dir
+from cmgems.data.shards import Manifest, ShardSet, verify
+from cmgems.tracking.tracker import Tracker
+from cmgems.tracking.uri import resolve_tracking_uri
+
+log = logging.getLogger("cmgems")
+
+# ppl_ref: the same masking in every run, whatever its own probabilities, so runs compare.
+REFERENCE_STRATEGY = "random"
+REFERENCE_P = DEFAULT_PROBABILITY[REFERENCE_STRATEGY]
+# bf16 dense peak of the GPUs MFU is reported for; other devices report achieved TFLOP/s only.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Fault injection (tests, docs/faults.md): the loss of this 1-based optimizer step is made NaN
+# before its backward pass, as a diverging run's would be.
+FAULT_NAN_ENV = "CMGEMS_FAULT_NAN_LOSS"
+
+
+class TrainingDiverged(InputError):
+    """The loss stopped being a finite number: the settings (lr, warmup, precision) need
+    changing; the last finite step is checkpointed."""
+
+
+class MaskedLM(torch.nn.Module):
+    """BertForMaskedLM that runs its vocabulary projection only at the selected positions
+    (about 15 % of tokens): the head is a fifth of LOGO's compute over all positions.
+
+    Takes a padded batch (2D attention mask) or a packed one (cmgems.data.packing: position ids that
+    restart in every sample, and a 4D block-diagonal mask or the variable-length kernel's
+    cumulative lengths among `attention_kwargs`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, **attention_kwargs):
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, **attention_kwargs)[0]
+        selected = labels != -100
+        logits = self.model.cls(hidden[selected])
+        loss_sum = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        n = selected.sum()
+        return loss_sum / n.clamp(min=1), loss_sum.detach(), n
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak at a 16-bit precision, where MFU is reported; None elsewhere."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step on this rank."""
+    loss_sum: torch.Tensor           # summed loss over the predicted tokens (float64)
+    n_predicted: torch.Tensor        # predicted (selected) tokens (float64)
+    samples: int = 0
+    tokens: int = 0                  # real (non-pad) tokens, [CLS] [SEP] included
+    slots: int = 0                   # positions the model computed (rows x width)
+    data_seconds: float = 0.0        # reading, masking and packing
+    mask_stats: dict = field(default_factory=dict)  # of the first micro-batch, on logged steps
+    grad_norm: float | None = None   # measured here on logged ZeRO-0 steps
+    stop: str | None = None          # the signal that asks this run to stop after this step
+    finite: bool = True              # the step's loss is finite on every rank
+
+
+class Throughput:
+    """Samples, real tokens, computed positions and data seconds since the last reset, over the
+    wall time spent training: what runs inside paused() is not counted. Counts come from the CPU
+    side of each batch, so counting never waits on the device."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.data_seconds = time.perf_counter(), 0.0
+        self.samples = self.tokens = self.slots = 0
+
+    def add(self, out: StepResult) -> None:
+        self.samples += out.samples
+        self.tokens += out.tokens
+        self.slots += out.slots
+        self.data_seconds += out.data_seconds
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
+    def rates(self, world_size: int) -> dict[str, float]:
+        """perf/ metrics of all ranks together (every rank counts a like share)."""
+        elapsed = time.perf_counter() - self.start
+        return {"perf/samples_per_s": self.samples * world_size / elapsed,
+                "perf/tokens_per_s": self.tokens * world_size / elapsed,
+                "perf/real_token_share": self.tokens / self.slots if self.slots else float("nan"),
+                "perf/data_share": self.data_seconds / elapsed}
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides the engine (DeepSpeed's client_state)."""
+    step: int = 0
+    mlflow_run_id: str | None = None
+    history: list = field(default_factory=list)     # evaluations: {step, ppl, ppl_ref, stage}
+
+
+class StopFlag:
+    """SIGTERM (Slurm preemption, kill), SIGUSR1 (Slurm's warning before a time limit) and SIGINT
+    (Ctrl-C) ask for a checkpoint at the next step boundary, then a clean exit. A second Ctrl-C
+    stops at once (KeyboardInterrupt), keeping the checkpoints already written.
+
+    Installed before any DataLoader worker is forked: the workers inherit these handlers, so a
+    Ctrl-C to the whole process group does not end them mid-epoch."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if _in_dataloader_worker():
+            return  # the training process decides; it ends its workers when it stops
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step with a checkpoint (again: stop now)",
+                  file=sys.stderr, flush=True)
+
+
+def _in_dataloader_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.dist = distributed.init()
+        self.stop = StopFlag()
+        name, out = default_output_dir(cfg)
+        if self.dist.world_size > 1:  # a timestamped default name must be the same on every rank
+            name, out = distributed.broadcast_object((name, out))
+        self.run_name, self.out = name, out
+        self.ckpt_dir = self.out / "checkpoints"
+        self.run_dir = RunDir(self.out, self.dist.is_main)
+        self.tracker = None
+        self.timings: list[tuple[float, float]] = []  # per step: (seconds, data + masking seconds)
+        nan_at = os.environ.get(FAULT_NAN_ENV, "")
+        self._nan_at = int(nan_at) if nan_at else None
+        try:
+            self.run_dir.acquire(resume)
+            self._load_data()
+            tag = self._resumable() if resume else None  # refused before a model is built
+            self._build_engine()
+            self.schedule = make_schedule(cfg.mode, cfg.max_steps, threshold=cfg.threshold,
+                                          patience=cfg.patience, min_steps=cfg.min_switch_step,
+                                          draw=cfg.cm_step_draw)
+            self.state = RunState()
+            if tag is not None:
+                self._load_checkpoint(tag)
+            self._start_tracking(resumed=tag is not None)
+        except BaseException as e:
+            self._abort(e)
+            raise
+
+    # ---------------------------------------------------------------- set-up
+    def _resumable(self) -> str | None:
+        """The checkpoint --resume continues from (None: the run never completed one, so it
+        starts at step 0). Its pointer, files, dataset and config are checked before DeepSpeed
+        reads a byte; every rank raises rank 0's refusal."""
+        err, tag = None, None
+        if self.dist.is_main:
+            try:
+                tag = checkpoint.resumable_tag(self.ckpt_dir)
+                record = checkpoint.read_record(self.ckpt_dir / tag) if tag else None
+                if record is not None:
+                    self._check_resumable(record.get("config", {}), record.get("data", {}))
+            except InputError as e:
+                err = e
+        err, tag = distributed.broadcast_object((err, tag))
+        if err is not None:
+            raise err
+        return tag
+
+    def _load_checkpoint(self, tag: str) -> None:
+        client = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self._check_resumable(client.get("config", {}), client.get("data", {}))
+        self.state = RunState(**client["run"])
+        self.schedule.load_state_dict(client["curriculum"])
+
+    def _data_identity(self) -> dict:
+        return {"manifest_checksum": self.manifest.checksum(),
+                "data_dir": str(Path(self.cfg.data_dir).resolve())}
+
+    def _check_resumable(self, saved: dict, data: dict) -> None:
+        now = self.cfg.to_dict()
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in resume_fields(PretrainConfig)
+                if k in saved and saved[k] != now[k]]
+        if diff:
+            raise InputError(f"{self.ckpt_dir}: the checkpoint was made with another config ("
+                             + "; ".join(diff) + "); resume with the original settings")
+        mine = self._data_identity()
+        if data.get("manifest_checksum") not in (None, mine["manifest_checksum"]):
+            raise InputError(
+                f"{self.ckpt_dir}: the checkpoint was trained on the dataset in "
+                f"{data.get('data_dir', '?')} (manifest checksum "
+                f"{data['manifest_checksum'][:12]}), not on {mine['data_dir']} (manifest "
+                f"checksum {mine['manifest_checksum'][:12]}); resume with --data-dir "
+                f"{data.get('data_dir', '?')}")
+
+    def _check_scored(self) -> None:
+        """PMI masking ranks tokens by NPMI: on a table that scores little, it ranks ties, which
+        is random masking under another name. Refuse it rather than report it as PMI masking."""
+        self.scored_fraction = self._scored_fraction()
+        wanted = [s for s in (self.cfg.mode, self.cfg.eval_strategy) if s and uses_pmi(s)]
+        if wanted and self.scored_fraction < self.cfg.min_scored_fraction:
+            raise InputError(
+                f"{Path(self.cfg.data_dir) / 'manifest.json'}: its NPMI table scores "
+                f"{self.scored_fraction:.1%} of the {4 ** self.k:,} {self.k}-mers, below "
+                f"min_scored_fraction {self.cfg.min_scored_fraction:g}: {wanted[0]} would mask "
+                f"by ties; rebuild with a lower --min-count or a larger genome (or pass "
+                f"--min-scored-fraction to accept it)")
+
+    def _scored_fraction(self) -> float:
+        stats = self.manifest.stats or {}
+        if "npmi_scored_fraction" in stats:
+            return float(stats["npmi_scored_fraction"])
+        if "npmi_scored" in stats:
+            return int(stats["npmi_scored"]) / 4 ** self.k
+        from cmgems.data.npmi_table import load_table  # a manifest from before the stats had it
+        import numpy as np
+        table = load_table(Path(self.cfg.data_dir) / "npmi.tsv", self.k)
+        return float((~np.isnan(table)).mean())
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        self.manifest = Manifest.load(cfg.data_dir)
+        self.k = self.manifest.k
+        self._check_scored()
+        if cfg.verify_data:
+            # Rank 0 hashes every shard; all ranks fail together with its message.
+            err = None
+            if self.dist.is_main:
+                try:
+                    verify(cfg.data_dir, self.manifest)
+                except Exception as e:  # noqa: BLE001
+                    err = e
+            err = distributed.broadcast_object(err)
+            if err is not None:
+                raise err
+        self.train_set = SampleDataset(ShardSet(cfg.data_dir, "train", self.manifest),
+                                       cfg.max_length)
+        self.valid_set = SampleDataset(ShardSet(cfg.data_dir, "valid", self.manifest),
+                                       cfg.max_length)
+        try:
+            self.batches = TrainBatches(self.train_set, cfg.micro_batch_size, self.dist.rank,
+                                        self.dist.world_size, cfg.seed, cfg.num_workers)
+        except ValueError as e:
+            raise InputError(f"{cfg.data_dir}: {e}") from None
+        if len(self.valid_set) < self.dist.world_size:
+            raise InputError(f"{cfg.data_dir}: {len(self.valid_set)} validation samples for "
+                             f"{self.dist.world_size} ranks")
+
+    def _build_engine(self) -> None:
+        cfg = self.cfg
+        # Before the model: a precision the device lacks is refused in a second, not after a
+        # BERT-base is built.
+        self.precision = resolve_precision(cfg.precision, self.dist.device)
+        self.ds_config = build_ds_config(cfg, self.dist.world_size, self.dist.device)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.k, cfg.init_from)
+        self.bert_config = model.config
+        self.n_params = count_parameters(model)
+        self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
+        self.peak_tflops = peak_tflops(self.dist.device, self.precision)
+        self.packer = choose_attention(model, cfg.packing, cfg.max_length, self.dist.device,
+                                       self.precision)
+        self.engine = initialize(MaskedLM(model), self.ds_config, ds_config_path(cfg),
+                                 cfg.weight_decay)
+
+    def _start_tracking(self, resumed: bool) -> None:
+        cfg = self.cfg
+        uri = resolve_tracking_uri(self.out.parent, cfg.tracking_uri) if self.dist.is_main else ""
+        self.tracker = Tracker(self.dist.is_main, uri, cfg.experiment, self.run_name,
+                               run_id=self.state.mlflow_run_id, parent_run_id=cfg.parent_run_id)
+        self.state.mlflow_run_id = self.tracker.run_id
+        if not self.dist.is_main:
+            return
+        if cfg.system_metrics:
+            self.tracker.start_system_metrics(resume=resumed)
+        if resumed:
+            self.tracker.skip_logged_steps()
+            self.tracker.set_tag("resumed_at_step", self.state.step)
+            return
+        import deepspeed
+        import mlflow
+        import transformers
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        self.tracker.log_params({
+            "config": cfg.to_dict(), "ds": self.ds_config, "world_size": self.dist.world_size,
+            "precision": self.precision, "n_params": self.n_params,
+            "data.manifest_checksum": self.manifest.checksum(), "data.k": self.k,
+            "data.scored_fraction": self.scored_fraction,
+            "data.train_samples": len(self.train_set), "data.valid_samples": len(self.valid_set),
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "transformers": transformers.__version__, "mlflow": mlflow.__version__,
+                         "python": sys.version.split()[0]},
+        })
+        self.tracker.set_tag("output_dir", str(self.out.resolve()))
+        data = dataset_summary(self.manifest, cfg.data_dir)
+        self.tracker.log_dataset(data["name"], data["manifest_checksum"][:16], data["path"], data)
+        for path in (self.out / "config.json", self.out / "ds_config.json",
+                     Path(cfg.data_dir) / "npmi.tsv", Path(cfg.data_dir) / "manifest.json"):
+            self.tracker.log_artifact(path)
+
+    # ---------------------------------------------------------------- masking
+    def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None):
+        return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
+                          self.manifest.vocab_size, gen, k=self.k,
+                          probabilities=self.cfg.probabilities if probabilities is None
+                          else probabilities, global_m=self.cfg.global_m)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, strategy: str, probability: float | None = None) -> float:
+        """Perplexity over the validation split with a frozen masking: the same positions at every
+        evaluation (generator keyed by batch index only), so the number moves with the model
+        only."""
+        cfg, dev = self.cfg, self.dist.device
+        probs = cfg.probabilities if probability is None else {**cfg.probabilities,
+                                                               strategy: probability}
+        loader = eval_loader(self.valid_set, cfg.micro_batch_size, self.dist.rank,
+                             self.dist.world_size, 0)
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=dev)
+        for i, batch in enumerate(loader):
+            if cfg.eval_batches and i >= cfg.eval_batches:
+                break
+            layout = self.packer.layout(batch)
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
+            inputs, labels, _ = self._mask(batch, strategy, gen, probs)
+            _, loss_sum, n = self.engine(**self.packer.model_inputs(
+                layout, inputs, batch["attention_mask"], labels))
+            totals += torch.stack([loss_sum.double(), n.double()])
+        self.engine.train()
+        loss_sum, n = distributed.all_reduce_sum(totals).tolist()
+        return math.exp(loss_sum / n) if n else float("nan")
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        """Train to max_steps (or a stop signal); the run's result. On any failure the MLflow run
+        ends FAILED (KILLED for a second Ctrl-C), the lock is released and an empty
+        checkpoints/ is removed before the error goes up."""
+        try:
+            stopped_by = self._loop()
+            return self._finish(stopped_by)
+        except BaseException as e:
+            self._abort(e)
+            raise
+
+    def _loop(self) -> str | None:
+        cfg, st = self.cfg, self.state
+        eval_strategy = cfg.eval_strategy or self.schedule.first_strategy
+        stream = self.batches.from_position(st.step * cfg.grad_accum)
+        progress = self._progress_bar()
+        meter = Throughput()
+        stopped_by, last_ppl = None, float("nan")
+        try:
+            while st.step < cfg.max_steps:
+                t_step = time.perf_counter()
+                log_now = (st.step + 1) % cfg.log_interval == 0 or st.step + 1 == cfg.max_steps
+                out = self._train_step(st.step, stream, log_now)
+                if not out.finite:
+                    self._diverged(out)
+                st.step += 1
+                meter.add(out)
+                stopped_by = out.stop
+                if log_now:
+                    self._log(self._train_metrics(out, meter), progress, last_ppl)
+                    meter.reset()  # the logging itself stays out of throughput
+                self.timings.append((time.perf_counter() - t_step, out.data_seconds))
+                with meter.paused():  # evaluation and checkpoints stay out of throughput
+                    if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
+                        last_ppl = self._evaluate_and_observe(eval_strategy)
+                    if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
+                        self._save()
+                    if cfg.export_interval and st.step % cfg.export_interval == 0:
+                        self._export_step()
+                if progress is not None:
+                    progress.update(1)
+                if stopped_by:
+                    break
+        finally:  # an error mid-run must not print onto the progress bar's line
+            if progress is not None:
+                progress.close()
+        return stopped_by
+
+    def _train_step(self, step: int, stream, log_now: bool) -> StepResult:
+        """One optimizer step over grad_accum micro-batches: read, mask, forward, backward."""
+        cfg, rank, dev = self.cfg, self.dist.rank, self.dist.device
+        out = StepResult(torch.zeros((), dtype=torch.float64, device=dev),
+                         torch.zeros((), dtype=torch.float64, device=dev))
+        for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            index = step * cfg.grad_accum + micro
+            cpu_batch = next(stream)
+            layout = self.packer.layout(cpu_batch)  # from the CPU lengths: no device read-back
+            # Masking runs on the training device, per sample on the padded batch; its random
+            # numbers come from a CPU generator, so a GPU run masks exactly as a CPU run of the
+            # same seed. Packing only moves the masked tokens into the layout's rows.
+            batch = {k: v.to(dev, non_blocking=True) for k, v in cpu_batch.items()}
+            gen = generator(cfg.seed, index, rank, "mask")
+            strategies = self.schedule.strategies(step, layout.samples, gen)
+            inputs, labels, selected = self._mask(batch, strategies, gen)
+            attn = batch["attention_mask"]
+            if micro == 0 and log_now:
+                out.mask_stats = mask_stats(selected, batch["npmi"], attn, strategies)
+            model_inputs = self.packer.model_inputs(layout, inputs, attn, labels)
+            out.data_seconds += time.perf_counter() - t0
+            torch.manual_seed(derive_seed(cfg.seed, index, rank, "dropout"))
+            loss, loss_sum, n = self.engine(**model_inputs)
+            if self._nan_at == step + 1:
+                loss, loss_sum = loss * math.nan, loss_sum * math.nan
+            self.engine.backward(loss)
+            if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
+                out.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
+            out.loss_sum += loss_sum.double()
+            out.n_predicted += n.double()
+            out.samples += layout.samples
+            out.tokens += layout.real_tokens
+            out.slots += layout.slots
+            if micro == cfg.grad_accum - 1:
+                # The step's one host sync, before its update: a non-finite loss never reaches
+                # the weights.
+                out.stop, out.finite = self._step_flags(out.loss_sum)
+                if not out.finite:
+                    return out
+            self.engine.step()
+        return out
+
+    def _step_flags(self, loss_sum: torch.Tensor) -> tuple[str | None, bool]:
+        """(the signal asking this run to stop, if any rank got one; whether the step's loss is
+        finite on every rank), from one all-reduce: all ranks stop at the same step."""
+        stop = torch.tensor(float(self.stop.requested is not None), dtype=torch.float64,
+                            device=loss_sum.device)
+        bad = (~torch.isfinite(loss_sum)).double()
+        stopped, bad = distributed.all_reduce_max(torch.stack([stop, bad])).tolist()
+        return (self.stop.requested or "signal on another rank") if stopped else None, not bad
+
+    def _diverged(self, out: StepResult) -> None:
+        """Stop on a non-finite loss: checkpoint the last finite step (its weights, untouched by
+        this step's update) unless it is checkpointed already, and say what to change."""
+        step = self.state.step
+        tag = checkpoint.tag_for(step)
+        if step == 0:
+            where = "nothing to checkpoint (it was the first step)"
+        elif self._weights_finite():
+            if checkpoint.latest_tag(self.ckpt_dir) != tag:
+                self._save()
+            where = f"{self.ckpt_dir / tag} holds step {step}, the last finite one"
+        else:
+            where = (f"the weights of step {step} are not finite either, so nothing new was "
+                     f"checkpointed ({checkpoint.latest_tag(self.ckpt_dir) or 'none'} is the "
+                     f"newest checkpoint)")
+        raise TrainingDiverged(
+            f"{self.out}: the training loss of step {step + 1} is not finite "
+            f"({out.loss_sum.item()} on rank {self.dist.rank}); stopped before applying it: "
+            f"{where}; lower lr, raise warmup_steps, set grad_clip or use fp32, then --resume")
+
+    def _weights_finite(self) -> bool:
+        """Every rank's parameters (its ZeRO-3 partition) are finite (collective)."""
+        bad = any(not torch.isfinite(getattr(p, "ds_tensor", p)).all()
+                  for p in self.engine.module.parameters())
+        return not distributed.any_rank(bad)
+
+    def _train_metrics(self, out: StepResult, meter: Throughput) -> dict[str, float]:
+        """What a logged step reports (collective: every rank all-reduces the step's loss)."""
+        totals = distributed.all_reduce_sum(torch.stack([out.loss_sum, out.n_predicted]))
+        metrics = {
+            "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+            "train/lr": self.engine.optimizer.param_groups[0]["lr"],
+            **meter.rates(self.dist.world_size),
+            "curriculum/stage": self.schedule.stage_index,
+        }
+        grad_norm = self.engine.get_global_grad_norm() if out.grad_norm is None else out.grad_norm
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        tflops = self.flops_per_token * metrics["perf/tokens_per_s"] / self.dist.world_size / 1e12
+        metrics["perf/tflops_per_device"] = tflops
+        if self.peak_tflops is not None:
+            metrics["perf/mfu"] = tflops / self.peak_tflops
+        metrics.update({f"mask/{k}": v for k, v in out.mask_stats.items()})
+        return metrics
+
+    def _progress_bar(self) -> Progress | None:
+        """Rank 0's bar on a terminal; in a log file a plain line every log_interval steps."""
+        if not self.dist.is_main:
+            return None
+        quiet_library_bars()
+        return Progress(self.cfg.max_steps, self.run_name, unit="step", initial=self.state.step,
+                        every=self.cfg.log_interval)
+
+    def _log(self, metrics: dict[str, float], progress, last_ppl: float) -> None:
+        self.tracker.log_metrics(metrics, self.state.step)
+        self.tracker.flush()
+        if progress is not None:
+            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                                 ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
+                                 stage=self.schedule.stage,
+                                 sps=f"{metrics['perf/samples_per_s']:.1f}")
+
+    def _evaluate_and_observe(self, eval_strategy: str) -> float:
+        st = self.state
+        ppl = self.evaluate(eval_strategy)
+        ppl_ref = self.evaluate(REFERENCE_STRATEGY, REFERENCE_P)
+        # ppl is already all-reduced: every rank feeds the schedule the same number and so takes
+        # the same decision at the same step.
+        stage_before = self.schedule.stage
+        event = self.schedule.observe(st.step, ppl)
+        st.history.append({"step": st.step, "ppl": ppl, "ppl_ref": ppl_ref, "stage": stage_before})
+        self.tracker.log_metrics({"eval/ppl": ppl, "eval/ppl_ref": ppl_ref,
+                                  "curriculum/stage": self.schedule.stage_index}, st.step)
+        if event is not None:
+            log.info("curriculum: %s -> %s at step %d (perplexity %.3f)", event["from"],
+                     event["to"], event["step"], ppl)
+            self.tracker.set_tag("curriculum.switch_step", event["step"])
+            self.tracker.set_tag("curriculum.stage", self.schedule.stage)
+            self._write_events()
+        self.tracker.flush()
+        return ppl
+
+    def _write_events(self) -> None:
+        if not self.dist.is_main:
+            return
+        path = self.out / "curriculum_events.json"
+        path.write_text(json.dumps(self.schedule.events, indent=2))
+        self.tracker.log_artifact(path)
+
+    def _save(self) -> None:
+        if self.dist.is_main:  # the MLflow run may have been created late (store down at start)
+            self.state.mlflow_run_id = self.tracker.run_id
+        client = {"run": vars(self.state), "curriculum": self.schedule.state_dict(),
+                  "config": self.cfg.to_dict(), "bert_config": self.bert_config.to_dict(),
+                  "data": self._data_identity()}
+        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.dist.is_main,
+                        self.cfg.keep_checkpoints,
+                        record={"config": self.cfg.to_dict(), "data": self._data_identity()})
+
+    def _full_state_dict(self) -> dict | None:
+        """fp32 weights gathered to rank 0 (collective: every rank calls it)."""
+        import deepspeed
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if not self.dist.is_main:
+                return None
+            return {k.removeprefix("model."): v.detach().float().cpu().clone()
+                    for k, v in self.engine.module.state_dict().items()}
+
+    def _export_info(self) -> dict:
+        """cmgems.json of an export: where the model came from (the model card renders it)."""
+        cfg, st, events = self.cfg, self.state, self.schedule.events
+        return {"run_name": self.run_name, "step": st.step, "max_steps": cfg.max_steps,
+                "mode": cfg.mode, "model": cfg.model, "n_params": self.n_params,
+                "max_length": cfg.max_length, "seed": cfg.seed,
+                "mlflow_run_id": self.tracker.run_id,
+                "mlflow_tracking_uri": self.tracker.tracking_uri,
+                "curriculum": {"mode": cfg.mode, "threshold": cfg.threshold,
+                               "patience": cfg.patience, "min_switch_step": cfg.min_switch_step,
+                               "switch_step": events[0]["step"] if events else None,
+                               "events": events},
+                "evaluation": st.history[-1] if st.history else None,
+                "data": dataset_summary(self.manifest, cfg.data_dir)}
+
+    def _export(self, dest: Path, final: bool) -> None:
+        """The HF export of the current weights into dest (collective), with its model card, logged
+        as an MLflow model; the final one is registered under --register-model if given. A step
+        export is built aside and renamed into place, so export/step-<N>/ exists complete or not at
+        all; the final export/ is written in place (it holds the step exports)."""
+        state = self._full_state_dict()
+        err = None
+        if self.dist.is_main:
+            info = self._export_info()
+            card = render_model_card(info, self.bert_config)
+
+            def write(path: Path) -> None:
+                export(state, self.bert_config, path, info, card)
+            try:
+                if final:
+                    write(dest)
+                else:
+                    publish_dir(write, dest)
+            except OSError as e:
+                err = InputError(f"{dest}: cannot write the export: "
+                                 f"{checkpoint.write_failure(e, dest.parent)}")
+        err = distributed.broadcast_object(err)
+        if err is not None:
+            raise err
+        if self.dist.is_main and self.cfg.log_model:
+            uri = self.tracker.log_hf_model(
+                dest, name="model" if final else dest.name, step=self.state.step,
+                registered_model_name=self.cfg.register_model if final else "")
+            if uri and final:
+                self.tracker.set_tag("model_uri", uri)
+
+    def _export_step(self) -> None:
+        """export/step-<N>/: the model at this step, kept (never pruned with checkpoints)."""
+        dest = self.out / "export" / f"step-{self.state.step}"
+        if self.dist.is_main:
+            dest.parent.mkdir(exist_ok=True)
+        self._export(dest, final=False)
+        self.tracker.set_tag(f"export.step-{self.state.step}", str(dest.resolve()))
+
+    def final_perplexities(self) -> dict[str, float | None]:
+        """Validation perplexity of the model under each frozen masking at its default
+        probability (the same in every run, so models trained differently compare); None for a
+        PMI masking the dataset's NPMI table cannot support."""
+        usable = self.scored_fraction >= self.cfg.min_scored_fraction
+        return {s: self.evaluate(s, DEFAULT_PROBABILITY[s])
+                if usable or s == "random" else None for s in STRATEGIES}
+
+    def _finish(self, stopped_by: str | None) -> dict:
+        st, out = self.state, self.out
+        events = self.schedule.events
+        result = {"step": st.step, "stopped_by": stopped_by, "output_dir": str(out),
+                  "mlflow_run_id": st.mlflow_run_id, "stage": self.schedule.stage,
+                  "switch_step": events[0]["step"] if events else None,
+                  "events": events, "history": st.history}
+        if stopped_by is None:
+            result["final_ppl"] = self.final_perplexities()
+            self.tracker.log_metrics({f"final/ppl_{s}": v for s, v in result["final_ppl"].items()
+                                      if v is not None}, st.step)
+            self._export(out / "export", final=True)
+        if self.dist.is_main:
+            if st.history:
+                plot = perplexity_plot(st.history, events, out / "perplexity.png",
+                                       f"{self.run_name} ({self.cfg.model}, {self.cfg.mode})")
+                self.tracker.log_artifact(plot)
+            self._write_events()
+            for name in ("config.json", "cmgems.json", "README.md"):
+                self.tracker.log_artifact(out / "export" / name, "export")
+            self.tracker.finish("FINISHED" if stopped_by is None else "KILLED")
+            result["mlflow_run_id"] = self.tracker.run_id
+            result["tracking"] = self.tracker.summary()
+            with atomic_path(out / "result.json") as tmp:
+                tmp.write_text(json.dumps(result, indent=2))
+            log.info("run %s: step %d, stage %s, tracking %s", self.run_name, st.step,
+                     self.schedule.stage, result["tracking"])
+        self.run_dir.release(failed=False)
+        distributed.shutdown()
+        return result
+
+    def _abort(self, err: BaseException) -> None:
+        """After a failure: end the MLflow run (KILLED for Ctrl-C, else FAILED), unlock, remove
+        the empty directories this run made, and leave the process group without waiting for
+        ranks that may never come."""
+        if self.tracker is not None and self.dist.is_main:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            self.tracker.set_tag("error", " ".join(str(err).split())[:500] or type(err).__name__)
+            self.tracker.finish("KILLED" if interrupted else "FAILED")
+        self.run_dir.release(failed=True)
+        distributed.shutdown(wait=False)
