@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     print(f"{'strategy':<10} {'median':>11} {'min':>10} {'max':>10} {'median':>11}  "
           f"(target {TARGET:,})")
     results = {}
-    for name in maskings.STRATEGIES:
+    for name in maskings.MASKINGS:
         def step(b, name=name):
             return maskings.mask_batch(b[0], b[1], b[2], name, V6, gen)
         wall, cpu = time_runs(step, dev_batches, args.runs, args.repeats, sync)
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     ids = torch.cat([b[0] for b in batches]).to(device)
     npmi = torch.cat([b[1] for b in batches]).to(device)
     mask = torch.cat([b[2] for b in batches]).to(device)
-    for name in maskings.STRATEGIES:
+    for name in maskings.MASKINGS:
         sel = maskings.select(name, ids, npmi, mask, torch.Generator(device=gen_device)
                              .manual_seed(1))
         s = maskings.mask_stats(sel, npmi, mask, name)

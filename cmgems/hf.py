@@ -29,10 +29,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import TrainerCallback
 
-from cmgems.masking.curriculum import CMGemsSchedule, check_mode, first_strategy, make_schedule
+from cmgems.masking.curriculum import make_schedule
+from cmgems.data.layout import DatasetDir
 from cmgems.data.loader import SampleDataset
 from cmgems.errors import InputError
-from cmgems.masking.maskings import DEFAULT_PROBABILITY, IGNORE_INDEX, check_strategy, mask_batch
+from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
+from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, check_masking, parse_mode
 from cmgems.data.npmi_table import load_table, npmi_of_ids
 from cmgems.rng import generator
 from cmgems.data.shards import Manifest, ShardSet
@@ -76,10 +78,10 @@ class MaskingCollator:
             raise InputError(f"NPMI table of {len(table)} values: not 4^k for k in 3..6")
         self.k, self.vocab_size = k, NUM_SPECIAL + 4 ** k
         self.table = torch.from_numpy(table.astype(np.float16).astype(np.float32))
-        self.mode = check_mode(mode)
+        self.mode = parse_mode(mode).name
         self.probabilities = dict(DEFAULT_PROBABILITY)
         for name, p in (probabilities or {}).items():
-            self.probabilities[check_strategy(name)] = float(p)
+            self.probabilities[check_masking(name)] = float(p)
         self.seed = seed
         self.batches = 0
         # [step, stage index, max_steps]: set by the callback, read by every worker's copy
@@ -89,7 +91,7 @@ class MaskingCollator:
     def for_dataset(cls, data_dir: str | Path, mode: str = "cm_gems", **kwargs):
         """A collator with the NPMI table of a cmgems dataset (its npmi.tsv)."""
         manifest = Manifest.load(data_dir)
-        return cls(load_table(Path(data_dir) / "npmi.tsv", manifest.k), mode, **kwargs)
+        return cls(load_table(DatasetDir(data_dir).npmi_table, manifest.k), mode, **kwargs)
 
     # ---------------------------------------------------------------- the curriculum's state
     @property
@@ -104,14 +106,12 @@ class MaskingCollator:
         if max_steps is not None:
             self.shared[_MAX_STEPS] = int(max_steps)
 
-    def strategies(self, batch: int, gen: torch.Generator) -> str | list[str]:
-        """The strategy (or one per sample) the current stage gives a batch."""
-        if self.mode == "cm_gems":
-            return CMGemsSchedule.STAGES[self.stage_index]
-        if self.mode.startswith("fixed:"):
-            return self.mode[len("fixed:"):]
+    def strategies(self, batch: int, gen: torch.Generator) -> list[str]:
+        """The masking of each sample of a batch: the mode's schedule at the step and stage the
+        callback set."""
         step, max_steps = int(self.shared[_STEP]), int(self.shared[_MAX_STEPS])
-        return make_schedule(self.mode, max(max_steps, step + 1)).strategies(step, batch, gen)
+        schedule = make_schedule(self.mode, max(max_steps, step + 1))
+        return schedule.strategies(step, batch, gen, stage_index=self.stage_index)
 
     # ---------------------------------------------------------------- batches
     def _pad(self, features: list[dict], key: str, value: int) -> torch.Tensor:
@@ -136,7 +136,7 @@ class MaskingCollator:
         """The evaluation set masked once (the mode's first stage unless `strategy`), as features
         with their own labels: every evaluation predicts the same positions, so perplexity moves
         with the model only, as the curriculum's decision needs."""
-        strategy = check_strategy(strategy or first_strategy(self.mode))
+        strategy = check_masking(strategy or parse_mode(self.mode).first_masking)
         out = []
         for start in range(0, len(dataset), batch_size):
             features = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -173,7 +173,7 @@ class CurriculumCallback(TrainerCallback):
         return self.schedule.events if self.schedule is not None else []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.collator.mode == "cm_gems" and str(getattr(args, "eval_strategy", "no")) in (
+        if self.collator.mode == CM_GEMS and str(getattr(args, "eval_strategy", "no")) in (
                 "no", "IntervalStrategy.NO"):
             raise InputError("CurriculumCallback: cm_gems switches on evaluation perplexity; set "
                              "TrainingArguments(eval_strategy='steps', eval_steps=N) and an "

@@ -29,7 +29,7 @@ from cmgems import bundled  # noqa: E402
 from cmgems.pretrain.config import PretrainConfig, from_sources  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.options import add_arguments, load_file  # noqa: E402
-from cmgems.data.shards import MANIFEST_NAME  # noqa: E402
+from cmgems.data.layout import DatasetDir  # noqa: E402
 
 QUICK = "launchers/configs/quick.yaml"  # the config of a run without --config
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def ensure_dataset(cfg) -> None:
     """Build data_dir from cfg.genome when it holds no dataset yet (local rank 0 builds, the other
     ranks of the node wait for the manifest)."""
-    if (Path(cfg.data_dir) / MANIFEST_NAME).is_file():
+    if DatasetDir(cfg.data_dir).holds_dataset():
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(f"{cfg.data_dir}: no dataset yet; building it from {cfg.genome}", file=sys.stderr)
@@ -73,7 +73,7 @@ def ensure_dataset(cfg) -> None:
             raise InputError(f"{cfg.genome}: preprocessing into {cfg.data_dir} failed "
                              f"(exit {res.returncode}, see above)")
     else:
-        while not (Path(cfg.data_dir) / MANIFEST_NAME).is_file():
+        while not DatasetDir(cfg.data_dir).holds_dataset():
             time.sleep(2)
 
 
@@ -101,11 +101,12 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
-        print(json.dumps({k: result[k] for k in ("output_dir", "step", "stage", "stopped_by",
-                                                 "mlflow_run_id")} | {"events": result["events"]}))
-    if result["stopped_by"] == "SIGINT":
+        print(json.dumps({k: getattr(result, k) for k in ("output_dir", "step", "stage",
+                                                          "stopped_by", "mlflow_run_id",
+                                                          "events")}))
+    if result.stopped_by == "SIGINT":
         if main_rank:
-            print(f"stopped by Ctrl-C after step {result['step']}, checkpointed: --resume "
+            print(f"stopped by Ctrl-C after step {result.step}, checkpointed: --resume "
                   f"continues it", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

@@ -35,14 +35,15 @@ import numpy as np
 from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
 from cmgems.data.npmi_table import load_table
-from cmgems.data.shards import SPLITS, Manifest, ShardError, merge
+from cmgems.data.layout import SPLITS, TABLE_NAME, shard_name
+from cmgems.data.shards import Manifest, ShardError, merge
 
 from .build import (BuildConfig, params_of, scan_genome, stored_table,
                                  write_npmi_table)
 from .dataset_writer import (ShardWriter, SplitShards, Summary,
                                           check_train_samples, dataset_manifest, genome_sha256,
                                           shard_attrs, shard_ends)
-from .output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
+from .output_dir import INTERRUPTS, Staging, check_target, output_lock
 from .fasta import FastaReader
 from .parallel import PieceRunner, Scanned
 
@@ -377,7 +378,7 @@ def finish_stage(work: Path, out_dir: Path, keep_work: bool = False, out=sys.std
                 ends = plan[f"{split}_shard_end"]
                 for sh in range(len(ends)):
                     INTERRUPTS.check()
-                    name = f"{split}-{sh:05d}.h5"
+                    name = shard_name(split, sh)
                     want = int(ends[sh] - (ends[sh - 1] if sh else 0))
                     if (split, name) in whole:
                         entry = whole[(split, name)][0]

@@ -26,14 +26,15 @@ from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.data.npmi_table import load_table, write_table
 from cmgems.progress import Progress
-from cmgems.data.shards import NPMI_DTYPE, SPLITS, Manifest, ShardFile, create_shard
+from cmgems.data.layout import SPLITS, TABLE_NAME, shard_name
+from cmgems.data.shards import NPMI_DTYPE, Manifest, ShardFile, create_shard
 from cmgems.data.tokens import K_RANGE
 
 from . import kmers, npmi, samples
 from .dataset_writer import (Summary, check_train_samples, check_valid_records,
                                           check_writable, dataset_manifest, genome_sha256,
                                           shard_attrs, warn_if_unscored)
-from .output_dir import INTERRUPTS, TABLE_NAME, Staging, check_target, output_lock
+from .output_dir import INTERRUPTS, Staging, check_target, output_lock
 from .fasta import FastaReader, Piece
 from .parallel import PieceRunner, Scanned
 from .shard_plan import ShardPlan
@@ -273,7 +274,7 @@ def write_shards(cfg: BuildConfig, runner: PieceRunner, work: Path, table: np.nd
             for split in SPLITS:
                 for sh in plan.opening(split, i):
                     n, t = plan.shards(split)[sh]
-                    files[split][int(sh)] = create_shard(work / f"{split}-{sh:05d}.h5", t, n,
+                    files[split][int(sh)] = create_shard(work / shard_name(split, sh), t, n,
                                                          split=split, **attrs)
                 parts[split] = plan.parts(split, i, files[split])
             while runner.full:

@@ -23,7 +23,8 @@ import numpy as np
 from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.data.npmi_table import scored_fraction
-from cmgems.data.shards import NPMI_DTYPE, SPLITS, Manifest, write_shard
+from cmgems.data.layout import SPLITS, shard_name
+from cmgems.data.shards import NPMI_DTYPE, Manifest, write_shard
 from cmgems.data.tokens import vocab_size
 
 from . import samples
@@ -76,8 +77,8 @@ class Summary:
     bases_short_records: int = 0
     bases_non_acgt: int = 0
     tokens_dropped: int = 0
-    samples: dict = field(default_factory=lambda: {"train": 0, "valid": 0})
-    tokens: dict = field(default_factory=lambda: {"train": 0, "valid": 0})
+    samples: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    tokens: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     shards: int = 0
     seconds: float = 0.0
 
@@ -232,7 +233,7 @@ class ShardWriter:
         ends = np.cumsum(lengths[:k])
         cut = int(ends[-1])
         tokens, npmi_, offsets = self.tokens[:cut], self.npmi[:cut], np.concatenate(([0], ends))
-        name = f"{self.split}-{self.shard:05d}.h5"
+        name = shard_name(self.split, self.shard)
         if self.shard_end is None:
             whole = completes = True
         else:

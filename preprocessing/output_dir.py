@@ -23,9 +23,9 @@ from typing import Iterator
 
 from cmgems.errors import InputError
 from cmgems.io import exclusive_lock, sha256_file
-from cmgems.data.shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardError, verify
+from cmgems.data.layout import DATASET_FILES, MANIFEST_NAME, TABLE_NAME
+from cmgems.data.shards import FORMAT_VERSION, Manifest, ShardError, verify
 
-TABLE_NAME = "npmi.tsv"
 PARTIAL_TAG = ".partial-"
 OLD_TAG = ".replaced-"     # a dataset being replaced, set aside until the new one is in place
 
@@ -181,9 +181,6 @@ def _set_right(out: Path) -> None:
             os.replace(left, out)
     for left in out.parent.glob(f".{out.name}{PARTIAL_TAG}*"):
         shutil.rmtree(left, ignore_errors=True)
-
-
-DATASET_FILES = (MANIFEST_NAME, TABLE_NAME, "train-*.h5", "valid-*.h5")
 
 
 def _foreign_files(out: Path) -> list[str]:

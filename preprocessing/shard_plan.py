@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cmgems.data.shards import SPLITS, ShardFile
+from cmgems.data.layout import SPLITS
+from cmgems.data.shards import ShardFile
 
 
 @dataclass

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_module
-from cmgems.compare.config import (FewshotTask, config_mismatch, finished_result, parse_fewshot,
+from cmgems.compare.config import (FewshotTask, config_mismatch, parse_fewshot,
                             parse_strategies)
 from cmgems.compare.report import markdown_table
 from cmgems.errors import InputError
 from cmgems.options import DEFAULT_SEED
+from cmgems.pretrain.result import RunResult
 from fewshot_files import shuffled_pool, write_fewshot_tsv
 
 COMPARE = str(ROOT / "launchers" / "compare.py")
@@ -71,10 +72,15 @@ def test_finished_and_mismatched_runs(tmp_path):
     (run / "export").mkdir(parents=True)
     (run / "export" / "config.json").write_text("{}")
     (run / "config.json").write_text(json.dumps({"mode": "fixed:random", "max_steps": 6}))
-    (run / "result.json").write_text(json.dumps({"step": 3, "stopped_by": "SIGUSR1"}))
-    assert finished_result(run) is None  # interrupted: to be resumed, not skipped
-    (run / "result.json").write_text(json.dumps({"step": 6, "stopped_by": None}))
-    assert finished_result(run)["step"] == 6
+    def result(step, stopped_by):
+        return RunResult(step=step, stopped_by=stopped_by, output_dir=str(run), mlflow_run_id=None,
+                         stage="random", switch_step=None)
+    result(3, "SIGUSR1").write(run / "result.json")
+    assert RunResult.finished(run) is None  # interrupted: to be resumed, not skipped
+    (run / "result.json").write_text("{\"step\": 6")  # cut short by a kill
+    assert RunResult.finished(run) is None
+    result(6, None).write(run / "result.json")
+    assert RunResult.finished(run).step == 6
     assert config_mismatch(run, {"mode": "fixed:random", "max_steps": 6}) is None
     assert "max_steps is 6 there, 8 requested" in config_mismatch(run, {"max_steps": 8})
 
@@ -103,8 +109,10 @@ def test_report_shows_switch_steps_and_the_perplexity_matrix(tmp_path):
     """Every cm_gems run's switch step ("none" when it never switched), and each model under each
     frozen validation masking, "n/a" for a run whose result.json lacks final_ppl."""
     def result(ppl_ref, events=(), final=None):
-        r = {"history": [{"step": 10, "ppl_ref": ppl_ref}], "events": list(events)}
-        return {**r, "final_ppl": final} if final is not None else r
+        return RunResult(step=10, stopped_by=None, output_dir="x", mlflow_run_id=None,
+                         stage="global", switch_step=events[0]["step"] if events else None,
+                         events=list(events), history=[{"step": 10, "ppl_ref": ppl_ref}],
+                         final_ppl=final)
 
     results = {"random": result(9.0, final={"random": 9.0, "genemask": 12.5, "global": 30.25}),
                "global": result(11.0),

@@ -102,7 +102,7 @@ def test_random_zero_probability_selects_nothing():
     assert not maskings.select("random", ids, npmi, mask, gen(), mlm_probability=0.0).any()
 
 
-@pytest.mark.parametrize("strategy", maskings.STRATEGIES)
+@pytest.mark.parametrize("strategy", maskings.MASKINGS)
 def test_empty_rows_and_zero_probability(strategy):
     ids, npmi, mask = batch([0, 20, 0], width=24)
     npmi[:, 3] = 1.0
@@ -434,7 +434,7 @@ def test_mask_batch_single_name_and_errors():
 def test_masking_leaves_the_global_rng_alone():
     ids, npmi, mask = batch([510] * 4, width=512)
     state = torch.random.get_rng_state()
-    for s in maskings.STRATEGIES:
+    for s in maskings.MASKINGS:
         maskings.mask_batch(ids, npmi, mask, s, V6, gen())
         maskings.mask_batch(ids, npmi, mask, s, V6, None)
     assert torch.equal(state, torch.random.get_rng_state())
@@ -505,7 +505,7 @@ def test_mask_fraction_on_ecoli_is_near_15_percent(ecoli, strategy, low, high):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("strategy", maskings.STRATEGIES)
+@pytest.mark.parametrize("strategy", maskings.MASKINGS)
 def test_cuda_matches_cpu(ecoli, strategy):
     ids, npmi, mask = (t[:64] for t in ecoli)
     cpu = maskings.mask_batch(ids, npmi, mask, strategy, V6, generator(1, 2, 0, "mask"))

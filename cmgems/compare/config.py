@@ -12,12 +12,13 @@ from pathlib import Path
 
 from cmgems.pretrain.config import MODELS
 from cmgems.options import DEFAULT_SEED, option
-from cmgems.masking.curriculum import MODES
+from cmgems.masking.names import MODE_OF_SHORT_NAME
 from cmgems.errors import InputError
+from cmgems.pretrain.layout import RunLayout
 
-# Strategy name -> PretrainConfig.mode: one per curriculum mode, fixed:<s> named <s>; the order is
-# the curriculum's (the fixed baselines first).
-STRATEGY_MODES = {mode.partition(":")[2] or mode: mode for mode in MODES}
+# A comparison's strategies are the modes under their short names (fixed:<s> named <s>), in the
+# modes' order (the fixed baselines first).
+STRATEGY_MODES = MODE_OF_SHORT_NAME
 DEFAULT_STRATEGIES = tuple(STRATEGY_MODES)
 TASK_FILE_SUFFIXES = (".tsv", ".csv")
 
@@ -107,24 +108,10 @@ def unique_tasks(tasks: list[FewshotTask]) -> list[FewshotTask]:
     return tasks
 
 
-def finished_result(run_dir: Path) -> dict | None:
-    """A run's result.json when it trained to the end (stopped_by null), else None."""
-    path = Path(run_dir) / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except ValueError:
-        return None  # a half-written file: the run did not finish cleanly
-    if result.get("stopped_by") is not None or not (Path(run_dir) / "export" / "config.json").is_file():
-        return None
-    return result
-
-
 def config_mismatch(run_dir: Path, expected: dict) -> str | None:
     """Which requested field a finished run's config.json contradicts, if any (a run kept from an
     earlier comparison with other settings must not be reused silently)."""
-    path = Path(run_dir) / "config.json"
+    path = RunLayout(run_dir).config
     try:
         got = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -138,28 +125,6 @@ def config_mismatch(run_dir: Path, expected: dict) -> str | None:
         if not same:
             return f"{key} is {have!r} there, {want!r} requested"
     return None
-
-
-def switch_step(result: dict) -> int | None:
-    events = result.get("events") or []
-    return int(events[0]["step"]) if events else None
-
-
-# The three frozen validation maskings every pretraining is scored under at its end.
-PPL_MASKINGS = ("random", "genemask", "global")
-
-
-def final_ppl(result: dict) -> dict[str, float | None]:
-    """{masking: perplexity of the final model under that frozen validation masking} from
-    result.json's "final_ppl"; None for a masking (or a run) that lacks it."""
-    got = result.get("final_ppl") or {}
-    return {m: (float(got[m]) if isinstance(got.get(m), (int, float)) else None)
-            for m in PPL_MASKINGS}
-
-
-def final_ref_ppl(result: dict) -> tuple[int, float] | None:
-    hist = result.get("history") or []
-    return (int(hist[-1]["step"]), float(hist[-1]["ppl_ref"])) if hist else None
 
 
 @dataclass

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cmgems.compare.config import (PPL_MASKINGS, STRATEGY_MODES, FewshotTask, final_ppl, final_ref_ppl,
-                      switch_step)
+from cmgems.compare.config import STRATEGY_MODES, FewshotTask
+from cmgems.masking.names import CM_GEMS, MASKINGS
+from cmgems.pretrain.result import RunResult
 from cmgems.evaluation.report import describe_training
 from cmgems.io import atomic_path
 from cmgems.evaluation.metrics import mean_std
@@ -18,14 +19,14 @@ def _ppl_cell(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "n/a"
 
 
-def ppl_matrix(strategies: list[str], results: dict[str, dict]) -> list[str]:
+def ppl_matrix(strategies: list[str], results: dict[str, RunResult]) -> list[str]:
     """Each final model's perplexity under each of the three frozen validation maskings: how well
     it predicts what random, GeneMask and GLOBAL (the high-PMI spans) hide."""
-    lines = ["| strategy | " + " | ".join(f"{m} masking" for m in PPL_MASKINGS) + " |",
-             "|---|" + "---|" * len(PPL_MASKINGS)]
+    lines = ["| strategy | " + " | ".join(f"{m} masking" for m in MASKINGS) + " |",
+             "|---|" + "---|" * len(MASKINGS)]
     for s in strategies:
-        ppl = final_ppl(results[s])
-        lines.append(f"| {s} | " + " | ".join(_ppl_cell(ppl[m]) for m in PPL_MASKINGS) + " |")
+        ppl = results[s].final_ppl_of()
+        lines.append(f"| {s} | " + " | ".join(_ppl_cell(ppl[m]) for m in MASKINGS) + " |")
     return lines
 
 
@@ -41,9 +42,9 @@ def _task_line(task: FewshotTask, fewshot: dict[str, dict[str, dict]]) -> str | 
             f"({f['test']['path']})")
 
 
-def markdown_table(strategies: list[str], results: dict[str, dict], tasks: list[FewshotTask],
+def markdown_table(strategies: list[str], results: dict[str, RunResult], tasks: list[FewshotTask],
                    fewshot: dict[str, dict[str, dict]]) -> str:
-    """results[strategy] = result.json; fewshot[strategy][task name] = fewshot() summary.
+    """results[strategy] = its run's result; fewshot[strategy][task name] = fewshot() summary.
 
     Main table: one row per strategy; final reference perplexity, switch step, and few-shot
     accuracy (%) mean ± std per task. Then the 3 x 5 perplexity matrix (each model under each
@@ -52,11 +53,9 @@ def markdown_table(strategies: list[str], results: dict[str, dict], tasks: list[
     head = ["strategy", "mode", "final ppl_ref", "switch step"] + [f"{t.name} acc %" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in strategies:
-        r = results[s]
-        ref = final_ref_ppl(r)
-        sw = switch_step(r)
+        ref, sw = results[s].final_ref_ppl(), results[s].switch_step
         row = [s, STRATEGY_MODES[s], f"{ref[1]:.3f} (step {ref[0]})" if ref else "n/a",
-               str(sw) if sw is not None else ("none" if s == "cm_gems" else "—")]
+               str(sw) if sw is not None else ("none" if STRATEGY_MODES[s] == CM_GEMS else "—")]
         for t in tasks:
             f = fewshot.get(s, {}).get(t.name)
             row.append(mean_std(f["mean"]["accuracy"], f["std"]["accuracy"]) if f else "n/a")
@@ -83,7 +82,7 @@ def markdown_table(strategies: list[str], results: dict[str, dict], tasks: list[
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, strategies: list[str], results: dict[str, dict],
+def write_report(out: Path, strategies: list[str], results: dict[str, RunResult],
                  tasks: list[FewshotTask], fewshot: dict[str, dict[str, dict]],
                  name: str) -> list[Path]:
     """comparison.md, ref_perplexity.png, fewshot_accuracy.png (with tasks) and comparison.json in
@@ -115,9 +114,9 @@ def write_report(out: Path, strategies: list[str], results: dict[str, dict],
     return paths
 
 
-def _pretraining_summary(result: dict) -> dict:
-    return {"output_dir": result["output_dir"], "mlflow_run_id": result.get("mlflow_run_id"),
-            "step": result["step"], "switch_step": switch_step(result),
-            "final_ppl_ref": (final_ref_ppl(result) or (None, None))[1],
-            "final_ppl": final_ppl(result),
-            "history": result.get("history", []), "events": result.get("events", [])}
+def _pretraining_summary(result: RunResult) -> dict:
+    return {"output_dir": result.output_dir, "mlflow_run_id": result.mlflow_run_id,
+            "step": result.step, "switch_step": result.switch_step,
+            "final_ppl_ref": (result.final_ref_ppl() or (None, None))[1],
+            "final_ppl": result.final_ppl_of(),
+            "history": result.history or [], "events": result.events or []}

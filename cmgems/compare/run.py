@@ -18,8 +18,10 @@ import shlex
 import time
 from pathlib import Path
 
-from cmgems.compare.config import (CompareConfig, FewshotTask, STRATEGY_MODES, config_mismatch, final_ppl,
-                      final_ref_ppl, finished_result, parse_fewshot, switch_step, unique_tasks)
+from cmgems.compare.config import (CompareConfig, FewshotTask, STRATEGY_MODES, config_mismatch,
+                                   parse_fewshot, unique_tasks)
+from cmgems.pretrain.layout import RunLayout
+from cmgems.pretrain.result import RunResult
 from cmgems.compare.report import write_report
 from cmgems.errors import InputError
 from cmgems.evaluation.finetune import FinetuneConfig, fewshot
@@ -87,11 +89,11 @@ def pretrain_args(config: CompareConfig, strategy: str, run_dir: Path, parent_ru
 
 
 def run_pretraining(cmd: list[str], strategy: str, run_dir: Path, log_path: Path,
-                    forwarder: SignalForwarder, tracking_uri: str) -> dict:
-    """The finished run's result.json, or RunFailed with the log's last lines."""
+                    forwarder: SignalForwarder, tracking_uri: str) -> RunResult:
+    """The finished run's result, or RunFailed with the log's last lines."""
     code = run_logged(cmd, log_path, forwarder, f"pretraining of strategy {strategy!r}",
                       env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
-    result = finished_result(run_dir) if code == 0 else None
+    result = RunResult.finished(run_dir) if code == 0 else None
     if result is None:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         why = f"exit {code}" if code else "it stopped before max_steps"
@@ -119,13 +121,14 @@ def cached_fewshot(path: Path, expected: dict) -> dict | None:
 
 
 def evaluate_strategy(config: CompareConfig, finetune: FinetuneConfig, strategy: str,
-                      result: dict, tasks: list[FewshotTask], parent: Tracker) -> dict[str, dict]:
+                      result: RunResult, tasks: list[FewshotTask],
+                      parent: Tracker) -> dict[str, dict]:
     """Few-shot summaries of one strategy's export, per task name: reused from its folder when
     computed with the same settings, else computed and logged to the strategy's MLflow run."""
-    model_dir = Path(result["output_dir"]) / "export"
+    model_dir = RunLayout(result.output_dir).export
     out: dict[str, dict] = {}
     for task in tasks:
-        path = Path(result["output_dir"]) / "fewshot" / f"{task.slug}.json"
+        path = Path(result.output_dir) / "fewshot" / f"{task.slug}.json"
         # n inferred from the same file is the same n; a result of another draw rule (or of the
         # consecutive blocks read before it) is never reused.
         expected = {"model_dir": str(model_dir), "train": str(task.train), "test": str(task.test),
@@ -142,9 +145,9 @@ def evaluate_strategy(config: CompareConfig, finetune: FinetuneConfig, strategy:
                               seed=config.fewshot_seed, shots=config.shots, config=finetune,
                               tracking=None, name=f"{strategy}/{task.name}", out_json=path,
                               progress=True)
-            if result.get("mlflow_run_id"):
+            if result.mlflow_run_id:
                 child = Tracker(True, parent.tracking_uri, config.experiment,
-                                run_id=result["mlflow_run_id"])
+                                run_id=result.mlflow_run_id)
                 child.log_metrics(fewshot_metrics(task, summary), 0)
                 child.log_artifact(path, "fewshot")
                 child.log_artifact(summary["predictions"], "fewshot")
@@ -176,32 +179,31 @@ def _params(config: CompareConfig, finetune: FinetuneConfig, strategies: list[st
 
 
 def _pretrain_all(config, strategies, finished, out, parent, name, extra, num_gpus, script,
-                  forwarder) -> dict[str, dict]:
-    """Every strategy's finished result.json: found in its folder, or pretrained now."""
+                  forwarder) -> dict[str, RunResult]:
+    """Every strategy's finished result: found in its folder, or pretrained now."""
     from cmgems.pretrain.checkpoint import latest_tag
-    results: dict[str, dict] = {}
+    results: dict[str, RunResult] = {}
     for i, s in enumerate(strategies, 1):
         run_dir, log_path = out / s, out / "logs" / f"{s}.log"
         result = finished[s]
         if result is not None:
             print(f"[{i}/{len(strategies)}] {s}: finished run found in {run_dir} "
-                  f"(step {result['step']}), skipping its pretraining", flush=True)
+                  f"(step {result.step}), skipping its pretraining", flush=True)
         else:
             cmd = pretrain_command(script, num_gpus, pretrain_args(
                 config, s, run_dir, parent.run_id or "", name, extra))
-            resumed = latest_tag(run_dir / "checkpoints") is not None
+            resumed = latest_tag(RunLayout(run_dir).checkpoints) is not None
             print(f"[{i}/{len(strategies)}] {s}: "
                   + ("resuming the unfinished run from its last checkpoint" if resumed
                      else "pretraining") + f" (mode {STRATEGY_MODES[s]}) -> {run_dir}; "
                   f"log {log_path}", flush=True)
             t0 = time.time()
             result = run_pretraining(cmd, s, run_dir, log_path, forwarder, parent.tracking_uri)
-            ref = final_ref_ppl(result)
-            sw = switch_step(result)
+            ref, sw = result.final_ref_ppl(), result.switch_step
             print(f"[{i}/{len(strategies)}] {s}: done in {time.time() - t0:.0f} s, step "
-                  f"{result['step']}, final ppl_ref {ref[1] if ref else float('nan'):.3f}"
-                  + (f", switched {result['events'][0]['from']} -> "
-                     f"{result['events'][0]['to']} at step {sw}" if sw is not None else ""),
+                  f"{result.step}, final ppl_ref {ref[1] if ref else float('nan'):.3f}"
+                  + (f", switched {result.events[0]['from']} -> "
+                     f"{result.events[0]['to']} at step {sw}" if sw is not None else ""),
                   flush=True)
         results[s] = result
     return results
@@ -210,12 +212,12 @@ def _pretrain_all(config, strategies, finished, out, parent, name, extra, num_gp
 def _summary_metrics(strategies, results, tasks, fewshot_results) -> dict[str, float]:
     metrics = {}
     for s in strategies:
-        ref = final_ref_ppl(results[s])
+        ref = results[s].final_ref_ppl()
         if ref:
             metrics[f"{s}/final_ppl_ref"] = ref[1]
-        if switch_step(results[s]) is not None:
-            metrics[f"{s}/switch_step"] = switch_step(results[s])
-        for masking, ppl in final_ppl(results[s]).items():
+        if results[s].switch_step is not None:
+            metrics[f"{s}/switch_step"] = results[s].switch_step
+        for masking, ppl in results[s].final_ppl_of().items():
             if ppl is not None:
                 metrics[f"{s}/final_ppl/{masking}"] = ppl
         for task in tasks:
@@ -241,7 +243,7 @@ def run_comparison(config: CompareConfig, finetune: FinetuneConfig, passthrough:
     out.mkdir(parents=True, exist_ok=True)
     name = config.name or out.name
 
-    finished = {s: finished_result(out / s) for s in strategies}
+    finished = {s: RunResult.finished(out / s) for s in strategies}
     for s, result in finished.items():
         bad = result is not None and config_mismatch(out / s, expected_fields(config, s))
         if bad:

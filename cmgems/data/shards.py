@@ -1,4 +1,5 @@
-"""The on-disk dataset: HDF5 token shards plus manifest.json. The one module that knows the layout.
+"""The on-disk dataset: HDF5 token shards plus manifest.json, their reader, writer and merge (the
+directory's file names are cmgems.data.layout's).
 
 A shard holds three datasets (contiguous, uncompressed: random 512-token windows read in ~11 us):
   tokens  uint16 [T]   token ids of all samples back to back, no special tokens
@@ -25,12 +26,11 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import atomic_path, sha256_file
+from cmgems.data.layout import SPLITS, DatasetDir
 from cmgems.data.tokens import vocab_size as _vocab_size
 
 FORMAT_VERSION = 2          # 1: NPMI stored as float16 (read no more: rebuild)
 NPMI_DTYPE = np.float32
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "valid")
 
 
 def _version_advice(found) -> str:
@@ -315,14 +315,14 @@ class Manifest:
             _check_entry(i, s)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
+        path = DatasetDir(directory).manifest
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_NAME
+        path = DatasetDir(directory).manifest
         if not path.is_file():
             raise ShardError(f"{path}: no manifest: {directory} is not a finished cmgems dataset "
                              f"(build it with `python -m preprocessing build GENOME {directory}`)")
@@ -355,7 +355,7 @@ def verify(directory: str | Path, manifest: Manifest | None = None, checksums: b
     for entry in manifest.shards:
         path = directory / entry["path"]
         if not path.is_file():
-            raise ShardError(f"{path}: listed in {directory / MANIFEST_NAME} but missing")
+            raise ShardError(f"{path}: listed in {DatasetDir(directory).manifest} but missing")
         if checksums and sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: sha256 differs from the manifest (truncated or corrupted; "
                              f"rebuild the dataset, or pass --skip-verify at your own risk)")
@@ -370,7 +370,7 @@ class ShardSet:
         self.manifest = manifest or Manifest.load(self.directory)
         entries = self.manifest.split_shards(split)
         if not entries:
-            raise ShardError(f"{self.directory / MANIFEST_NAME}: no {split!r} shards")
+            raise ShardError(f"{DatasetDir(self.directory).manifest}: no {split!r} shards")
         self.readers = [ShardReader(self.directory / e["path"]) for e in entries]
         for r in self.readers:
             k, vocab = r.attrs.get("k"), r.attrs.get("vocab_size")

@@ -1,4 +1,5 @@
-"""Masking curricula: which strategy each sample of a training step is masked with.
+"""Masking curricula: which masking each sample of a training step is masked with (the names
+are cmgems.masking.names').
 
 - fixed:<strategy>: one strategy throughout (random, genemask or global).
 - cm_step (CM-Step baseline): training is cut into 100 equal blocks of max_steps; in block b
@@ -25,33 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from cmgems.errors import InputError
-from cmgems.masking.maskings import STRATEGIES
+from cmgems.masking.names import CM_GEMS, CM_STEP, CURRICULUM_MASKINGS, parse_mode
 
 CM_STEP_BLOCKS = 100
 CM_STEP_DRAWS = ("batch", "sample")
-# Every schedule's name: one fixed strategy, or one of the two curricula.
-MODES = tuple(f"fixed:{s}" for s in STRATEGIES) + ("cm_step", "cm_gems")
-
-
-def check_mode(mode) -> str:
-    if mode not in MODES:
-        raise InputError(f"curriculum: unknown mode {mode!r} (expected "
-                         f"fixed:{'|'.join(STRATEGIES)}, cm_step or cm_gems)")
-    return mode
-
-
-PMI_STRATEGIES = ("genemask", "global")
-
-
-def uses_pmi(name: str) -> bool:
-    """Whether a mode (or a strategy name) masks by NPMI: everything but random."""
-    return name in ("cm_step", "cm_gems") or name.removeprefix("fixed:") in PMI_STRATEGIES
-
-
-def first_strategy(mode: str) -> str:
-    """The strategy a mode starts with: what the frozen validation masking uses by default."""
-    return {"cm_step": "random", "cm_gems": "genemask"}.get(check_mode(mode),
-                                                             mode[len("fixed:"):])
 
 
 @dataclass
@@ -70,7 +48,7 @@ class ScheduleConfig:
     """cm_step: one random-or-global draw per micro-batch ("batch") or per sample ("sample")."""
 
     def __post_init__(self):
-        check_mode(self.mode)
+        parse_mode(self.mode)
         if not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise InputError(f"curriculum max_steps: must be a positive integer, "
                              f"got {self.max_steps!r}")
@@ -103,20 +81,48 @@ class _Schedule(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def stages(self) -> tuple[str, ...]:
+        """Names of the stages, in order."""
+
+    @property
     def stage(self) -> str:
         """Name of the current stage."""
+        return self.stages[self.stage_index]
 
     @property
     def stage_index(self) -> int:
         return 0
 
     @property
-    def first_strategy(self) -> str:
-        """The strategy the frozen validation masking uses."""
-        return first_strategy(self.mode)
+    def switch_step(self) -> int | None:
+        """The step of the first switch; None while there has been none."""
+        return self.events[0]["step"] if self.events else None
 
-    def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
-        return [self.stage] * batch_size
+    @property
+    def first_strategy(self) -> str:
+        """The masking the frozen validation masking uses."""
+        return parse_mode(self.mode).first_masking
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """The schedule in a sentence, for a model card."""
+
+    def strategies(self, step: int, batch_size: int, generator: torch.Generator,
+                   stage_index: int | None = None) -> list[str]:
+        """The masking of each sample of a micro-batch at `step`.
+
+        Args:
+            step: the 0-based optimizer step.
+            batch_size: samples in the micro-batch.
+            generator: the micro-batch's own generator, for a curriculum that draws.
+            stage_index: the stage to mask with instead of this schedule's own (for a copy that
+                follows a curriculum decided elsewhere, as cmgems.hf's collator in each
+                DataLoader worker).
+        Returns:
+            batch_size masking names.
+        """
+        index = self.stage_index if stage_index is None else stage_index
+        return [self.stages[index]] * batch_size
 
     def observe(self, step: int, perplexity: float) -> dict | None:
         """Record a validation perplexity; returns the switch event if the stage changes."""
@@ -137,20 +143,27 @@ class _Schedule(abc.ABC):
 
 class FixedSchedule(_Schedule):
     @property
-    def stage(self) -> str:
-        return self.mode[len("fixed:"):]
+    def stages(self) -> tuple[str, ...]:
+        return (parse_mode(self.mode).fixed,)
+
+    def describe(self) -> str:
+        return f"one strategy throughout: {self.stage}"
 
 
 class CMStepSchedule(_Schedule):
     @property
-    def stage(self) -> str:
-        return "cm_step"
+    def stages(self) -> tuple[str, ...]:
+        return (CM_STEP,)
+
+    def describe(self) -> str:
+        return "CM-Step: random masking, turning into GLOBAL masking in 100 equal steps"
 
     def global_probability(self, step: int) -> float:
         block = min(CM_STEP_BLOCKS - 1, max(0, step) * CM_STEP_BLOCKS // self.config.max_steps)
         return block / CM_STEP_BLOCKS
 
-    def strategies(self, step: int, batch_size: int, generator: torch.Generator) -> list[str]:
+    def strategies(self, step: int, batch_size: int, generator: torch.Generator,
+                   stage_index: int | None = None) -> list[str]:
         # The generator is the micro-batch's own (seed, micro-batch, rank): either reading is a
         # pure function of those, so a resumed run draws the same.
         n = 1 if self.config.draw == "batch" else batch_size
@@ -158,19 +171,24 @@ class CMStepSchedule(_Schedule):
         use_global = (draws < self.global_probability(step)).tolist()
         if self.config.draw == "batch":
             use_global = use_global * batch_size
-        return ["global" if g else "random" for g in use_global]
+        start, end = CURRICULUM_MASKINGS[CM_STEP]
+        return [end if g else start for g in use_global]
 
 
 class CMGemsSchedule(_Schedule):
-    STAGES = ("genemask", "global")
-
     def __init__(self, config: ScheduleConfig):
         super().__init__(config)
         self.below = 0  # consecutive evaluations whose drop fell below the threshold
 
     @property
-    def stage(self) -> str:
-        return self.STAGES[self.stage_index]
+    def stages(self) -> tuple[str, ...]:
+        return CURRICULUM_MASKINGS[CM_GEMS]
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"CM-GEMS: GeneMask masking until validation perplexity drops by less than "
+                f"{c.threshold} for {c.patience} consecutive evaluation(s) (not before step "
+                f"{c.min_steps}), then GLOBAL top-NPMI masking")
 
     @property
     def stage_index(self) -> int:
@@ -186,7 +204,7 @@ class CMGemsSchedule(_Schedule):
         self.below = self.below + 1 if math.isfinite(drop) and drop < self.config.threshold else 0
         if self.below < self.config.patience or step < self.config.min_steps:
             return None
-        event = {"step": int(step), "from": self.STAGES[0], "to": self.STAGES[1],
+        event = {"step": int(step), "from": self.stages[0], "to": self.stages[1],
                  "perplexity_history": [p for _, p in self.history]}
         self.events.append(event)
         return dict(event)
@@ -202,8 +220,5 @@ class CMGemsSchedule(_Schedule):
 def make_schedule(mode: str, max_steps: int, threshold: float = 1.0, patience: int = 1,
                   min_steps: int = 0, draw: str = "batch") -> _Schedule:
     config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps, draw)
-    if mode == "cm_step":
-        return CMStepSchedule(config)
-    if mode == "cm_gems":
-        return CMGemsSchedule(config)
-    return FixedSchedule(config)
+    kind = {CM_STEP: CMStepSchedule, CM_GEMS: CMGemsSchedule}
+    return kind.get(parse_mode(mode).curriculum, FixedSchedule)(config)

@@ -30,11 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from cmgems.errors import InputError
+from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, check_masking
 from cmgems.data.tokens import K_RANGE, MASK_ID, NUM_SPECIAL, SEP_ID, UNK_ID
 
-STRATEGIES = ("random", "genemask", "global")
-# Centre (random, genemask) or anchor (global) probabilities from DNABERT, GeneMask and CM-GEMS.
-DEFAULT_PROBABILITY = {"random": 0.025, "genemask": 0.0176, "global": 0.0136}
 # GeneMask halves the kept anchors only once a sample has this many centres.
 GENEMASK_HALVING_MIN = 9
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # BERT corruption; the rest stays unchanged
@@ -259,14 +257,7 @@ def _select_global(real, npmi, p, k, gen, global_m):
     return dilate(kept, *pmi_span(k)) & real
 
 
-_SELECTORS = {"random": _select_random, "genemask": _select_genemask, "global": _select_global}
-
-
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise InputError(f"masking strategy: unknown {strategy!r} (expected one of "
-                         f"{', '.join(STRATEGIES)})")
-    return strategy
+_SELECTORS = dict(zip(MASKINGS, (_select_random, _select_genemask, _select_global)))  # names' order
 
 
 def _check_params(k: int, p: float, global_m: int) -> None:
@@ -295,7 +286,7 @@ def select(strategy: str, input_ids: torch.Tensor, npmi: torch.Tensor,
     """Bool [B, N]: the positions `strategy` chooses for prediction (before corruption).
 
     global_m (GLOBAL only): anchors per sample; 0 = max(1, round(L x mlm_probability))."""
-    check_strategy(strategy)
+    check_masking(strategy)
     p = DEFAULT_PROBABILITY[strategy] if mlm_probability is None else float(mlm_probability)
     _check_params(k, p, global_m)
     _check_shapes(input_ids, npmi, attention_mask)
@@ -335,16 +326,16 @@ def corrupt(input_ids: torch.Tensor, selected: torch.Tensor, vocab_size: int,
 def _strategy_rows(strategies: str | Sequence[str], batch: int) -> dict[str, np.ndarray | None]:
     """{strategy: row indices} (None = the whole batch), in a fixed order for reproducible draws."""
     if isinstance(strategies, str):
-        return {check_strategy(strategies): None}
+        return {check_masking(strategies): None}
     if len(strategies) != batch:
         raise ValueError(f"{len(strategies)} strategies for a batch of {batch}")
     names = np.asarray(strategies, dtype=object)
     present = set(names.tolist())
     for name in present:
-        check_strategy(name)
+        check_masking(name)
     if len(present) == 1:
         return {present.pop(): None}
-    return {s: np.flatnonzero(names == s) for s in STRATEGIES if s in present}
+    return {s: np.flatnonzero(names == s) for s in MASKINGS if s in present}
 
 
 def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -356,7 +347,7 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
     global_m: GLOBAL's anchors per sample (0 = round(L x its probability)), see `select`."""
     probs = dict(DEFAULT_PROBABILITY)
     for name, p in (probabilities or {}).items():
-        probs[check_strategy(name)] = float(p)
+        probs[check_masking(name)] = float(p)
     gen = _new_generator(generator)
     groups = _strategy_rows(strategies, input_ids.shape[0])
     if len(groups) == 1:
@@ -406,8 +397,8 @@ def mask_stats(selected: torch.Tensor, npmi: torch.Tensor, attention_mask: torch
         "npmi_real": mean_over(real & finite),
     }
     if isinstance(strategies, str):
-        strategies = [check_strategy(strategies)] * b
+        strategies = [check_masking(strategies)] * b
     names = np.asarray(list(strategies), dtype=object)
-    for name in STRATEGIES:
+    for name in MASKINGS:
         stats[f"mix_{name}"] = float(np.mean(names == name)) if len(names) else 0.0
     return stats

@@ -81,6 +81,14 @@ def holds_checkpoints(ckpt_dir: str | Path) -> bool:
     return (ckpt_dir / POINTER).exists() or bool(_tags(ckpt_dir))
 
 
+def refuse_earlier_run(out: Path, ckpt_dir: Path, resume: bool) -> None:
+    """Raise InputError when a fresh run (no --resume) would write over an earlier run's
+    checkpoints in `ckpt_dir`, the checkpoints of run directory `out`."""
+    if not resume and holds_checkpoints(ckpt_dir):
+        raise InputError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue "
+                         f"it, or choose another --output-dir")
+
+
 def _files(tag_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(tag_dir)): p.stat().st_size
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != RECORD}
@@ -160,6 +168,35 @@ def resumable_tag(ckpt_dir: str | Path) -> str | None:
         raise CheckpointError(f"{pointer}: names {tag}, whose {reason}; "
                               f"{_instead(ckpt_dir, tag)}")
     return tag
+
+
+def check_compatible(ckpt_dir: Path, saved: dict, now: dict, fields, data: dict,
+                     identity: dict) -> None:
+    """Raise InputError unless a checkpoint may be continued by this run.
+
+    Args:
+        ckpt_dir: the checkpoints directory (named in the message).
+        saved: the config the checkpoint was made with (PretrainConfig.to_dict()).
+        now: this run's config, the same form.
+        fields: the fields a resumed run must keep (cmgems.options.resume_fields).
+        data: the checkpoint's dataset identity; identity: this run's (data_identity()).
+    """
+    diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in fields if k in saved and saved[k] != now[k]]
+    if diff:
+        raise InputError(f"{ckpt_dir}: the checkpoint was made with another config ("
+                         + "; ".join(diff) + "); resume with the original settings")
+    if data.get("manifest_checksum") not in (None, identity["manifest_checksum"]):
+        raise InputError(
+            f"{ckpt_dir}: the checkpoint was trained on the dataset in "
+            f"{data.get('data_dir', '?')} (manifest checksum "
+            f"{data['manifest_checksum'][:12]}), not on {identity['data_dir']} (manifest "
+            f"checksum {identity['manifest_checksum'][:12]}); resume with --data-dir "
+            f"{data.get('data_dir', '?')}")
+
+
+def data_identity(manifest_checksum: str, data_dir: str | Path) -> dict:
+    """What a checkpoint records of its dataset, to refuse resuming it on another."""
+    return {"manifest_checksum": manifest_checksum, "data_dir": str(Path(data_dir).resolve())}
 
 
 def write_failure(err: BaseException, directory: Path) -> str:

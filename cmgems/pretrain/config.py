@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cmgems.masking.curriculum import CM_STEP_DRAWS, MODES
+from cmgems.masking.curriculum import CM_STEP_DRAWS
 from cmgems.errors import InputError
-from cmgems.masking.maskings import DEFAULT_PROBABILITY, STRATEGIES
+from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, parse_mode
 from cmgems.options import DEFAULT_SEED, check_fields, from_args, load_file, option
 from cmgems.tracking.uri import check_tracking_uri
 
@@ -57,7 +57,7 @@ class PretrainConfig:
                         "empty trains from scratch.")
     # --- masking curriculum -----------------------------------------------------------------
     mode: str = _f("cm_gems", "Masking schedule: cm_gems, cm_step, or fixed:<strategy> with "
-                   f"strategy in {STRATEGIES}.", resume=True)
+                   f"strategy in {MASKINGS}.", resume=True)
     threshold: float = _f(1.0, "cm_gems: switch genemask -> global once validation perplexity "
                           "drops by less than this between consecutive evaluations.", resume=True,
                           low=0)
@@ -140,11 +140,13 @@ class PretrainConfig:
         errors = check_fields(self)
         if self.model not in MODELS:
             errors.append(f"model must be one of {MODELS}, got {self.model!r}")
-        if self.mode not in MODES:
-            errors.append(f"mode must be cm_gems, cm_step or fixed:<{'|'.join(STRATEGIES)}>, "
+        try:
+            parse_mode(self.mode)
+        except InputError:
+            errors.append(f"mode must be cm_gems, cm_step or fixed:<{'|'.join(MASKINGS)}>, "
                           f"got {self.mode!r}")
-        if self.eval_strategy and self.eval_strategy not in STRATEGIES:
-            errors.append(f"eval_strategy must be empty or one of {STRATEGIES}")
+        if self.eval_strategy and self.eval_strategy not in MASKINGS:
+            errors.append(f"eval_strategy must be empty or one of {MASKINGS}")
         if self.register_model and not self.log_model:
             errors.append("register_model needs log_model (the registry holds logged models)")
         try:  # a store MLflow cannot open is refused now, not after DeepSpeed has started
@@ -160,7 +162,7 @@ class PretrainConfig:
     @property
     def probabilities(self) -> dict[str, float]:
         """{strategy: centre (random, genemask) or anchor (global) probability} for masking."""
-        return {"random": self.p_random, "genemask": self.p_genemask, "global": self.p_global}
+        return {m: getattr(self, f"p_{m}") for m in MASKINGS}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -87,6 +87,22 @@ def any_rank(flag: bool) -> bool:
     return t.item() > 0
 
 
+def on_main(fn, is_main: bool, catch: tuple = (Exception,)):
+    """Run fn() on rank 0 only and return its result on every rank; an exception of a `catch`
+    type that fn raises there is raised on every rank (collective: the other ranks would
+    otherwise wait in the next collective for a rank 0 that has given up)."""
+    result, err = None, None
+    if is_main:
+        try:
+            result = fn()
+        except catch as e:
+            err = e
+    result, err = broadcast_object((result, err))
+    if err is not None:
+        raise err
+    return result
+
+
 def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)

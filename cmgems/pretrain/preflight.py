@@ -18,7 +18,9 @@ from cmgems.model import architectures
 from cmgems.pretrain.config import PretrainConfig
 from cmgems.pretrain.engine import build_ds_config
 from cmgems.errors import InputError
-from cmgems.data.shards import MANIFEST_NAME, Manifest
+from cmgems.data.layout import SPLITS, DatasetDir
+from cmgems.data.shards import Manifest
+from cmgems.pretrain.layout import RunLayout
 
 
 def default_output_dir(cfg: PretrainConfig) -> tuple[str, Path]:
@@ -46,23 +48,21 @@ def check(cfg: PretrainConfig, resume: bool) -> None:
 def _check_output(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; choose another --output-dir")
-    if not resume and checkpoint.latest_tag(out / "checkpoints") is not None:
-        raise InputError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue "
-                         f"it, or choose another --output-dir")
+    checkpoint.refuse_earlier_run(out, RunLayout(out).checkpoints, resume)
     parent = next((p for p in (out, *out.parents) if p.exists()), None)
     if parent is not None and not os.access(parent, os.W_OK):
         raise InputError(f"{out}: cannot be written ({parent} is not writable)")
 
 
 def _check_data(cfg: PretrainConfig) -> None:
-    data = Path(cfg.data_dir)
-    if (data / MANIFEST_NAME).is_file():
-        manifest = Manifest.load(data)
-        for split in ("train", "valid"):
+    data = DatasetDir(cfg.data_dir)
+    if data.holds_dataset():
+        manifest = Manifest.load(data.root)
+        for split in SPLITS:
             if not manifest.split_shards(split):
-                raise InputError(f"{data / MANIFEST_NAME}: no {split!r} shards; a run needs "
+                raise InputError(f"{data.manifest}: no {split!r} shards; a run needs "
                                  f"both splits (rebuild it with a validation split)")
     elif not Path(cfg.genome).is_file():
-        raise InputError(f"{data}: holds no dataset ({MANIFEST_NAME}), and the genome to build it "
+        raise InputError(f"{data.root}: holds no dataset ({data.manifest.name}), and the genome to build it "
                          f"from, {cfg.genome}, is not a file (--genome GENOME, or --data-dir of a "
                          f"built dataset)")

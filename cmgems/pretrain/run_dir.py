@@ -1,7 +1,7 @@
 """A training's output directory: one training at a time, nothing left behind by a run that
 failed, and exports that appear whole or not at all.
 
-Rank 0 holds `<out>/.cmgems.lock` (cmgems.io.exclusive_lock) from before the first check until the
+Rank 0 holds the run's lock file (RunLayout.lock, through cmgems.io.exclusive_lock) from before the first check until the
 run ends; a second training into the same directory fails on every rank with the holder's pid and
 host. The kernel drops the lock with its process, so the lock of a killed run is taken over (with a
 warning) by the next one.
@@ -16,14 +16,13 @@ from pathlib import Path
 from cmgems.pretrain import checkpoint, distributed
 from cmgems.errors import InputError
 from cmgems.io import exclusive_lock
-
-LOCK_NAME = ".cmgems.lock"
-
+from cmgems.pretrain.layout import RunLayout
 
 class RunDir:
     def __init__(self, out: Path, is_main: bool):
         self.out, self.is_main = out, is_main
-        self.ckpt_dir = out / "checkpoints"
+        self.layout = RunLayout(out)
+        self.ckpt_dir = self.layout.checkpoints
         self._held = contextlib.ExitStack()
         self._created: list[Path] = []   # directories this run made, outermost first
 
@@ -39,21 +38,12 @@ class RunDir:
     def acquire(self, resume: bool) -> None:
         """Lock the directory and refuse to start over an earlier run's checkpoints without
         --resume (collective: every rank raises rank 0's error)."""
-        err = None
-        if self.is_main:
-            try:
-                self._mkdir(self.out)
-                self._held.enter_context(exclusive_lock(self.out / LOCK_NAME,
-                                                        f"run directory {self.out}"))
-                if not resume and checkpoint.holds_checkpoints(self.ckpt_dir):
-                    raise InputError(f"{self.out}: holds checkpoints of an earlier run; pass "
-                                     f"--resume to continue it, or choose another --output-dir")
-                self._mkdir(self.ckpt_dir)
-            except InputError as e:
-                err = e
-        err = distributed.broadcast_object(err)
-        if err is not None:
-            raise err
+        def take():
+            self._mkdir(self.out)
+            self._held.enter_context(exclusive_lock(self.layout.lock, f"run directory {self.out}"))
+            checkpoint.refuse_earlier_run(self.out, self.ckpt_dir, resume)
+            self._mkdir(self.ckpt_dir)
+        distributed.on_main(take, self.is_main, catch=(InputError,))
 
     def release(self, failed: bool) -> None:
         """Drop the lock; after a failure also the directories this run made and left empty, and

@@ -21,24 +21,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cmgems.pretrain import checkpoint, distributed
+from cmgems.pretrain import checkpoint, distributed, export
 from cmgems.pretrain.config import PretrainConfig
 from cmgems.options import resume_fields
-from cmgems.masking.curriculum import make_schedule, uses_pmi
+from cmgems.masking.curriculum import make_schedule
 from cmgems.data.loader import SampleDataset, TrainBatches, eval_loader
 from cmgems.pretrain.engine import build_ds_config, ds_config_path, initialize, resolve_precision
 from cmgems.errors import InputError
-from cmgems.io import atomic_path
-from cmgems.masking.maskings import DEFAULT_PROBABILITY, STRATEGIES, mask_batch, mask_stats
+from cmgems.masking.maskings import mask_batch, mask_stats
+from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, REFERENCE_MASKING, uses_pmi
 from cmgems.model.card import dataset_summary
-from cmgems.model.card import render as render_model_card
-from cmgems.model.architectures import build_model, count_parameters, export, flops_per_token
+from cmgems.model.architectures import build_model, count_parameters, flops_per_token
 from cmgems.data.packing import choose_attention
 from cmgems.tracking.plots import perplexity_plot
 from cmgems.pretrain.preflight import default_output_dir
 from cmgems.progress import Progress, quiet_library_bars
 from cmgems.rng import derive_seed, generator
-from cmgems.pretrain.run_dir import RunDir, publish_dir
+from cmgems.pretrain.layout import RunLayout
+from cmgems.pretrain.result import RunResult
+from cmgems.pretrain.run_dir import RunDir
+from cmgems.data.layout import DatasetDir
 from cmgems.data.shards import Manifest, ShardSet, verify
 from cmgems.tracking.tracker import Tracker
 from cmgems.tracking.uri import resolve_tracking_uri
@@ -46,8 +48,7 @@ from cmgems.tracking.uri import resolve_tracking_uri
 log = logging.getLogger("cmgems")
 
 # ppl_ref: the same masking in every run, whatever its own probabilities, so runs compare.
-REFERENCE_STRATEGY = "random"
-REFERENCE_P = DEFAULT_PROBABILITY[REFERENCE_STRATEGY]
+REFERENCE_P = DEFAULT_PROBABILITY[REFERENCE_MASKING]
 # bf16 dense peak of the GPUs MFU is reported for; other devices report achieved TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # Fault injection (tests, docs/faults.md): the loss of this 1-based optimizer step is made NaN
@@ -80,6 +81,12 @@ class MaskedLM(torch.nn.Module):
         loss_sum = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
         n = selected.sum()
         return loss_sum / n.clamp(min=1), loss_sum.detach(), n
+
+
+def due(step: int, every: int, last: int | None = None) -> bool:
+    """The interval rule: something done every `every` steps (0: never) is due at `step` when
+    step is a multiple of it, and always at the `last` step."""
+    return (every > 0 and step % every == 0) or step == last
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
@@ -122,11 +129,11 @@ class Throughput:
         self.start, self.data_seconds = time.perf_counter(), 0.0
         self.samples = self.tokens = self.slots = 0
 
-    def add(self, out: StepResult) -> None:
-        self.samples += out.samples
-        self.tokens += out.tokens
-        self.slots += out.slots
-        self.data_seconds += out.data_seconds
+    def add(self, result: StepResult) -> None:
+        self.samples += result.samples
+        self.tokens += result.tokens
+        self.slots += result.slots
+        self.data_seconds += result.data_seconds
 
     @contextlib.contextmanager
     def paused(self):
@@ -190,7 +197,9 @@ class Trainer:
         if self.dist.world_size > 1:  # a timestamped default name must be the same on every rank
             name, out = distributed.broadcast_object((name, out))
         self.run_name, self.out = name, out
-        self.ckpt_dir = self.out / "checkpoints"
+        self.layout = RunLayout(out)
+        self.data = DatasetDir(cfg.data_dir)
+        self.ckpt_dir = self.layout.checkpoints
         self.run_dir = RunDir(self.out, self.dist.is_main)
         self.tracker = None
         self.timings: list[tuple[float, float]] = []  # per step: (seconds, data + masking seconds)
@@ -217,19 +226,13 @@ class Trainer:
         """The checkpoint --resume continues from (None: the run never completed one, so it
         starts at step 0). Its pointer, files, dataset and config are checked before DeepSpeed
         reads a byte; every rank raises rank 0's refusal."""
-        err, tag = None, None
-        if self.dist.is_main:
-            try:
-                tag = checkpoint.resumable_tag(self.ckpt_dir)
-                record = checkpoint.read_record(self.ckpt_dir / tag) if tag else None
-                if record is not None:
-                    self._check_resumable(record.get("config", {}), record.get("data", {}))
-            except InputError as e:
-                err = e
-        err, tag = distributed.broadcast_object((err, tag))
-        if err is not None:
-            raise err
-        return tag
+        def check() -> str | None:
+            tag = checkpoint.resumable_tag(self.ckpt_dir)
+            record = checkpoint.read_record(self.ckpt_dir / tag) if tag else None
+            if record is not None:
+                self._check_resumable(record.get("config", {}), record.get("data", {}))
+            return tag
+        return distributed.on_main(check, self.dist.is_main, catch=(InputError,))
 
     def _load_checkpoint(self, tag: str) -> None:
         client = checkpoint.load(self.engine, self.ckpt_dir, tag)
@@ -238,24 +241,11 @@ class Trainer:
         self.schedule.load_state_dict(client["curriculum"])
 
     def _data_identity(self) -> dict:
-        return {"manifest_checksum": self.manifest.checksum(),
-                "data_dir": str(Path(self.cfg.data_dir).resolve())}
+        return checkpoint.data_identity(self.manifest.checksum(), self.cfg.data_dir)
 
     def _check_resumable(self, saved: dict, data: dict) -> None:
-        now = self.cfg.to_dict()
-        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in resume_fields(PretrainConfig)
-                if k in saved and saved[k] != now[k]]
-        if diff:
-            raise InputError(f"{self.ckpt_dir}: the checkpoint was made with another config ("
-                             + "; ".join(diff) + "); resume with the original settings")
-        mine = self._data_identity()
-        if data.get("manifest_checksum") not in (None, mine["manifest_checksum"]):
-            raise InputError(
-                f"{self.ckpt_dir}: the checkpoint was trained on the dataset in "
-                f"{data.get('data_dir', '?')} (manifest checksum "
-                f"{data['manifest_checksum'][:12]}), not on {mine['data_dir']} (manifest "
-                f"checksum {mine['manifest_checksum'][:12]}); resume with --data-dir "
-                f"{data.get('data_dir', '?')}")
+        checkpoint.check_compatible(self.ckpt_dir, saved, self.cfg.to_dict(),
+                                    resume_fields(PretrainConfig), data, self._data_identity())
 
     def _check_scored(self) -> None:
         """PMI masking ranks tokens by NPMI: on a table that scores little, it ranks ties, which
@@ -264,7 +254,7 @@ class Trainer:
         wanted = [s for s in (self.cfg.mode, self.cfg.eval_strategy) if s and uses_pmi(s)]
         if wanted and self.scored_fraction < self.cfg.min_scored_fraction:
             raise InputError(
-                f"{Path(self.cfg.data_dir) / 'manifest.json'}: its NPMI table scores "
+                f"{self.data.manifest}: its NPMI table scores "
                 f"{self.scored_fraction:.1%} of the {4 ** self.k:,} {self.k}-mers, below "
                 f"min_scored_fraction {self.cfg.min_scored_fraction:g}: {wanted[0]} would mask "
                 f"by ties; rebuild with a lower --min-count or a larger genome (or pass "
@@ -278,7 +268,7 @@ class Trainer:
             return int(stats["npmi_scored"]) / 4 ** self.k
         from cmgems.data.npmi_table import load_table  # a manifest from before the stats had it
         import numpy as np
-        table = load_table(Path(self.cfg.data_dir) / "npmi.tsv", self.k)
+        table = load_table(self.data.npmi_table, self.k)
         return float((~np.isnan(table)).mean())
 
     def _load_data(self) -> None:
@@ -288,15 +278,7 @@ class Trainer:
         self._check_scored()
         if cfg.verify_data:
             # Rank 0 hashes every shard; all ranks fail together with its message.
-            err = None
-            if self.dist.is_main:
-                try:
-                    verify(cfg.data_dir, self.manifest)
-                except Exception as e:  # noqa: BLE001
-                    err = e
-            err = distributed.broadcast_object(err)
-            if err is not None:
-                raise err
+            distributed.on_main(lambda: verify(cfg.data_dir, self.manifest), self.dist.is_main)
         self.train_set = SampleDataset(ShardSet(cfg.data_dir, "train", self.manifest),
                                        cfg.max_length)
         self.valid_set = SampleDataset(ShardSet(cfg.data_dir, "valid", self.manifest),
@@ -341,27 +323,18 @@ class Trainer:
             self.tracker.skip_logged_steps()
             self.tracker.set_tag("resumed_at_step", self.state.step)
             return
-        import deepspeed
-        import mlflow
-        import transformers
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-        self.tracker.log_params({
-            "config": cfg.to_dict(), "ds": self.ds_config, "world_size": self.dist.world_size,
-            "precision": self.precision, "n_params": self.n_params,
-            "data.manifest_checksum": self.manifest.checksum(), "data.k": self.k,
-            "data.scored_fraction": self.scored_fraction,
-            "data.train_samples": len(self.train_set), "data.valid_samples": len(self.valid_set),
-            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                         "transformers": transformers.__version__, "mlflow": mlflow.__version__,
-                         "python": sys.version.split()[0]},
-        })
-        self.tracker.set_tag("output_dir", str(self.out.resolve()))
-        data = dataset_summary(self.manifest, cfg.data_dir)
-        self.tracker.log_dataset(data["name"], data["manifest_checksum"][:16], data["path"], data)
-        for path in (self.out / "config.json", self.out / "ds_config.json",
-                     Path(cfg.data_dir) / "npmi.tsv", Path(cfg.data_dir) / "manifest.json"):
-            self.tracker.log_artifact(path)
+        self.layout.config.write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.layout.ds_config.write_text(json.dumps(self.ds_config, indent=2))
+        self.tracker.log_run_start(
+            {"config": cfg.to_dict(), "ds": self.ds_config, "world_size": self.dist.world_size,
+             "precision": self.precision, "n_params": self.n_params,
+             "data.manifest_checksum": self.manifest.checksum(), "data.k": self.k,
+             "data.scored_fraction": self.scored_fraction,
+             "data.train_samples": len(self.train_set),
+             "data.valid_samples": len(self.valid_set)},
+            self.out, dataset_summary(self.manifest, cfg.data_dir),
+            artifacts=(self.layout.config, self.layout.ds_config, self.data.npmi_table,
+                       self.data.manifest))
 
     # ---------------------------------------------------------------- masking
     def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None):
@@ -398,7 +371,7 @@ class Trainer:
         return math.exp(loss_sum / n) if n else float("nan")
 
     # ---------------------------------------------------------------- the loop
-    def train(self) -> dict:
+    def train(self) -> RunResult:
         """Train to max_steps (or a stop signal); the run's result. On any failure the MLflow run
         ends FAILED (KILLED for a second Ctrl-C), the lock is released and an empty
         checkpoints/ is removed before the error goes up."""
@@ -419,23 +392,25 @@ class Trainer:
         try:
             while st.step < cfg.max_steps:
                 t_step = time.perf_counter()
-                log_now = (st.step + 1) % cfg.log_interval == 0 or st.step + 1 == cfg.max_steps
-                out = self._train_step(st.step, stream, log_now)
-                if not out.finite:
-                    self._diverged(out)
+                log_now = due(st.step + 1, cfg.log_interval, cfg.max_steps)
+                # one optimizer step; a non-finite loss stops the run before it is applied
+                result = self._train_step(st.step, stream, log_now)
+                if not result.finite:
+                    self._diverged(result)
                 st.step += 1
-                meter.add(out)
-                stopped_by = out.stop
+                meter.add(result)
+                stopped_by = result.stop
                 if log_now:
-                    self._log(self._train_metrics(out, meter), progress, last_ppl)
+                    self._log(self._train_metrics(result, meter), progress, last_ppl)
                     meter.reset()  # the logging itself stays out of throughput
-                self.timings.append((time.perf_counter() - t_step, out.data_seconds))
-                with meter.paused():  # evaluation and checkpoints stay out of throughput
-                    if st.step % cfg.eval_interval == 0 or st.step == cfg.max_steps:
+                self.timings.append((time.perf_counter() - t_step, result.data_seconds))
+                # evaluation, checkpoints and exports, outside throughput
+                with meter.paused():
+                    if due(st.step, cfg.eval_interval, cfg.max_steps):
                         last_ppl = self._evaluate_and_observe(eval_strategy)
-                    if stopped_by or st.step % cfg.save_interval == 0 or st.step == cfg.max_steps:
+                    if stopped_by or due(st.step, cfg.save_interval, cfg.max_steps):
                         self._save()
-                    if cfg.export_interval and st.step % cfg.export_interval == 0:
+                    if due(st.step, cfg.export_interval):
                         self._export_step()
                 if progress is not None:
                     progress.update(1)
@@ -449,8 +424,8 @@ class Trainer:
     def _train_step(self, step: int, stream, log_now: bool) -> StepResult:
         """One optimizer step over grad_accum micro-batches: read, mask, forward, backward."""
         cfg, rank, dev = self.cfg, self.dist.rank, self.dist.device
-        out = StepResult(torch.zeros((), dtype=torch.float64, device=dev),
-                         torch.zeros((), dtype=torch.float64, device=dev))
+        result = StepResult(torch.zeros((), dtype=torch.float64, device=dev),
+                            torch.zeros((), dtype=torch.float64, device=dev))
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
             index = step * cfg.grad_accum + micro
@@ -465,29 +440,29 @@ class Trainer:
             inputs, labels, selected = self._mask(batch, strategies, gen)
             attn = batch["attention_mask"]
             if micro == 0 and log_now:
-                out.mask_stats = mask_stats(selected, batch["npmi"], attn, strategies)
+                result.mask_stats = mask_stats(selected, batch["npmi"], attn, strategies)
             model_inputs = self.packer.model_inputs(layout, inputs, attn, labels)
-            out.data_seconds += time.perf_counter() - t0
+            result.data_seconds += time.perf_counter() - t0
             torch.manual_seed(derive_seed(cfg.seed, index, rank, "dropout"))
             loss, loss_sum, n = self.engine(**model_inputs)
             if self._nan_at == step + 1:
                 loss, loss_sum = loss * math.nan, loss_sum * math.nan
             self.engine.backward(loss)
             if log_now and micro == cfg.grad_accum - 1 and cfg.zero_stage == 0:
-                out.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
-            out.loss_sum += loss_sum.double()
-            out.n_predicted += n.double()
-            out.samples += layout.samples
-            out.tokens += layout.real_tokens
-            out.slots += layout.slots
+                result.grad_norm = _grad_norm(self.engine.module)  # ZeRO-0 reports none itself
+            result.loss_sum += loss_sum.double()
+            result.n_predicted += n.double()
+            result.samples += layout.samples
+            result.tokens += layout.real_tokens
+            result.slots += layout.slots
             if micro == cfg.grad_accum - 1:
                 # The step's one host sync, before its update: a non-finite loss never reaches
                 # the weights.
-                out.stop, out.finite = self._step_flags(out.loss_sum)
-                if not out.finite:
-                    return out
+                result.stop, result.finite = self._step_flags(result.loss_sum)
+                if not result.finite:
+                    return result
             self.engine.step()
-        return out
+        return result
 
     def _step_flags(self, loss_sum: torch.Tensor) -> tuple[str | None, bool]:
         """(the signal asking this run to stop, if any rank got one; whether the step's loss is
@@ -498,7 +473,7 @@ class Trainer:
         stopped, bad = distributed.all_reduce_max(torch.stack([stop, bad])).tolist()
         return (self.stop.requested or "signal on another rank") if stopped else None, not bad
 
-    def _diverged(self, out: StepResult) -> None:
+    def _diverged(self, result: StepResult) -> None:
         """Stop on a non-finite loss: checkpoint the last finite step (its weights, untouched by
         this step's update) unless it is checkpointed already, and say what to change."""
         step = self.state.step
@@ -515,7 +490,7 @@ class Trainer:
                      f"newest checkpoint)")
         raise TrainingDiverged(
             f"{self.out}: the training loss of step {step + 1} is not finite "
-            f"({out.loss_sum.item()} on rank {self.dist.rank}); stopped before applying it: "
+            f"({result.loss_sum.item()} on rank {self.dist.rank}); stopped before applying it: "
             f"{where}; lower lr, raise warmup_steps, set grad_clip or use fp32, then --resume")
 
     def _weights_finite(self) -> bool:
@@ -524,23 +499,23 @@ class Trainer:
                   for p in self.engine.module.parameters())
         return not distributed.any_rank(bad)
 
-    def _train_metrics(self, out: StepResult, meter: Throughput) -> dict[str, float]:
+    def _train_metrics(self, result: StepResult, meter: Throughput) -> dict[str, float]:
         """What a logged step reports (collective: every rank all-reduces the step's loss)."""
-        totals = distributed.all_reduce_sum(torch.stack([out.loss_sum, out.n_predicted]))
+        totals = distributed.all_reduce_sum(torch.stack([result.loss_sum, result.n_predicted]))
         metrics = {
             "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
             "train/lr": self.engine.optimizer.param_groups[0]["lr"],
             **meter.rates(self.dist.world_size),
             "curriculum/stage": self.schedule.stage_index,
         }
-        grad_norm = self.engine.get_global_grad_norm() if out.grad_norm is None else out.grad_norm
+        grad_norm = self.engine.get_global_grad_norm() if result.grad_norm is None else result.grad_norm
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         tflops = self.flops_per_token * metrics["perf/tokens_per_s"] / self.dist.world_size / 1e12
         metrics["perf/tflops_per_device"] = tflops
         if self.peak_tflops is not None:
             metrics["perf/mfu"] = tflops / self.peak_tflops
-        metrics.update({f"mask/{k}": v for k, v in out.mask_stats.items()})
+        metrics.update({f"mask/{k}": v for k, v in result.mask_stats.items()})
         return metrics
 
     def _progress_bar(self) -> Progress | None:
@@ -563,7 +538,7 @@ class Trainer:
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state
         ppl = self.evaluate(eval_strategy)
-        ppl_ref = self.evaluate(REFERENCE_STRATEGY, REFERENCE_P)
+        ppl_ref = self.evaluate(REFERENCE_MASKING, REFERENCE_P)
         # ppl is already all-reduced: every rank feeds the schedule the same number and so takes
         # the same decision at the same step.
         stage_before = self.schedule.stage
@@ -583,7 +558,7 @@ class Trainer:
     def _write_events(self) -> None:
         if not self.dist.is_main:
             return
-        path = self.out / "curriculum_events.json"
+        path = self.layout.events
         path.write_text(json.dumps(self.schedule.events, indent=2))
         self.tracker.log_artifact(path)
 
@@ -597,16 +572,6 @@ class Trainer:
                         self.cfg.keep_checkpoints,
                         record={"config": self.cfg.to_dict(), "data": self._data_identity()})
 
-    def _full_state_dict(self) -> dict | None:
-        """fp32 weights gathered to rank 0 (collective: every rank calls it)."""
-        import deepspeed
-        params = list(self.engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if not self.dist.is_main:
-                return None
-            return {k.removeprefix("model."): v.detach().float().cpu().clone()
-                    for k, v in self.engine.module.state_dict().items()}
-
     def _export_info(self) -> dict:
         """cmgems.json of an export: where the model came from (the model card renders it)."""
         cfg, st, events = self.cfg, self.state, self.schedule.events
@@ -617,45 +582,22 @@ class Trainer:
                 "mlflow_tracking_uri": self.tracker.tracking_uri,
                 "curriculum": {"mode": cfg.mode, "threshold": cfg.threshold,
                                "patience": cfg.patience, "min_switch_step": cfg.min_switch_step,
-                               "switch_step": events[0]["step"] if events else None,
-                               "events": events},
+                               "switch_step": self.schedule.switch_step,
+                               "description": self.schedule.describe(), "events": events},
                 "evaluation": st.history[-1] if st.history else None,
                 "data": dataset_summary(self.manifest, cfg.data_dir)}
 
     def _export(self, dest: Path, final: bool) -> None:
-        """The HF export of the current weights into dest (collective), with its model card, logged
-        as an MLflow model; the final one is registered under --register-model if given. A step
-        export is built aside and renamed into place, so export/step-<N>/ exists complete or not at
-        all; the final export/ is written in place (it holds the step exports)."""
-        state = self._full_state_dict()
-        err = None
-        if self.dist.is_main:
-            info = self._export_info()
-            card = render_model_card(info, self.bert_config)
-
-            def write(path: Path) -> None:
-                export(state, self.bert_config, path, info, card)
-            try:
-                if final:
-                    write(dest)
-                else:
-                    publish_dir(write, dest)
-            except OSError as e:
-                err = InputError(f"{dest}: cannot write the export: "
-                                 f"{checkpoint.write_failure(e, dest.parent)}")
-        err = distributed.broadcast_object(err)
-        if err is not None:
-            raise err
+        """The HF export of the current weights into dest (collective), logged as an MLflow model;
+        the final one is registered under --register-model if given."""
+        export.write(self.engine, self.bert_config, self._export_info, dest, final,
+                     self.dist.is_main)
         if self.dist.is_main and self.cfg.log_model:
-            uri = self.tracker.log_hf_model(
-                dest, name="model" if final else dest.name, step=self.state.step,
-                registered_model_name=self.cfg.register_model if final else "")
-            if uri and final:
-                self.tracker.set_tag("model_uri", uri)
+            export.log_model(self.tracker, dest, self.state.step, final, self.cfg.register_model)
 
     def _export_step(self) -> None:
         """export/step-<N>/: the model at this step, kept (never pruned with checkpoints)."""
-        dest = self.out / "export" / f"step-{self.state.step}"
+        dest = self.layout.step_export(self.state.step)
         if self.dist.is_main:
             dest.parent.mkdir(exist_ok=True)
         self._export(dest, final=False)
@@ -667,35 +609,34 @@ class Trainer:
         PMI masking the dataset's NPMI table cannot support."""
         usable = self.scored_fraction >= self.cfg.min_scored_fraction
         return {s: self.evaluate(s, DEFAULT_PROBABILITY[s])
-                if usable or s == "random" else None for s in STRATEGIES}
+                if usable or not uses_pmi(s) else None for s in MASKINGS}
 
-    def _finish(self, stopped_by: str | None) -> dict:
-        st, out = self.state, self.out
+    def _finish(self, stopped_by: str | None) -> RunResult:
+        st, layout = self.state, self.layout
         events = self.schedule.events
-        result = {"step": st.step, "stopped_by": stopped_by, "output_dir": str(out),
-                  "mlflow_run_id": st.mlflow_run_id, "stage": self.schedule.stage,
-                  "switch_step": events[0]["step"] if events else None,
-                  "events": events, "history": st.history}
+        result = RunResult(step=st.step, stopped_by=stopped_by, output_dir=str(self.out),
+                           mlflow_run_id=st.mlflow_run_id, stage=self.schedule.stage,
+                           switch_step=self.schedule.switch_step, events=events,
+                           history=st.history)
         if stopped_by is None:
-            result["final_ppl"] = self.final_perplexities()
-            self.tracker.log_metrics({f"final/ppl_{s}": v for s, v in result["final_ppl"].items()
+            result.final_ppl = self.final_perplexities()
+            self.tracker.log_metrics({f"final/ppl_{s}": v for s, v in result.final_ppl.items()
                                       if v is not None}, st.step)
-            self._export(out / "export", final=True)
+            self._export(layout.export, final=True)
         if self.dist.is_main:
             if st.history:
-                plot = perplexity_plot(st.history, events, out / "perplexity.png",
+                plot = perplexity_plot(st.history, events, layout.perplexity_plot,
                                        f"{self.run_name} ({self.cfg.model}, {self.cfg.mode})")
                 self.tracker.log_artifact(plot)
             self._write_events()
             for name in ("config.json", "cmgems.json", "README.md"):
-                self.tracker.log_artifact(out / "export" / name, "export")
+                self.tracker.log_artifact(layout.export / name, "export")
             self.tracker.finish("FINISHED" if stopped_by is None else "KILLED")
-            result["mlflow_run_id"] = self.tracker.run_id
-            result["tracking"] = self.tracker.summary()
-            with atomic_path(out / "result.json") as tmp:
-                tmp.write_text(json.dumps(result, indent=2))
+            result.mlflow_run_id = self.tracker.run_id
+            result.tracking = self.tracker.summary()
+            result.write(layout.result)
             log.info("run %s: step %d, stage %s, tracking %s", self.run_name, st.step,
-                     self.schedule.stage, result["tracking"])
+                     self.schedule.stage, result.tracking)
         self.run_dir.release(failed=False)
         distributed.shutdown()
         return result

@@ -49,18 +49,18 @@ def perplexity_plot(history: list[dict], events: list[dict], path: str | Path, t
     return _save(fig, ax, path, title, "lower left")
 
 
-def ref_ppl_plot(strategies: list[str], results: dict[str, dict], path: str | Path,
+def ref_ppl_plot(strategies: list[str], results: dict, path: str | Path,
                  title: str = "") -> Path:
     """Validation perplexity under the fixed reference masking, one curve per strategy (results:
-    strategy -> result.json); each curriculum switch drawn as a dashed line in its strategy's
+    strategy -> its run's cmgems.pretrain.result.RunResult); each curriculum switch drawn as a dashed line in its strategy's
     colour."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for i, s in enumerate(strategies):
-        hist = results[s].get("history") or []
+        hist = results[s].history or []
         color = f"C{i}"
         ax.plot([h["step"] for h in hist], [h["ppl_ref"] for h in hist], marker="o", ms=3,
                 color=color, label=s)
-        _mark_switches(ax, results[s].get("events") or [], color, 0.97, f"{s}: ")
+        _mark_switches(ax, results[s].events or [], color, 0.97, f"{s}: ")
     _perplexity_axes(ax, "perplexity (reference random masking)")
     return _save(fig, ax, path, title or "validation perplexity under the reference masking",
                  "lower left")

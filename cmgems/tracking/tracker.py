@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -62,6 +63,17 @@ def source_tags() -> dict[str, str]:
             tags[MLFLOW_GIT_COMMIT] = commit
     return tags
 
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run's numbers depend on."""
+    import deepspeed
+    import mlflow
+    import torch
+    import transformers
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "mlflow": mlflow.__version__,
+            "python": sys.version.split()[0]}
 
 class Tracker:
     """One MLflow run; `enabled=False` (ranks other than 0) makes every call a no-op."""
@@ -250,6 +262,18 @@ class Tracker:
         for i in range(0, len(items), 100):
             self._call("log params",
                        lambda: self.client.log_batch(self.run_id, params=items[i:i + 100]))
+
+    def log_run_start(self, params: dict[str, Any], output_dir: Path, dataset: dict,
+                      artifacts=()) -> None:
+        """What a new training run records once: its parameters with the versions of the
+        libraries it ran on, where its output is, its dataset input (`dataset`: a
+        cmgems.model.card.dataset_summary) and the files it started from."""
+        self.log_params({**params, "versions": library_versions()})
+        self.set_tag("output_dir", str(Path(output_dir).resolve()))
+        self.log_dataset(dataset["name"], dataset["manifest_checksum"][:16], dataset["path"],
+                         dataset)
+        for path in artifacts:
+            self.log_artifact(path)
 
     def set_tag(self, key: str, value: Any) -> None:
         self._call(f"set tag {key}", lambda: self.client.set_tag(self.run_id, key, str(value)))
