@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from cmgems.masking.curriculum import make_schedule
 from cmgems.data.layout import DatasetDir
+from cmgems.pretrain.layout import RunLayout
 from cmgems.data.loader import SampleDataset
 from cmgems.errors import InputError
 from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
@@ -70,7 +71,7 @@ class MaskingCollator:
     (seed, b, DataLoader worker id): a run repeats exactly for the same seed and num_workers.
     """
 
-    def __init__(self, npmi_table, mode: str = "cm_gems",
+    def __init__(self, npmi_table, mode: str = CM_GEMS,
                  probabilities: dict[str, float] | None = None, seed: int = 0):
         table = np.asarray(npmi_table, dtype=np.float64)
         k = next((k for k in K_RANGE if 4 ** k == len(table)), None)
@@ -88,7 +89,7 @@ class MaskingCollator:
         self.shared = torch.zeros(3, dtype=torch.int64).share_memory_()
 
     @classmethod
-    def for_dataset(cls, data_dir: str | Path, mode: str = "cm_gems", **kwargs):
+    def for_dataset(cls, data_dir: str | Path, mode: str = CM_GEMS, **kwargs):
         """A collator with the NPMI table of a cmgems dataset (its npmi.tsv)."""
         manifest = Manifest.load(data_dir)
         return cls(load_table(DatasetDir(data_dir).npmi_table, manifest.k), mode, **kwargs)
@@ -217,4 +218,4 @@ def _log_to_mlflow(step: int, ppl: float, schedule, event: dict | None) -> None:
     if event is not None:
         mlflow.set_tags({"curriculum.switch_step": event["step"],
                          "curriculum.stage": schedule.stage})
-        mlflow.log_dict(schedule.events, "curriculum_events.json")
+        mlflow.log_dict(schedule.events, RunLayout(".").events.name)

@@ -168,3 +168,16 @@ def test_init_from_a_broken_model_is_refused_naming_the_file(tmp_path, damage, n
         build_model("logo", 6, str(out))
     assert str(e.value).startswith(f"{out / named}" if named else f"{out}: "), str(e.value)
     assert message in str(e.value)
+
+
+def test_auto_precision_is_one_rule_for_pretraining_and_finetuning():
+    """`precision: auto` resolves alike in both (bf16 where the GPU has it, else fp32): a model
+    finetuned with the settings it was pretrained with runs in the same precision."""
+    from cmgems.evaluation.finetune import resolve_precision as finetune_precision
+    from cmgems.precision import auto_precision
+    devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available()
+                                       else [])
+    for device in devices:
+        want = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        assert auto_precision(device) == want
+        assert resolve_precision("auto", device) == finetune_precision("auto", device) == want

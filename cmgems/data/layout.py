@@ -11,7 +11,6 @@ importing the reader.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "valid")
@@ -28,24 +27,13 @@ def shard_name(split: str, index: int) -> str:
 DATASET_FILES = (MANIFEST_NAME, TABLE_NAME, *(f"{split}-*.h5" for split in SPLITS))
 
 
-@dataclass(frozen=True)
 class DatasetDir:
     """The paths of one dataset directory (nothing is read or checked here)."""
-    root: Path
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / MANIFEST_NAME
-
-    @property
-    def npmi_table(self) -> Path:
-        return self.root / TABLE_NAME
-
-    def shard(self, split: str, index: int) -> Path:
-        return self.root / shard_name(split, index)
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest = self.root / MANIFEST_NAME
+        self.npmi_table = self.root / TABLE_NAME
 
     def holds_dataset(self) -> bool:
         """A manifest is written last: its presence marks a finished dataset."""

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cmgems.errors import InputError
+from cmgems.precision import auto_precision
 from cmgems.evaluation.progress import RunProgress
 from cmgems.evaluation.report import predictions_path, write_predictions
 from cmgems.evaluation.tracking import Tracking, finish_task_run, log_run, start_task_run
@@ -82,8 +83,8 @@ class FinetuneConfig:
     select_best: bool = option(True, "With a dev set: test the weights of lowest dev loss "
                                "(off: the final weights).")
     precision: str = option("fp32", "Autocast precision of forward passes: fp32, bf16, fp16 "
-                            "(with loss scaling), or auto (bf16 on a GPU that has it, else fp16 "
-                            "on GPU; fp32 on CPU).", choices=PRECISIONS)
+                            "(with loss scaling), or auto (bf16 on a GPU that has it, else fp32, "
+                            "as pretraining's auto).", choices=PRECISIONS)
     device: str = option("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
 
     def __post_init__(self):
@@ -212,13 +213,9 @@ def _device(name: str):
 
 
 def resolve_precision(precision: str, device) -> str:
-    """'auto': bf16 on a GPU that supports it, fp16 on another GPU, fp32 on CPU."""
-    import torch
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    """'auto' as pretraining resolves it (cmgems.precision); an explicit one as given (torch
+    autocast runs bf16 and fp16 on every device)."""
+    return auto_precision(device) if precision == "auto" else precision
 
 
 def _autocast(device, precision: str):

@@ -203,8 +203,8 @@ class GueTask:
     one device accumulates 4 micro-batches of 8. virus/covid accumulates more in both scripts
     (CM-GEMS: 2 x 8 x 4 = 64; DNABERT-2: 4 x 8 x 4 = 128): cmgems follows CM-GEMS, 8 x 8.
     warmup_steps and eval_steps count optimizer steps, as in the Hugging Face Trainer the scripts
-    use. fp16 becomes precision "auto": bf16 where the GPU has it, fp16 on other GPUs, fp32 on
-    CPU."""
+    use. fp16 becomes precision "auto": bf16 where the GPU has it, else fp32 (cmgems.precision:
+    fp16 only on request)."""
 
     name: str  # path under the GUE root, e.g. "EMP/H3"
     human: bool  # counted in the human mean (prom, tf, splice) or the non-human one

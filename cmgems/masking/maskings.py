@@ -343,8 +343,27 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
                generator: torch.Generator | None, k: int = 6,
                probabilities: dict[str, float] | None = None, global_m: int = 0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Select (one strategy, or one per sample) then corrupt: (inputs, labels, selected).
-    global_m: GLOBAL's anchors per sample (0 = round(L x its probability)), see `select`."""
+    """Select the positions to predict, then corrupt them as BERT does (80 % [MASK], 10 % a
+    random k-mer, 10 % unchanged).
+
+    Args:
+        input_ids: long [B, N], [CLS] k-mer ids [SEP] then padding.
+        npmi: float [B, N], the NPMI of each position's k-mer (NaN: unscored, or special).
+        attention_mask: [B, N], 1 on real tokens ([CLS] and [SEP] included); None: no padding.
+        strategies: one masking for the whole batch, or one per sample (cmgems.masking.names).
+        vocab_size: of the model; the random 10 % are drawn from the k-mer ids below it.
+        generator: every random draw comes from it (None: a fresh unseeded one).
+        k: the k-mer length; a masked centre hides the k-span of k-mers that overlap it.
+        probabilities: {masking: centre (random, genemask) or anchor (global) probability},
+            over DEFAULT_PROBABILITY.
+        global_m: GLOBAL's anchors per sample (0 = round(L x its probability)), see `select`.
+    Returns:
+        (inputs, labels, selected): the corrupted ids; the original ids at selected positions
+        and IGNORE_INDEX elsewhere; bool [B, N] of the selected positions.
+
+    Example, k = 6 and random masking: a centre drawn at position 40 selects positions 38..43
+    (kspan(6) == (2, 3)): six consecutive k-mers, DNABERT's rule, so that a hidden k-mer is not
+    spelled out by its unmasked overlapping neighbours."""
     probs = dict(DEFAULT_PROBABILITY)
     for name, p in (probabilities or {}).items():
         probs[check_masking(name)] = float(p)

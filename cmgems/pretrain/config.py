@@ -15,7 +15,7 @@ from typing import Any
 
 from cmgems.masking.curriculum import CM_STEP_DRAWS
 from cmgems.errors import InputError
-from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, parse_mode
+from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, MASKINGS, parse_mode
 from cmgems.options import DEFAULT_SEED, check_fields, from_args, load_file, option
 from cmgems.tracking.uri import check_tracking_uri
 
@@ -56,7 +56,7 @@ class PretrainConfig:
     init_from: str = _f("", "HF/DNABERT model directory to initialise from (e.g. an export); "
                         "empty trains from scratch.")
     # --- masking curriculum -----------------------------------------------------------------
-    mode: str = _f("cm_gems", "Masking schedule: cm_gems, cm_step, or fixed:<strategy> with "
+    mode: str = _f(CM_GEMS, "Masking schedule: cm_gems, cm_step, or fixed:<strategy> with "
                    f"strategy in {MASKINGS}.", resume=True)
     threshold: float = _f(1.0, "cm_gems: switch genemask -> global once validation perplexity "
                           "drops by less than this between consecutive evaluations.", resume=True,

@@ -10,6 +10,7 @@ import torch
 from cmgems import bundled
 from cmgems.pretrain.config import PretrainConfig
 from cmgems.errors import InputError
+from cmgems.precision import auto_precision
 
 DS_CONFIG_DIR = bundled.path("ds_configs")
 
@@ -18,9 +19,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision to train in; a 16-bit one the device cannot run is an InputError up front
     (DeepSpeed would otherwise fail deep inside its engine with a traceback)."""
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
+        return auto_precision(device)
     if precision == "fp32":
         return precision
     if device.type == "cuda":

@@ -14,49 +14,22 @@ Torch-free, so a comparison or a launcher can find a run's files without importi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class RunLayout:
     """The paths of one run directory (nothing is read or created here)."""
-    root: Path
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".cmgems.lock"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def ds_config(self) -> Path:
-        return self.root / "ds_config.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.lock = self.root / ".cmgems.lock"
+        self.config = self.root / "config.json"
+        self.ds_config = self.root / "ds_config.json"
+        self.checkpoints = self.root / "checkpoints"
+        self.export = self.root / "export"
+        self.events = self.root / "curriculum_events.json"
+        self.perplexity_plot = self.root / "perplexity.png"
+        self.result = self.root / "result.json"
 
     def step_export(self, step: int) -> Path:
         return self.export / f"step-{step}"
-
-    @property
-    def events(self) -> Path:
-        return self.root / "curriculum_events.json"
-
-    @property
-    def perplexity_plot(self) -> Path:
-        return self.root / "perplexity.png"
-
-    @property
-    def result(self) -> Path:
-        return self.root / "result.json"
