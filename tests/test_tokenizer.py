@@ -98,7 +98,8 @@ def tiny_config(k: int = 6) -> BertConfig:
 INFO = {"run_name": "tiny", "step": 8, "max_steps": 8, "mode": "cm_gems", "model": "logo",
         "max_length": 128, "seed": 1, "mlflow_run_id": "abc123",
         "curriculum": {"mode": "cm_gems", "threshold": 1.0, "patience": 1, "min_switch_step": 0,
-                       "switch_step": 4, "events": [{"step": 4, "from": "genemask",
+                       "switch_step": 4, "description": "CM-GEMS: GeneMask masking until ...",
+                       "events": [{"step": 4, "from": "genemask",
                                                      "to": "global"}]},
         "evaluation": {"step": 8, "ppl": 12.5, "ppl_ref": 10.25, "stage": "global"},
         "data": {"name": "lambda", "genome": "lambda_phage.fa.gz", "genome_sha256": "f" * 64,
@@ -132,7 +133,8 @@ def test_model_card_says_what_the_model_is(exported):
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
     for fact in ("1 layers, hidden size 32", "f" * 64, "e" * 64, "114 training samples",
-                 "steps: 8 of 8", "Switched genemask -> global at step 4",
+                 "steps: 8 of 8", "CM-GEMS: GeneMask masking until",
+                 "Switched genemask -> global at step 4",
                  "perplexity 10.250 under the reference masking", "`abc123`",
                  "trust_remote_code=True", "--kmer 6", "--kmer -1"):
         assert fact in card, fact

@@ -10,14 +10,16 @@ from pathlib import Path
 
 from transformers import BertConfig
 
+from cmgems.data.layout import SPLITS
 from cmgems.data.shards import Manifest
+from cmgems.masking.names import CM_GEMS
 
 
 def dataset_summary(manifest: Manifest, data_dir: str | Path) -> dict:
     """The dataset a model was trained on, in figures (logged as the run's MLflow dataset input
     and kept in the export)."""
     splits = {}
-    for split in ("train", "valid"):
+    for split in SPLITS:
         shards = manifest.split_shards(split)
         splits[f"{split}_samples"] = sum(s["samples"] for s in shards)
         splits[f"{split}_tokens"] = sum(s["tokens"] for s in shards)
@@ -30,21 +32,15 @@ def dataset_summary(manifest: Manifest, data_dir: str | Path) -> dict:
 
 
 def _schedule(info: dict) -> str:
+    """The masking schedule in words: the schedule's own description (the trainer puts it into
+    info["curriculum"]), then its switch."""
     c = info.get("curriculum", {})
-    mode = c.get("mode", info.get("mode", ""))
-    if mode == "cm_gems":
-        text = (f"CM-GEMS: GeneMask masking until validation perplexity drops by less than "
-                f"{c.get('threshold')} for {c.get('patience')} consecutive evaluation(s) (not "
-                f"before step {c.get('min_switch_step', 0)}), then GLOBAL top-NPMI masking")
-    elif mode == "cm_step":
-        text = "CM-Step: random masking, turning into GLOBAL masking in 100 equal steps"
-    else:
-        text = f"one strategy throughout: {mode.removeprefix('fixed:')}"
+    text = c.get("description") or f"masking schedule {c.get('mode', info.get('mode', ''))}"
     events = c.get("events") or []
     if events:
         e = events[0]
         text += f". Switched {e['from']} -> {e['to']} at step {e['step']}"
-    elif mode == "cm_gems":
+    elif c.get("mode", info.get("mode")) == CM_GEMS:
         text += ". No switch happened"
     return text + "."
 
@@ -112,7 +108,7 @@ def render(info: dict, config: BertConfig) -> str:
         'tokenizer = AutoTokenizer.from_pretrained(EXPORT, trust_remote_code=True)',
         "model = AutoModelForMaskedLM.from_pretrained(EXPORT)",
         f'tokenizer("{example.replace("[MASK]", "")}")   # raw DNA, any case',
-        f'fill = pipeline("fill-mask", model=EXPORT, trust_remote_code=True)',
+        'fill = pipeline("fill-mask", model=EXPORT, trust_remote_code=True)',
         f'fill("{example}")   # [MASK] stands for one {k}-mer',
         "```",
         "",
