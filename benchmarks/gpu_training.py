@@ -124,11 +124,11 @@ def cm_gems(args) -> list[dict]:
         result = Trainer(cfg).train()
         seconds = time.perf_counter() - t0
         export = Path(cfg.output_dir) / "export"
-        switched = result["stage"] == "global" and len(result["events"]) == 1
+        switched = result.stage == "global" and len(result.events) == 1
         loads = AutoModelForMaskedLM.from_pretrained(export).config.vocab_size == 4101
-        done = result["step"] == args.steps
+        done = result.step == args.steps
     ok = switched and loads and done
-    steps = [e["step"] for e in result["events"]]
+    steps = [e["step"] for e in result.events]
     return [{"check": "cm_gems run", "setting": setting, "status": "ok" if ok else "FAILED",
              "note": f"switched genemask -> global at step {steps}, export loads: {loads}, "
                      f"{seconds:.0f} s on {device_name()}"}]

@@ -121,7 +121,8 @@ def test_stage_reaches_dataloader_workers(tiny_dataset):
 
 
 class RecordingCollator(MaskingCollator):
-    """The real collator, also noting which strategy each batch got."""
+    """The real collator, also noting which masking each batch got (under cm_gems every sample
+    of a batch gets the same)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,7 +130,8 @@ class RecordingCollator(MaskingCollator):
 
     def strategies(self, batch, gen):
         s = super().strategies(batch, gen)
-        self.used.append(s)
+        assert len(s) == batch and len(set(s)) == 1, s
+        self.used.append(s[0])
         return s
 
 
