@@ -289,7 +289,9 @@ def load_file(path: str | Path, cls) -> dict[str, Any]:
     except (ValueError, yaml.YAMLError) as e:
         reason = " ".join(str(e).split())  # YAML's message spans lines; an error is one line
         raise InputError(f"{path}: not valid {kind} ({reason})") from None
-    data = data or {}
+    if data is None:  # a run on the built-in defaults is not what a user naming a file expects
+        raise InputError(f"{path}: holds no config fields (it is empty or only comments); set "
+                         f"the fields it should, or leave the file out to take the defaults")
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config is a mapping of field: value, got "
                          f"{type(data).__name__}")

@@ -13,6 +13,7 @@ taken from the files shipped with cmgems.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -77,13 +78,31 @@ def ensure_dataset(cfg) -> None:
             time.sleep(2)
 
 
+@contextlib.contextmanager
+def result_only_on_stdout():
+    """Send everything written to stdout in the block (DeepSpeed's notices and warnings, a C++
+    op build's output, at the file-descriptor level) to stderr; yields a stream to the real
+    stdout, for the result line: stdout of a run is its JSON result alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved), "w") as real:
+            yield real
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = bundled.resolve(args.config, "--config") if args.config else bundled.path(QUICK)
         cfg = from_sources(str(config), args)
-        cfg.genome = bundled.resolve(cfg.genome, "genome")
+        if not DatasetDir(cfg.data_dir).holds_dataset():  # else the genome is not read
+            cfg.genome = bundled.resolve(cfg.genome, "genome")
         cfg.ds_config = bundled.resolve(cfg.ds_config, "ds_config")
         # imported once the config is read: torch, transformers and DeepSpeed take seconds, and
         # --help or a config error should not wait for them
@@ -91,7 +110,12 @@ def main(argv=None) -> int:
         preflight.check(cfg, args.resume)
         ensure_dataset(cfg)
         from cmgems.pretrain.trainer import Trainer
-        result = Trainer(cfg, resume=args.resume).train()
+        with result_only_on_stdout() as stdout:
+            result = Trainer(cfg, resume=args.resume).train()
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps({k: getattr(result, k) for k in (
+                    "output_dir", "step", "stage", "stopped_by", "mlflow_run_id", "events")}),
+                      file=stdout, flush=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT_ERROR
@@ -100,10 +124,6 @@ def main(argv=None) -> int:
               "continues from the newest", file=sys.stderr)
         return EXIT_INTERRUPTED
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    if main_rank:
-        print(json.dumps({k: getattr(result, k) for k in ("output_dir", "step", "stage",
-                                                          "stopped_by", "mlflow_run_id",
-                                                          "events")}))
     if result.stopped_by == "SIGINT":
         if main_rank:
             print(f"stopped by Ctrl-C after step {result.step}, checkpointed: --resume "

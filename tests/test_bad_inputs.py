@@ -16,6 +16,7 @@ import h5py
 import pytest
 
 from conftest import LAMBDA, ROOT, run_module
+from cmgems.errors import InputError
 from cmgems.io import sha256_file
 from cmgems.data.shards import Manifest
 
@@ -56,6 +57,21 @@ class Case:
     make: Callable[[Path, Path], tuple[list[str], Path | str]]
     expect: str                                            # in the error line
     slow: bool = False
+    # why this machine cannot show the refusal (None: it can), asked as the product asks
+    unshowable: Callable[[], str | None] | None = None
+
+
+def _fp16_runs_here() -> str | None:
+    """The run's device takes fp16 when the product's own check accepts it (a GPU, or a CPU
+    with AVX512-FP16/AMX, where DeepSpeed has fp16 kernels)."""
+    import torch
+    from cmgems.pretrain.engine import resolve_precision
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolve_precision("fp16", device)
+    except InputError:
+        return None
+    return f"fp16 runs on this {device.type} (DeepSpeed has fp16 kernels for it)"
 
 
 # ---------------------------------------------------------------------- FASTA
@@ -289,10 +305,11 @@ def bytes_config_case(name: str, body: bytes, expect: str) -> Case:
     return Case(f"config: {name}", make, expect, slow=True)
 
 
-def option_case(name: str, extra: list[str], named: str, expect: str, slow=True) -> Case:
+def option_case(name: str, extra: list[str], named: str, expect: str, slow=True,
+                unshowable=None) -> Case:
     def make(tmp, data):
         return _train(data, tmp / "runs" / "run", *extra), named
-    return Case(name, make, expect, slow=slow)
+    return Case(name, make, expect, slow=slow, unshowable=unshowable)
 
 
 def ds_case(name: str, ds: dict | str, expect: str) -> Case:
@@ -384,11 +401,13 @@ CONFIG_CASES = [
     config_case("non-finite lr", "lr: .nan\n", "lr must be a finite number, got nan"),
     config_case("duplicate key", "lr: 0.001\nlr: 0.01\n",
                 ":2: key 'lr' given twice (lines 1 and 2)"),
+    config_case("an empty file", "", "holds no config fields"),
+    config_case("only comments", "# max_steps: 200\n", "holds no config fields"),
     bytes_config_case("not UTF-8", b"max_steps: 2\n# r\xe9sum\xe9\n", ":2: not UTF-8 text"),
     option_case("option: --seed beyond 2**32", ["--seed", "9" * 30], "seed",
                 "seed must be in [0, 4294967295]"),
     option_case("option: --precision fp16 on a CPU", ["--precision", "fp16"], "precision fp16",
-                "not supported on this device (cpu", slow=True),
+                "not supported on this device (cpu", slow=True, unshowable=_fp16_runs_here),
     ds_case("train_batch_size != micro x accum x world",
             _ds(train_batch_size=64), "train_batch_size=64 contradicts the run config (2)"),
     ds_case("micro batch contradicts --micro-batch-size",
@@ -415,6 +434,9 @@ ALL = FASTA_CASES + TABLE_CASES + BUILD_CASES + NPMI_CASES + MANIFEST_CASES + CO
 
 
 def _check(case: Case, tmp: Path, data: Path) -> None:
+    why = case.unshowable() if case.unshowable else None
+    if why:
+        pytest.skip(reason=why)
     argv, named = case.make(tmp, data)
     inputs = {p for p in tmp.rglob("*") if p.is_file()}
     try:
@@ -485,3 +507,15 @@ def test_read_only_output_directory(command, read_only_dir, tiny_dataset, tmp_pa
             ["-m", "preprocessing", "npmi", str(LAMBDA), str(out)], out),
             "cannot write the NPMI table (")
     _check(case, tmp_path, tiny_dataset)
+
+
+@pytest.mark.slow
+def test_a_dataset_refusal_comes_before_deepspeed_starts(tmp_path, tiny_dataset):
+    """What the files can tell (here: an NPMI table that scores no k-mer) is refused by the
+    preflight, before the process group and DeepSpeed start; and a run given --data-dir of a
+    built dataset says nothing of the genome it does not read."""
+    argv, manifest = _poorly_scored(tmp_path, tiny_dataset)
+    res = run_module(*argv, env=ONE_THREAD, check=False)
+    assert res.returncode == 2 and "below min_scored_fraction" in error_line(res.stderr)
+    assert "rank(s) on" not in res.stderr and "deepspeed" not in res.stderr.lower(), res.stderr
+    assert "genome:" not in res.stderr, res.stderr

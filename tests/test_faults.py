@@ -710,3 +710,22 @@ def test_non_finite_loss_stops_with_the_last_finite_step(tiny_dataset, reference
            f"exit 2: `{line.replace(str(tmp_path) + '/', '')}`; the update was never applied; "
            f"MLflow FAILED; --resume finished bit-identical", "0 (step 4 checkpointed then)",
            "none")
+
+
+def test_a_published_file_is_flushed_before_and_after_its_rename(tmp_path, monkeypatch):
+    """atomic_path fsyncs the new file before it replaces the old one, then the directory that
+    holds the rename: a node crash leaves the old file or the whole new one."""
+    import cmgems.io as cio
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(cio.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(
+        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(cio.os, "replace", lambda a, b: (events.append(("replace", str(b))),
+                                                         real_replace(a, b))[1])
+    target = tmp_path / "manifest.json"
+    with cio.atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    assert target.read_text() == "{}"
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"], events
+    assert events[0][1].endswith(".tmp-" + str(os.getpid()) + "-manifest.json")
+    assert events[2][1] == str(tmp_path)

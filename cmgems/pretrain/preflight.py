@@ -20,6 +20,7 @@ from cmgems.pretrain.engine import build_ds_config
 from cmgems.errors import InputError
 from cmgems.data.layout import SPLITS, DatasetDir
 from cmgems.data.shards import Manifest
+from cmgems.masking.names import uses_pmi
 from cmgems.pretrain.layout import RunLayout
 
 
@@ -62,7 +63,35 @@ def _check_data(cfg: PretrainConfig) -> None:
             if not manifest.split_shards(split):
                 raise InputError(f"{data.manifest}: no {split!r} shards; a run needs "
                                  f"both splits (rebuild it with a validation split)")
+        check_scored(cfg, manifest)
     elif not Path(cfg.genome).is_file():
         raise InputError(f"{data.root}: holds no dataset ({data.manifest.name}), and the genome to build it "
                          f"from, {cfg.genome}, is not a file (--genome GENOME, or --data-dir of a "
                          f"built dataset)")
+
+
+def check_scored(cfg: PretrainConfig, manifest: Manifest) -> float:
+    """The share of the 4^k k-mers the dataset's NPMI table scores; InputError when a PMI masking
+    is asked for on a table that scores less than min_scored_fraction. There, PMI masking would
+    rank ties, which is random masking under another name: refused rather than reported as PMI
+    masking."""
+    scored = _scored_fraction(manifest, DatasetDir(cfg.data_dir))
+    wanted = [s for s in (cfg.mode, cfg.eval_strategy) if s and uses_pmi(s)]
+    if wanted and scored < cfg.min_scored_fraction:
+        raise InputError(
+            f"{DatasetDir(cfg.data_dir).manifest}: its NPMI table scores {scored:.1%} of the "
+            f"{4 ** manifest.k:,} {manifest.k}-mers, below min_scored_fraction "
+            f"{cfg.min_scored_fraction:g}: {wanted[0]} would mask by ties; rebuild with a lower "
+            f"--min-count or a larger genome (or pass --min-scored-fraction to accept it)")
+    return scored
+
+
+def _scored_fraction(manifest: Manifest, data: DatasetDir) -> float:
+    stats = manifest.stats or {}
+    if "npmi_scored_fraction" in stats:
+        return float(stats["npmi_scored_fraction"])
+    if "npmi_scored" in stats:
+        return int(stats["npmi_scored"]) / 4 ** manifest.k
+    import numpy as np
+    from cmgems.data.npmi_table import load_table  # a manifest from before the stats had it
+    return float((~np.isnan(load_table(data.npmi_table, manifest.k))).mean())

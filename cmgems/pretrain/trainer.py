@@ -34,7 +34,7 @@ from cmgems.model.card import dataset_summary
 from cmgems.model.architectures import build_model, count_parameters, flops_per_token
 from cmgems.data.packing import choose_attention
 from cmgems.tracking.plots import perplexity_plot
-from cmgems.pretrain.preflight import default_output_dir
+from cmgems.pretrain.preflight import check_scored, default_output_dir
 from cmgems.progress import Progress, quiet_library_bars
 from cmgems.rng import derive_seed, generator
 from cmgems.pretrain.layout import RunLayout
@@ -247,35 +247,11 @@ class Trainer:
         checkpoint.check_compatible(self.ckpt_dir, saved, self.cfg.to_dict(),
                                     resume_fields(PretrainConfig), data, self._data_identity())
 
-    def _check_scored(self) -> None:
-        """PMI masking ranks tokens by NPMI: on a table that scores little, it ranks ties, which
-        is random masking under another name. Refuse it rather than report it as PMI masking."""
-        self.scored_fraction = self._scored_fraction()
-        wanted = [s for s in (self.cfg.mode, self.cfg.eval_strategy) if s and uses_pmi(s)]
-        if wanted and self.scored_fraction < self.cfg.min_scored_fraction:
-            raise InputError(
-                f"{self.data.manifest}: its NPMI table scores "
-                f"{self.scored_fraction:.1%} of the {4 ** self.k:,} {self.k}-mers, below "
-                f"min_scored_fraction {self.cfg.min_scored_fraction:g}: {wanted[0]} would mask "
-                f"by ties; rebuild with a lower --min-count or a larger genome (or pass "
-                f"--min-scored-fraction to accept it)")
-
-    def _scored_fraction(self) -> float:
-        stats = self.manifest.stats or {}
-        if "npmi_scored_fraction" in stats:
-            return float(stats["npmi_scored_fraction"])
-        if "npmi_scored" in stats:
-            return int(stats["npmi_scored"]) / 4 ** self.k
-        from cmgems.data.npmi_table import load_table  # a manifest from before the stats had it
-        import numpy as np
-        table = load_table(self.data.npmi_table, self.k)
-        return float((~np.isnan(table)).mean())
-
     def _load_data(self) -> None:
         cfg = self.cfg
         self.manifest = Manifest.load(cfg.data_dir)
         self.k = self.manifest.k
-        self._check_scored()
+        self.scored_fraction = check_scored(cfg, self.manifest)
         if cfg.verify_data:
             # Rank 0 hashes every shard; all ranks fail together with its message.
             distributed.on_main(lambda: verify(cfg.data_dir, self.manifest), self.dist.is_main)
