@@ -19,7 +19,7 @@ TABLE_NAME = "npmi.tsv"
 
 
 def shard_name(split: str, index: int) -> str:
-    """The file name of shard `index` of `split`, e.g. shard_name("valid", 3) == "valid-00003.h5"."""
+    """The file name of shard `index` of `split`: shard_name("valid", 3) == "valid-00003.h5"."""
     return f"{split}-{index:05d}.h5"
 
 

@@ -65,8 +65,8 @@ def _check_data(cfg: PretrainConfig) -> None:
                                  f"both splits (rebuild it with a validation split)")
         check_scored(cfg, manifest)
     elif not Path(cfg.genome).is_file():
-        raise InputError(f"{data.root}: holds no dataset ({data.manifest.name}), and the genome to build it "
-                         f"from, {cfg.genome}, is not a file (--genome GENOME, or --data-dir of a "
+        raise InputError(f"{data.root}: holds no dataset ({data.manifest.name}), and the genome "
+                         f"to build it from, {cfg.genome}, is not a file (--genome GENOME, or --data-dir of a "
                          f"built dataset)")
 
 

@@ -1,10 +1,10 @@
 """A training's output directory: one training at a time, nothing left behind by a run that
 failed, and exports that appear whole or not at all.
 
-Rank 0 holds the run's lock file (RunLayout.lock, through cmgems.io.exclusive_lock) from before the first check until the
-run ends; a second training into the same directory fails on every rank with the holder's pid and
-host. The kernel drops the lock with its process, so the lock of a killed run is taken over (with a
-warning) by the next one.
+Rank 0 holds the run's lock file (RunLayout.lock, through cmgems.io.exclusive_lock) from before
+the first check until the run ends; a second training into the same directory fails on every
+rank with the holder's pid and host. The kernel drops the lock with its process, so the lock of a
+killed run is taken over (with a warning) by the next one.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from cmgems.pretrain import checkpoint, distributed
 from cmgems.errors import InputError
 from cmgems.io import exclusive_lock
 from cmgems.pretrain.layout import RunLayout
+
 
 class RunDir:
     def __init__(self, out: Path, is_main: bool):

@@ -484,7 +484,8 @@ class Trainer:
             **meter.rates(self.dist.world_size),
             "curriculum/stage": self.schedule.stage_index,
         }
-        grad_norm = self.engine.get_global_grad_norm() if result.grad_norm is None else result.grad_norm
+        grad_norm = (self.engine.get_global_grad_norm() if result.grad_norm is None
+                     else result.grad_norm)
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         tflops = self.flops_per_token * metrics["perf/tokens_per_s"] / self.dist.world_size / 1e12

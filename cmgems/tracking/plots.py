@@ -52,8 +52,8 @@ def perplexity_plot(history: list[dict], events: list[dict], path: str | Path, t
 def ref_ppl_plot(strategies: list[str], results: dict, path: str | Path,
                  title: str = "") -> Path:
     """Validation perplexity under the fixed reference masking, one curve per strategy (results:
-    strategy -> its run's cmgems.pretrain.result.RunResult); each curriculum switch drawn as a dashed line in its strategy's
-    colour."""
+    strategy -> its run's cmgems.pretrain.result.RunResult); each curriculum switch drawn as a
+    dashed line in its strategy's colour."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for i, s in enumerate(strategies):
         hist = results[s].history or []
