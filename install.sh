@@ -26,4 +26,11 @@ fi
 # the checkout's code, whatever is installed; after changing it, run this again for the console
 # scripts.
 $py -m pip install -q -c constraints.txt ".[test]"
+# DeepSpeed compiles its shared-memory op for several CPU ranks on first use; built here, once,
+# no run waits for it (into TORCH_EXTENSIONS_DIR where set, else torch's cache).
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "building DeepSpeed's CPU communication op (once, about 1-2 min)"
+  $py -m cmgems.pretrain.deepspeed_env \
+    || echo "note: not built now; the first run with several CPU ranks builds it"
+fi
 echo "cmgems installed in $(pwd)/.venv"

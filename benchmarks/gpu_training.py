@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.common import ROOT
 from cmgems.pretrain.config import PretrainConfig
+from cmgems.pretrain.engine import choose_adam
 from cmgems.data.loader import SampleDataset, TrainBatches
 from cmgems.model.architectures import flops_per_token
 from cmgems.data.shards import ShardSet
@@ -53,24 +54,14 @@ def step_tokens(cfg: PretrainConfig) -> list[tuple[int, int]]:
     return out
 
 
-def optimizer_config(args, tmp: Path) -> tuple[str, str]:
-    """(ds_config, optimizer in words). DeepSpeed's fused Adam is compiled at the first CUDA run
-    unless it came prebuilt; without CUDA build tools (nvcc) that fails, so the check then runs
-    with torch's AdamW (`torch_adam`) rather than not at all."""
+def optimizer_config(args) -> tuple[str, str]:
+    """(ds_config, optimizer in words): the trainer's own choice (cmgems.pretrain.engine.choose_adam:
+    DeepSpeed's fused Adam where it can be built, else torch's fused AdamW)."""
     if args.ds_config:
         return args.ds_config, f"optimizer of {args.ds_config}"
-    if not torch.cuda.is_available():
-        return "", "torch AdamW (DeepSpeed on CPU)"
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if installed_ops.get("fused_adam") or CUDA_HOME is not None:
-        return "", "DeepSpeed fused Adam"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = json.loads((ROOT / "ds_configs" / "zero0.json").read_text())
-    config["optimizer"].setdefault("params", {})["torch_adam"] = True
-    path = tmp / "zero0-torch-adam.json"
-    path.write_text(json.dumps(config))
-    return str(path), "torch AdamW (no nvcc for DeepSpeed's fused Adam)"
+    return "", choose_adam(config, device)
 
 
 def base_config(args, tmp: Path, **over) -> PretrainConfig:
@@ -80,7 +71,7 @@ def base_config(args, tmp: Path, **over) -> PretrainConfig:
                   save_interval=10 ** 9, log_interval=10 ** 9, warmup_steps=10,
                   num_workers=args.workers, eval_batches=1, precision=args.precision,
                   run_name=f"gpu-check-{args.model}")
-    values["ds_config"], args.optimizer = optimizer_config(args, tmp)
+    values["ds_config"], args.optimizer = optimizer_config(args)
     values.update(over)
     return PretrainConfig(**values)
 

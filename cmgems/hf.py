@@ -20,7 +20,6 @@ batch ahead; about num_workers x prefetch_factor more with workers).
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from cmgems.masking.curriculum import make_schedule
 from cmgems.data.layout import DatasetDir
@@ -41,7 +41,9 @@ from cmgems.rng import generator
 from cmgems.data.shards import Manifest, ShardSet
 from cmgems.data.tokens import CLS_ID, K_RANGE, NUM_SPECIAL, PAD_ID, SEP_ID
 
-log = logging.getLogger("cmgems.hf")
+# Under transformers' logger, so its handler and verbosity (TrainingArguments.log_level) apply as
+# to the Trainer's own lines: a plain Trainer script shows the switch, as it shows warnings.
+log = hf_logging.get_logger("transformers.cmgems")
 
 _STEP, _STAGE, _MAX_STEPS = range(3)  # slots of the collator's shared state
 
@@ -197,7 +199,7 @@ class CurriculumCallback(TrainerCallback):
         event = self.schedule.observe(state.global_step, ppl)
         if event is not None:
             self.collator.set_stage(self.schedule.stage_index)
-            log.info("curriculum: %s -> %s at step %d (perplexity %.3f)", event["from"],
+            log.warning("curriculum: %s -> %s at step %d (perplexity %.3f)", event["from"],
                      event["to"], event["step"], ppl)
         if state.is_world_process_zero:
             _log_to_mlflow(state.global_step, ppl, self.schedule, event)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -32,9 +33,14 @@ _LINE_NO_TOTAL = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_fmt}]"
 
 
 def is_terminal(stream: IO) -> bool:
+    """A terminal a bar can be drawn on: a tty with a width. A pseudo-terminal of 0 columns
+    (`script -qc ... file`, some CI runners and job schedulers) is a tty where tqdm draws
+    nothing at all, so it gets the plain lines of a log file."""
     try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or closed
+        if not stream.isatty():
+            return False
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # no isatty/fileno, closed, no size
         return False
 
 
@@ -122,6 +128,10 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix(self.postfix, refresh=False)
 
+    def update_postfix(self, **values) -> None:
+        """Replace some of the values, keep the others (a stage that changed between lines)."""
+        self.set_postfix(**{**self.postfix, **values})
+
     def line(self, now: float | None = None) -> str:
         """The plain line for the current count (rate and time left from this process's units)."""
         elapsed = (time.monotonic() if now is None else now) - self._start
@@ -157,7 +167,6 @@ def quiet_library_bars() -> None:
     returns. On a terminal they stay."""
     if is_terminal(sys.stderr):
         return
-    import os
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()

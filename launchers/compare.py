@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
+from cmgems import logs  # noqa: E402
 from cmgems.compare.config import CompareConfig  # noqa: E402
 from cmgems.compare.run import RunFailed, run_comparison  # noqa: E402
 from cmgems.options import add_arguments, from_args  # noqa: E402
@@ -65,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)  # the rest goes to every pretraining
     args = build_parser().parse_args(argv[:cut])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems import bundled  # noqa: E402
+from cmgems import bundled, logs  # noqa: E402
 from cmgems.pretrain.config import PretrainConfig, from_sources  # noqa: E402
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
 from cmgems.options import add_arguments, load_file  # noqa: E402
@@ -95,9 +96,19 @@ def result_only_on_stdout():
         os.close(saved)
 
 
+def one_log_format() -> None:
+    """DeepSpeed's and MLflow's lines in the run's format (cmgems.logs): their handlers exist
+    once they are imported, which training does anyway."""
+    from cmgems.pretrain import deepspeed_env
+    deepspeed_env.quiet_notices()  # before the import: its accelerator notice comes at import
+    for library in ("deepspeed", "mlflow"):
+        importlib.import_module(library)
+    logs.adopt()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(logging.INFO)
     try:
         config = bundled.resolve(args.config, "--config") if args.config else bundled.path(QUICK)
         cfg = from_sources(str(config), args)
@@ -110,6 +121,7 @@ def main(argv=None) -> int:
         preflight.check(cfg, args.resume)
         ensure_dataset(cfg)
         from cmgems.pretrain.trainer import Trainer
+        one_log_format()
         with result_only_on_stdout() as stdout:
             result = Trainer(cfg, resume=args.resume).train()
             if int(os.environ.get("RANK", "0")) == 0:

@@ -112,3 +112,47 @@ def test_deepspeed_notices_not_about_the_run_are_dropped_and_others_kept():
     import torch
     if not torch.cuda.is_available():
         assert deepspeed_env.NOT_ABOUT_THE_RUN[0] in loud, loud
+
+
+def _shm_buildable() -> bool:
+    import deepspeed.ops
+    return bool(deepspeed.ops.__compatible_ops__.get(deepspeed_env.SHM_COMM_OP))
+
+
+def test_several_cpu_ranks_say_the_op_build_before_it_starts(cache, caplog):
+    if not _shm_buildable():
+        pytest.skip("DeepSpeed cannot build its CPU communication op on this machine")
+    with caplog.at_level(logging.INFO, logger="cmgems"):
+        assert deepspeed_env.prepare_comm_op(2, "cpu") == "building"
+    assert "building DeepSpeed's CPU communication op (deepspeed_shm_comm) into " \
+        f"{cache / 'deepspeed_shm_comm'}: once per environment" in caplog.text
+    caplog.clear()
+    (cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").touch()  # as a finished build
+    with caplog.at_level(logging.INFO, logger="cmgems"):
+        assert deepspeed_env.prepare_comm_op(2, "cpu") == "built"
+    assert caplog.text == ""
+    assert deepspeed_env.prepare_comm_op(2, "cuda") == ""
+
+
+ONE_RANK = r"""
+import torch
+from cmgems.pretrain import distributed
+info = distributed.init()
+t = torch.ones(3)
+distributed.all_reduce_sum(t)  # the collective still works, through gloo
+print("SUM", t.tolist(), info.world_size)
+distributed.shutdown()
+"""
+
+
+def test_one_rank_builds_no_op_into_an_empty_cache(tmp_path):
+    cache = tmp_path / "ext"
+    env = {k: v for k, v in os.environ.items() if k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(cache)
+    res = subprocess.run([sys.executable, "-c", ONE_RANK], cwd=ROOT, env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SUM [1.0, 1.0, 1.0] 1" in res.stdout
+    assert not deepspeed_env.is_built(deepspeed_env.SHM_COMM_OP, cache)
+    assert "built successfully" not in res.stdout + res.stderr

@@ -181,3 +181,69 @@ def test_auto_precision_is_one_rule_for_pretraining_and_finetuning():
         want = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         assert auto_precision(device) == want
         assert resolve_precision("auto", device) == finetune_precision("auto", device) == want
+
+
+# ---------------------------------------------------------------------- which Adam
+def _zero0() -> dict:
+    return json.loads((ROOT / "ds_configs" / "zero0.json").read_text())
+
+
+def test_a_gpu_without_a_cuda_toolkit_trains_with_torch_fused_adamw():
+    """DeepSpeed's fused Adam is JIT-compiled with nvcc; the choice follows the same probe the
+    trainer asks (fused_adam_available), so this holds on a machine with or without one."""
+    from cmgems.pretrain.engine import choose_adam, fused_adam_available
+
+    ds = _zero0()
+    choice = choose_adam(ds, torch.device("cuda"))
+    available, why = fused_adam_available()
+    params = ds["optimizer"]["params"]
+    if available:
+        assert "torch_adam" not in params and choice.startswith("DeepSpeed fused Adam")
+    else:
+        assert params["torch_adam"] is True and params["fused"] is True
+        assert choice == f"torch AdamW, fused (DeepSpeed's fused Adam: {why})"
+
+
+@pytest.mark.parametrize("section, expect", [
+    ({"optimizer": {"type": "Lamb", "params": {}}}, ""),
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}, ""),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, ""),
+])
+def test_an_optimizer_the_config_fixes_is_left_as_it_is(section, expect):
+    from cmgems.pretrain.engine import choose_adam
+
+    ds = {**_zero0(), **section}
+    before = json.dumps(ds, sort_keys=True)
+    assert choose_adam(ds, torch.device("cuda")) == expect
+    assert json.dumps(ds, sort_keys=True) == before
+
+
+FUSED_CHECK = r"""
+import json, torch
+from cmgems.pretrain import distributed
+from cmgems.pretrain.engine import initialize, param_groups
+from cmgems.model.architectures import build_model
+from cmgems.pretrain.trainer import MaskedLM
+
+dist = distributed.init()
+ds = json.loads(open("ds_configs/zero0.json").read())
+ds["optimizer"]["params"] = {"lr": 1e-3, "torch_adam": True, "fused": True}
+ds["scheduler"]["params"] = {"warmup_min_lr": 0, "warmup_max_lr": 1e-3, "warmup_num_steps": 1,
+                             "total_num_steps": 10}
+for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    ds[key] = 1
+ds["gradient_clipping"] = 1.0
+ds["bf16"]["enabled"] = ds["fp16"]["enabled"] = False
+engine = initialize(MaskedLM(build_model("logo", 6)), ds, "zero0.json", 0.01)
+opt = engine.optimizer
+opt = getattr(opt, "optimizer", opt)
+print("OPTIMIZER", type(opt).__name__, opt.defaults.get("fused"))
+distributed.shutdown()
+"""
+
+
+def test_deepspeed_hands_the_fused_flag_to_torch_adamw(tmp_path):
+    """The fallback's `fused` reaches torch's AdamW through DeepSpeed's config (the CPU has a
+    fused AdamW too, so a real engine shows it here)."""
+    res = run_module("-c", FUSED_CHECK, cwd=ROOT, timeout=300)
+    assert "OPTIMIZER AdamW True" in res.stdout, res.stdout[-2000:]

@@ -158,7 +158,27 @@ def test_trainer_switches_stage_and_logs_it_to_mlflow(tiny_dataset, tmp_path, mo
     trainer = Trainer(model=model, args=args, data_collator=collator, callbacks=[callback],
                       train_dataset=ShardDataset(tiny_dataset, "train", 64),
                       eval_dataset=collator.frozen(ShardDataset(tiny_dataset, "valid", 64)))
-    trainer.train()
+    import logging
+    from transformers.utils import logging as hf_logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record)
+
+    shown = Records()  # beside the handler transformers writes to stderr with
+    hf_logging.get_logger().addHandler(shown)
+    try:
+        trainer.train()
+    finally:
+        hf_logging.get_logger().removeHandler(shown)
+    # the switch reaches transformers' own handler at a level its default verbosity shows
+    (switch,) = [r for r in shown.seen if r.getMessage().startswith("curriculum: ")]
+    assert switch.getMessage().startswith("curriculum: genemask -> global at step 6")
+    assert switch.levelno >= hf_logging.get_verbosity()
     assert [e["step"] for e in callback.events] == [6]
     assert collator.stage_index == 1
     # batches 0..5 trained steps 1..6; batch 6 was collated before the evaluation at step 6

@@ -3,6 +3,7 @@ real subprocess launches of launchers/pretrain.py."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -99,7 +100,8 @@ def test_help_documents_every_field():
 @pytest.fixture(scope="module")
 def stage0_run(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "zero0"
-    run_module(*tiny_args(tiny_dataset, out, "--zero-stage", "0", "--export-interval", "4"))
+    res = run_module(*tiny_args(tiny_dataset, out, "--zero-stage", "0", "--export-interval", "4"))
+    (out.parent / "zero0.stderr").write_text(res.stderr)
     return out
 
 
@@ -127,6 +129,11 @@ def test_run_logs_switch_exports_and_plots(stage0_run):
     events = json.loads((out / "curriculum_events.json").read_text())
     assert events[0]["from"] == "genemask" and events[0]["to"] == "global"
     assert res["switch_step"] == 4
+    # the progress line written right after the switch names the new stage
+    lines = (out.parent / "zero0.stderr").read_text().splitlines()
+    stage_at = {int(m.group(1)): m.group(2) for m in
+                (re.search(r": (\d)/8 steps .* stage=(\w+)", ln) for ln in lines) if m}
+    assert stage_at[3] == "genemask" and stage_at[4] == "global", lines
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from cmgems.progress import Progress
-from conftest import ROOT
+from conftest import ROOT, run_module
 
 
 def test_plain_lines_every_n_units_and_at_the_end():
@@ -81,11 +81,11 @@ warnings.warn("plain again")
 """
 
 
-def run_on_a_terminal(script: str) -> str:
-    """What `python -c script` writes to a pseudo-terminal (its stdout and stderr)."""
+def run_on_a_terminal(script: str, columns: int = 100) -> str:
+    """What `python -c script` writes to a pseudo-terminal (its stdout and stderr) of `columns`
+    (a new pty has 0 x 0, where tqdm draws nothing)."""
     master, slave = pty.openpty()
-    # a new pty is 0 x 0 characters, where tqdm draws nothing: give it a real window size
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=slave, stdout=slave,
                             stderr=slave, cwd=ROOT, env=env)
@@ -118,3 +118,32 @@ def test_on_a_terminal_log_records_and_warnings_are_written_above_the_bar():
                for p in pieces if "plain again" not in p), pieces
     # after the bar: warnings are Python's own again (not through logging)
     assert any("UserWarning: plain again" in p and not p.startswith("LOG") for p in pieces)
+
+
+LOG_LINES = r"""
+import logging, sys
+from cmgems import logs
+from launchers.pretrain import one_log_format
+logs.configure(logging.INFO)
+one_log_format()
+logging.getLogger("cmgems").info("ours")
+logging.getLogger("DeepSpeed").warning("theirs")
+logging.getLogger("mlflow").warning("tracking")
+"""
+
+
+def test_cmgems_deepspeed_and_mlflow_lines_share_one_timestamp_format():
+    res = run_module("-c", LOG_LINES, cwd=ROOT, timeout=120)
+    out = res.stdout + res.stderr
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    for name, level, message in (("cmgems", "INFO", "ours"), ("DeepSpeed", "WARNING", "theirs"),
+                                 ("mlflow", "WARNING", "tracking")):
+        assert re.search(rf"^{stamp} {name} {level} {message}$", out, re.M), out
+
+
+def test_a_terminal_of_no_columns_gets_the_plain_lines():
+    """`script -qc ... file` and some job schedulers run a command on a 0-column pty."""
+    text = run_on_a_terminal(SCRIPT, columns=0)
+    lines = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.startswith("run: ")]
+    assert [ln.split(" steps")[0] for ln in lines] == ["run: 2/6", "run: 4/6", "run: 6/6"], text
+    assert "\r" not in text.replace("\r\n", "\n")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,15 +78,10 @@ def test_an_output_dir_of_an_earlier_run_is_refused_before_deepspeed_starts(tmp_
     assert not any(s in res.stdout + res.stderr for s in STARTED), res.stderr
 
 
-def shipped_extension_cache(tmp_path: Path) -> Path:
-    """A private extension cache for one run: a copy of the user's built shared-memory op (so
-    nothing is compiled again; compiled afresh where there is none), with the lock a killed
-    compile leaves behind."""
+def stale_extension_cache(tmp_path: Path) -> Path:
+    """A private extension cache for one run, empty but for the lock a killed compile leaves."""
     root = tmp_path / "torch_extensions"
-    built = deepspeed_env.extensions_root() / "deepspeed_shm_comm"
-    if built.is_dir() and not (built / "lock").exists():
-        shutil.copytree(built, root / "deepspeed_shm_comm", symlinks=True)
-    (root / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+    (root / "deepspeed_shm_comm").mkdir(parents=True)
     (root / "deepspeed_shm_comm" / "lock").touch()
     return root
 
@@ -95,10 +89,11 @@ def shipped_extension_cache(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_default_run_from_an_empty_folder(tmp_path):
     """The quick run's launcher, shortened to 4 steps, from a folder outside the checkout, its
-    stderr a file (as under Slurm), a stale compile lock in its extension cache."""
+    stderr a file (as under Slurm), a stale compile lock in an otherwise empty extension cache
+    (one rank builds no op into it)."""
     work = tmp_path / "work"
     work.mkdir()
-    cache = shipped_extension_cache(tmp_path)
+    cache = stale_extension_cache(tmp_path)
     # warmup beyond max_steps: DeepSpeed warns of it, on stdout unless the launcher moves it
     res = launch("--max-steps", "4", "--eval-interval", "2", "--eval-batches", "1",
                  "--log-interval", "2", "--warmup-steps", "10", cwd=work, timeout=600,
@@ -116,10 +111,17 @@ def test_default_run_from_an_empty_folder(tmp_path):
     # the stale lock: found, removed, said
     assert not (cache / "deepspeed_shm_comm" / "lock").exists()
     assert "removed a stale compile lock of DeepSpeed's deepspeed_shm_comm op" in res.stderr
+    # one rank has no collective to speed up: DeepSpeed's shared-memory op is not compiled
+    assert not deepspeed_env.is_built(deepspeed_env.SHM_COMM_OP, cache)
+    assert "building DeepSpeed's" not in res.stderr and "built successfully" not in res.stderr
     # a log file reads as lines: no bar's carriage returns, a plain progress line every 2 steps
     assert "\r" not in res.stderr
     steps = re.findall(rf"^{re.escape(out.name)}: (\d)/4 steps", res.stderr, re.M)
     assert steps == ["2", "4"], res.stderr
+    # one timestamp format: DeepSpeed's warning of the short warmup in ours, no line in its own
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d DeepSpeed WARNING total_num_steps 4 is "
+                     r"less than warmup_num_steps", res.stderr, re.M), res.stderr[-3000:]
+    assert not re.search(r"^\[\d{4}-|^\d{4}/\d\d/\d\d ", res.stderr, re.M), res.stderr[-3000:]
     # no notice that is not about this run
     for notice in deepspeed_env.NOT_ABOUT_THE_RUN:
         assert notice not in res.stdout + res.stderr

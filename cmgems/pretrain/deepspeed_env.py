@@ -150,3 +150,57 @@ def clear_stale_locks(remove: bool | None = None) -> dict[Path, str]:
     if not root.is_dir():
         return {}
     return {lock: check_lock(lock, remove=remove) for lock in sorted(root.glob("*/lock"))}
+
+
+# DeepSpeed's shared-memory allreduce for CPU ranks of one host, a C++ op it compiles on its
+# first use in every environment (half a minute to two, silently), whatever the world size.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def is_built(op: str, root: Path | None = None) -> bool:
+    """Whether the extension cache already holds a build of `op` (torch reuses it)."""
+    folder = (root or extensions_root()) / op
+    return any(folder.glob("*.so"))
+
+
+def prepare_comm_op(world_size: int, device_type: str, announce: bool = True) -> str:
+    """Before deepspeed.init_distributed: one rank has no collective to speed up, so the op is
+    not built at all ("skipped"); for several CPU ranks, a build still to come is said before
+    it starts ("building"), not after a silent minute. Returns what it found: "skipped",
+    "building", "built" or "" (not a CPU run, or the op cannot be built here)."""
+    if device_type != "cpu":
+        return ""
+    import deepspeed.ops
+
+    # DeepSpeed asks this table before building the op (deepspeed.comm.torch.build_shm_op) and
+    # keeps one copy of it per process, edits included.
+    compatible = deepspeed.ops.__compatible_ops__
+    if not compatible.get(SHM_COMM_OP):
+        return ""
+    if world_size == 1:
+        compatible[SHM_COMM_OP] = False
+        return "skipped"
+    if is_built(SHM_COMM_OP):
+        return "built"
+    if announce:
+        log.warning("building DeepSpeed's CPU communication op (%s) into %s: once per "
+                    "environment, about 1-2 min (install.sh builds it up front)", SHM_COMM_OP,
+                    extensions_root() / SHM_COMM_OP)
+    return "building"
+
+
+def prebuild() -> str:
+    """Build the CPU communication op now (install.sh), so no run waits for it; returns where."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return "not used on this accelerator"
+    if not is_built(SHM_COMM_OP):
+        builder.load(verbose=False)
+    return str(extensions_root() / SHM_COMM_OP)
+
+
+if __name__ == "__main__":  # python -m cmgems.pretrain.deepspeed_env: the build of prebuild()
+    quiet_notices()
+    print(f"DeepSpeed's CPU communication op: {prebuild()}")

@@ -55,6 +55,8 @@ def init() -> DistInfo:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     deepspeed_env.clear_stale_locks()
+    deepspeed_env.prepare_comm_op(int(os.environ.get("WORLD_SIZE", "1")), device.type,
+                                  announce=local_rank == 0)
     deepspeed.init_distributed(dist_backend=backend)
     info = DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
                     device)

@@ -3,6 +3,7 @@ the precision the device can run, and AdamW's two parameter groups."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from cmgems.errors import InputError
 from cmgems.precision import auto_precision
 
 DS_CONFIG_DIR = bundled.path("ds_configs")
+log = logging.getLogger("cmgems")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -106,11 +108,45 @@ def build_ds_config(cfg: PretrainConfig, world_size: int, device: torch.device) 
         if ds.get(key, want) != want:
             raise InputError(f"{path}: {key}={ds[key]} contradicts the run config ({want}); "
                              f"set it to \"auto\"")
-    if device.type == "cpu" and ds.get("optimizer", {}).get("type", "").lower().startswith("adam") \
-            and "offload_optimizer" not in zero:
-        # fused_adam is a CUDA kernel; torch's AdamW is the CPU path.
-        ds["optimizer"].setdefault("params", {})["torch_adam"] = True
+    choice = choose_adam(ds, device)
+    if choice:
+        log.info("optimizer: %s", choice)
     return ds
+
+
+def fused_adam_available() -> tuple[bool, str]:
+    """Whether DeepSpeed's fused Adam can run here: prebuilt into the wheel, or buildable (its
+    JIT build needs nvcc, which a pip-only GPU machine lacks); and why, in words."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if installed_ops.get("fused_adam"):
+        return True, "prebuilt"
+    if CUDA_HOME is not None:
+        return True, f"built once with the CUDA toolkit in {CUDA_HOME}"
+    return False, "no CUDA toolkit (nvcc) to build it"
+
+
+def choose_adam(ds: dict, device: torch.device) -> str:
+    """Set in `ds` which Adam an Adam/AdamW config trains with; returns the choice in words (""
+    where it is not ours to make: another optimizer, an explicit torch_adam, ZeRO-Offload's
+    CPU Adam).
+
+    DeepSpeed's fused Adam is a CUDA kernel compiled on first use; where it cannot be, torch's
+    AdamW trains instead (its fused kernel on CUDA), rather than the run dying in a compile."""
+    optimizer = ds.get("optimizer", {})
+    params = optimizer.setdefault("params", {}) if optimizer else {}
+    if (not optimizer.get("type", "").lower().startswith("adam") or "torch_adam" in params
+            or "offload_optimizer" in ds.get("zero_optimization", {})):
+        return ""
+    if device.type != "cuda":
+        params["torch_adam"] = True
+        return "torch AdamW (DeepSpeed's fused Adam is a CUDA kernel)"
+    available, why = fused_adam_available()
+    if available:
+        return f"DeepSpeed fused Adam ({why})"
+    params.update(torch_adam=True, fused=True)
+    return f"torch AdamW, fused (DeepSpeed's fused Adam: {why})"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

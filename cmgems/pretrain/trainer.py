@@ -384,6 +384,8 @@ class Trainer:
                 with meter.paused():
                     if due(st.step, cfg.eval_interval, cfg.max_steps):
                         last_ppl = self._evaluate_and_observe(eval_strategy)
+                        if progress is not None:  # a switch: the next line names the new stage
+                            progress.update_postfix(**self._curriculum_shown(last_ppl))
                     if stopped_by or due(st.step, cfg.save_interval, cfg.max_steps):
                         self._save()
                     if due(st.step, cfg.export_interval):
@@ -507,10 +509,14 @@ class Trainer:
         self.tracker.log_metrics(metrics, self.state.step)
         self.tracker.flush()
         if progress is not None:
-            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                                 ppl="-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
-                                 stage=self.schedule.stage,
-                                 sps=f"{metrics['perf/samples_per_s']:.1f}")
+            progress.update_postfix(loss=f"{metrics['train/loss']:.3f}",
+                                    **self._curriculum_shown(last_ppl),
+                                    sps=f"{metrics['perf/samples_per_s']:.1f}")
+
+    def _curriculum_shown(self, last_ppl: float) -> dict[str, str]:
+        """The progress line's perplexity and stage as they stand now."""
+        return {"ppl": "-" if math.isnan(last_ppl) else f"{last_ppl:.1f}",
+                "stage": self.schedule.stage}
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state
