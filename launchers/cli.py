@@ -8,6 +8,7 @@
     cmgems finetune MODEL_DIR ...       few-shot or GUE-folder finetuning of an export
     cmgems gue GUE_ROOT MODEL_DIR ...   the GUE suite
     cmgems compare ...                  pretrain and evaluate every masking strategy
+    cmgems masks --data-dir D ...       the positions each masking selects, printed or drawn
     cmgems count|table|shard|finish     the stages of `build` for a Slurm job array
 
 The same commands run from a checkout without installing: `python -m preprocessing build`,
@@ -24,7 +25,8 @@ from cmgems.errors import EXIT_INPUT_ERROR
 _PREPROCESSING = ("build", "npmi", "count", "table", "shard", "finish")
 COMMANDS = {**{c: ("preprocessing.__main__", "main") for c in _PREPROCESSING},
             "pretrain": ("launchers.pretrain", "main"), "finetune": ("launchers.finetune", "main"),
-            "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main")}
+            "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main"),
+            "masks": ("launchers.masks", "main")}
 
 
 def _module(name: str):

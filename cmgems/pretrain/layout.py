@@ -8,6 +8,7 @@
       export/                  the final Hugging Face export; export/step-N/ exports along the way
       curriculum_events.json   the curriculum's switches
       perplexity.png           validation perplexity with the switches marked
+      masks.png                the run's maskings on 4 validation samples (cmgems masks)
       result.json              the run's outcome (cmgems.pretrain.result.RunResult)
 
 Torch-free, so a comparison or a launcher can find a run's files without importing the trainer.
@@ -29,6 +30,7 @@ class RunLayout:
         self.export = self.root / "export"
         self.events = self.root / "curriculum_events.json"
         self.perplexity_plot = self.root / "perplexity.png"
+        self.masks_plot = self.root / "masks.png"
         self.result = self.root / "result.json"
 
     def step_export(self, step: int) -> Path:

@@ -29,11 +29,12 @@ from cmgems.data.loader import SampleDataset, TrainBatches, eval_loader
 from cmgems.pretrain.engine import build_ds_config, ds_config_path, initialize, resolve_precision
 from cmgems.errors import InputError
 from cmgems.masking.maskings import mask_batch, mask_stats
+from cmgems.masking.view import selections
 from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, REFERENCE_MASKING, uses_pmi
 from cmgems.model.card import dataset_summary
 from cmgems.model.architectures import build_model, count_parameters, flops_per_token
 from cmgems.data.packing import choose_attention
-from cmgems.tracking.plots import perplexity_plot
+from cmgems.tracking.plots import masks_plot, perplexity_plot
 from cmgems.pretrain.preflight import check_scored, default_output_dir
 from cmgems.progress import Progress, quiet_library_bars
 from cmgems.rng import derive_seed, generator
@@ -311,6 +312,16 @@ class Trainer:
             self.out, dataset_summary(self.manifest, cfg.data_dir),
             artifacts=(self.layout.config, self.layout.ds_config, self.data.npmi_table,
                        self.data.manifest))
+        self.tracker.log_artifact(self._draw_masks())
+
+    def _draw_masks(self) -> Path:
+        """The run's maskings on the first 4 validation samples, as `cmgems masks` draws them."""
+        cfg = self.cfg
+        picked = selections(cfg.data_dir, self.schedule.stages, samples=4, seed=cfg.seed,
+                            max_length=cfg.max_length, pmi_lookup=cfg.pmi_lookup,
+                            probabilities=cfg.probabilities, global_m=cfg.global_m)
+        return masks_plot(picked, self.layout.masks_plot,
+                          f"{self.run_name}: {self.schedule.describe()}")
 
     # ---------------------------------------------------------------- masking
     def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None):

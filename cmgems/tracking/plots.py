@@ -85,3 +85,38 @@ def fewshot_plot(strategies: list[str], task_names: list[str],
     ax.set_ylim(0, 100)
     return _save(fig, ax, path, title or "few-shot accuracy per strategy", "lower right",
                  axis="y")
+
+
+def masks_plot(selections, path: str | Path, title: str = "") -> Path:
+    """The samples of cmgems.masking.view.selections as rows, one panel per strategy: each
+    token's NPMI as a shade of grey (white: special or unscored), its selected positions in red."""
+    strategies = list(dict.fromkeys(s.strategy for s in selections))
+    rows = {s: [x for x in selections if x.strategy == s] for s in strategies}
+    n = max(len(r) for r in rows.values())
+    width = max(x.length for x in selections)
+    fig, axes = plt.subplots(len(strategies), 1, squeeze=False, dpi=110,
+                             figsize=(min(14.0, 3 + width / 40), 0.9 + (0.35 * n + 0.5) *
+                                      len(strategies)))
+    grey = plt.get_cmap("Greys").copy()
+    grey.set_bad("white")
+    finite = np.concatenate([x.npmi[np.isfinite(x.npmi)] for x in selections] or [np.zeros(1)])
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for ax, strategy in zip(axes[:, 0], strategies):
+        shade = np.full((n, width), np.nan)
+        picked = np.zeros((n, width), dtype=bool)
+        for x in rows[strategy]:
+            shade[x.sample, :x.length] = x.npmi
+            picked[x.sample, x.selected] = True
+        image = ax.imshow(np.ma.masked_invalid(shade), cmap=grey, vmin=low, vmax=high,
+                          aspect="auto", interpolation="nearest")
+        ax.imshow(np.ma.masked_where(~picked, picked), cmap="autumn", vmin=0, vmax=1,
+                  aspect="auto", interpolation="nearest", alpha=0.9)
+        ax.set_yticks(range(n), [f"sample {i}" for i in range(n)], fontsize=7)
+        ax.set_title(f"{strategy}: {int(picked.sum())} positions selected", fontsize=9)
+    axes[-1, 0].set_xlabel("token index ([CLS] = 0)")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="NPMI", fraction=0.02)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
