@@ -8,6 +8,9 @@
     cmgems finetune MODEL_DIR ...       few-shot or GUE-folder finetuning of an export
     cmgems gue GUE_ROOT MODEL_DIR ...   the GUE suite
     cmgems compare ...                  pretrain and evaluate every masking strategy
+    cmgems embed MODEL_DIR ...          one vector per sequence or genome region (docs/use.md)
+    cmgems predict MODEL_DIR ...        labels and probabilities from a finetuned classifier
+    cmgems score-variants MODEL_DIR ... masked-marginal scores of the SNVs of a VCF
     cmgems count|table|shard|finish     the stages of `build` for a Slurm job array
 
 The same commands run from a checkout without installing: `python -m preprocessing build`,
@@ -24,7 +27,9 @@ from cmgems.errors import EXIT_INPUT_ERROR
 _PREPROCESSING = ("build", "npmi", "count", "table", "shard", "finish")
 COMMANDS = {**{c: ("preprocessing.__main__", "main") for c in _PREPROCESSING},
             "pretrain": ("launchers.pretrain", "main"), "finetune": ("launchers.finetune", "main"),
-            "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main")}
+            "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main"),
+            "embed": ("launchers.embed", "main"), "predict": ("launchers.predict", "main"),
+            "score-variants": ("launchers.score_variants", "main")}
 
 
 def _module(name: str):
