@@ -174,14 +174,41 @@ def test_export_files_come_from_save_pretrained(exported):
 
 
 def test_model_card_says_what_the_model_is(exported):
+    from huggingface_hub import ModelCard
     card = (exported / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
+    meta = ModelCard.load(exported / "README.md", ignore_metadata_errors=False).data.to_dict()
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "fill-mask"
+    assert meta["datasets"] == ["lambda_phage.fa.gz"] and meta["genome_sha256"] == "f" * 64
+    assert "license" not in meta and "base_model" not in meta
+    (result,) = meta["model-index"][0]["results"]
+    assert result["metrics"][0] == {"type": "perplexity", "value": 10.25,
+                                    "name": "reference perplexity"}
+    assert "License of the weights: unspecified" in card
     for fact in ("1 layers, hidden size 32", "f" * 64, "e" * 64, "114 training samples",
                  "steps: 8 of 8", "CM-GEMS: GeneMask masking until",
                  "Switched genemask -> global at step 4",
                  "perplexity 10.250 under the reference masking", "`abc123`",
-                 "trust_remote_code=True", "--kmer 6", "--kmer -1"):
+                 "trust_remote_code=True", "--kmer 6", "--kmer -1", "cmgems embed EXPORT",
+                 "Windows of 126 k-mer tokens"):
         assert fact in card, fact
+
+
+def test_card_metadata_takes_license_base_model_and_finetuning_results():
+    from huggingface_hub import ModelCard
+    from cmgems.model.card import summary
+    text = render(INFO, tiny_config(), license="cc-by-4.0", base_model="zhihan1996/DNA_bert_6",
+                  results=[{"dataset": "prom-core", "metric": "accuracy", "value": 0.75}])
+    meta = ModelCard(text, ignore_metadata_errors=False).data.to_dict()
+    assert meta["license"] == "cc-by-4.0" and meta["base_model"] == "zhihan1996/DNA_bert_6"
+    finetuned = meta["model-index"][0]["results"][1]
+    assert finetuned["dataset"]["name"] == "prom-core"
+    assert finetuned["metrics"] == [{"type": "accuracy", "value": 0.75}]
+    assert "- prom-core: accuracy 0.7500" in text and summary(INFO) in text
+    assert summary(INFO).startswith("logo DNA language model on overlapping 6-mer tokens")
+    assert "reference perplexity 10.250 at step 8" in summary(INFO)
+    # a run without evaluation or data still renders a valid card
+    bare = render({"run_name": "x", "step": 1}, tiny_config())
+    assert "model-index" not in ModelCard(bare).data.to_dict()
 
 
 CLIENT = textwrap.dedent("""
