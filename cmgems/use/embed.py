@@ -11,9 +11,8 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import atomic_path
-from cmgems.progress import Progress
 from cmgems.use.genome import Region
-from cmgems.use.windows import LoadedModel, Windows, autocast, batches
+from cmgems.use.windows import LoadedModel, Windows, autocast, batches, progress_bar
 
 POOLS = ("mean", "cls")
 
@@ -32,8 +31,7 @@ def embed(loaded: LoadedModel, regions: list[Region], *, pool: str = "mean",
     sums = torch.zeros(windows.n_sequences, hidden, dtype=torch.float64, device=loaded.device)
     weights = torch.zeros(windows.n_sequences, dtype=torch.float64, device=loaded.device)
     owner = torch.from_numpy(windows.owner).to(loaded.device)
-    with Progress(len(windows.tokens), "embed", unit="window", seconds=10,
-                  terminal=None if progress else False) as bar:
+    with progress_bar(len(windows.tokens), "embed", "window", progress) as bar:
         for idx, ids, attention in batches(windows, batch_size, loaded.device):
             with autocast(loaded):
                 states = loaded.model(input_ids=ids, attention_mask=attention).last_hidden_state

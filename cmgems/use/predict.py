@@ -8,9 +8,8 @@ import numpy as np
 
 from cmgems.errors import InputError
 from cmgems.io import atomic_path
-from cmgems.progress import Progress
 from cmgems.use.genome import Region
-from cmgems.use.windows import LoadedModel, Windows, autocast, batches
+from cmgems.use.windows import LoadedModel, Windows, autocast, batches, progress_bar
 
 
 def predict(loaded: LoadedModel, regions: list[Region], *, stride: int | None = None,
@@ -25,8 +24,7 @@ def predict(loaded: LoadedModel, regions: list[Region], *, stride: int | None = 
     sums = torch.zeros(windows.n_sequences, classes, dtype=torch.float64, device=loaded.device)
     counts = torch.zeros(windows.n_sequences, dtype=torch.float64, device=loaded.device)
     owner = torch.from_numpy(windows.owner).to(loaded.device)
-    with Progress(len(windows.tokens), "predict", unit="window", seconds=10,
-                  terminal=None if progress else False) as bar:
+    with progress_bar(len(windows.tokens), "predict", "window", progress) as bar:
         for idx, ids, attention in batches(windows, batch_size, loaded.device):
             with autocast(loaded):
                 logits = loaded.model(input_ids=ids, attention_mask=attention).logits

@@ -20,9 +20,8 @@ import numpy as np
 from cmgems.data.tokens import CLS_ID, MASK_ID, SEP_ID, kmer_ids
 from cmgems.errors import InputError
 from cmgems.io import atomic_path
-from cmgems.progress import Progress
 from cmgems.use.genome import Genome
-from cmgems.use.windows import LoadedModel, autocast
+from cmgems.use.windows import LoadedModel, autocast, progress_bar
 
 COLUMNS = ("chrom", "pos", "ref", "alt", "score", "window", "note")
 BASES = frozenset("ACGT")
@@ -116,8 +115,7 @@ def score_variants(loaded: LoadedModel, genome: Genome, snvs: list[Variant], *,
         alt_ids = kmer_ids(seq[:at] + v.alt + seq[at + 1:], k)
         inputs.append((len(rows) - 1, ids, covering, ids[covering], alt_ids[covering]))
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][1]))
-    with Progress(len(inputs), "score-variants", unit="variant", seconds=10,
-                  terminal=None if progress else False) as bar:
+    with progress_bar(len(inputs), "score-variants", "variant", progress) as bar:
         for b in range(0, len(order), batch_size):
             chunk = [inputs[i] for i in order[b:b + batch_size]]
             width = max(len(c[1]) for c in chunk) + 2

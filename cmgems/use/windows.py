@@ -157,6 +157,25 @@ def batches(windows: Windows, batch_size: int, device):
         yield idx, ids_t, (ids_t != PAD_ID).long()
 
 
+class _Quiet:
+    """A progress display that shows nothing (progress=False: benchmarks, library callers)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str, show: bool):
+    """cmgems.progress's bar (or plain lines every 10 s in a log) when `show`, else nothing."""
+    from cmgems.progress import Progress
+    return Progress(total, desc, unit=unit, seconds=10) if show else _Quiet()
+
+
 def autocast(loaded: LoadedModel):
     from cmgems.evaluation.finetune import _autocast
     return _autocast(loaded.device, loaded.precision)
