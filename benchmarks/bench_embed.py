@@ -1,13 +1,14 @@
 """Throughput of `cmgems embed` against the transformers feature-extraction pipeline on the same
 sequences, in the same run: regions/s and real (k-mer) tokens/s, each the median of several runs.
 
-Regions: --regions BED-style regions of --length bp (or lengths uniform in --min-length..--length)
-drawn (seeded) from the bundled E. coli genome, read through cmgems.use.genome (pyfaidx) from a plain copy in a temporary folder. The
-model: --model an export, else a fresh LOGO export (seeded random weights: throughput does not
-depend on them) with 512 positions, so a region of up to 515 bp (510 tokens) is one window for
-embed and fits the pipeline without cutting: both see exactly the same tokens. The pipeline's per-token
-features are mean-pooled over the real tokens afterwards, as a user would; the largest difference
-between the two sets of vectors is printed too.
+Regions: --regions BED-style regions of --length bp (or lengths uniform in
+--min-length..--length) drawn (seeded) from the bundled E. coli genome, read through
+cmgems.use.genome (pyfaidx) from a plain copy in a temporary folder. The model: --model an
+export, else a fresh LOGO export (seeded random weights: throughput does not depend on them) with
+512 positions, so a region of up to 515 bp (510 tokens) is one window for embed and fits the
+pipeline without cutting: both see exactly the same tokens. The pipeline's per-token features are
+mean-pooled over the real tokens afterwards, as a user would; the largest difference between
+the two sets of vectors is printed too.
 
     python benchmarks/bench_embed.py                       # CPU, 1 thread, 500 bp regions
     python benchmarks/bench_embed.py --min-length 100 --length 515    # mixed lengths

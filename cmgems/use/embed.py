@@ -31,7 +31,9 @@ def embed(loaded: LoadedModel, regions: list[Region], *, pool: str = "mean",
     sums = torch.zeros(windows.n_sequences, hidden, dtype=torch.float64, device=loaded.device)
     weights = torch.zeros(windows.n_sequences, dtype=torch.float64, device=loaded.device)
     owner = torch.from_numpy(windows.owner).to(loaded.device)
-    with progress_bar(len(windows.tokens), "embed", "window", progress) as bar:
+    # inference mode: no autograd graph is built or kept
+    with torch.inference_mode(), \
+            progress_bar(len(windows.tokens), "embed", "window", progress) as bar:
         for idx, ids, attention in batches(windows, batch_size, loaded.device):
             with autocast(loaded):
                 states = loaded.model(input_ids=ids, attention_mask=attention).last_hidden_state

@@ -24,7 +24,9 @@ def predict(loaded: LoadedModel, regions: list[Region], *, stride: int | None = 
     sums = torch.zeros(windows.n_sequences, classes, dtype=torch.float64, device=loaded.device)
     counts = torch.zeros(windows.n_sequences, dtype=torch.float64, device=loaded.device)
     owner = torch.from_numpy(windows.owner).to(loaded.device)
-    with progress_bar(len(windows.tokens), "predict", "window", progress) as bar:
+    # inference mode: no autograd graph is built or kept
+    with torch.inference_mode(), \
+            progress_bar(len(windows.tokens), "predict", "window", progress) as bar:
         for idx, ids, attention in batches(windows, batch_size, loaded.device):
             with autocast(loaded):
                 logits = loaded.model(input_ids=ids, attention_mask=attention).logits

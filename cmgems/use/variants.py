@@ -43,8 +43,8 @@ class VcfRecords:
 
 
 def read_vcf(path: str | Path, genome: Genome) -> VcfRecords:
-    """The SNVs of a VCF (plain, gzip or bgzip); one row per ALT allele. Refused with the line: fewer
-    than 5 columns, a POS that is no positive integer, an unknown contig, a POS past its end."""
+    """The SNVs of a VCF (plain, gzip or bgzip); one row per ALT allele. Refused with the line:
+    fewer than 5 columns, a POS that is no positive integer, an unknown contig, a POS past its end."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -115,7 +115,9 @@ def score_variants(loaded: LoadedModel, genome: Genome, snvs: list[Variant], *,
         alt_ids = kmer_ids(seq[:at] + v.alt + seq[at + 1:], k)
         inputs.append((len(rows) - 1, ids, covering, ids[covering], alt_ids[covering]))
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][1]))
-    with progress_bar(len(inputs), "score-variants", "variant", progress) as bar:
+    # inference mode: no autograd graph is built or kept
+    with torch.inference_mode(), \
+            progress_bar(len(inputs), "score-variants", "variant", progress) as bar:
         for b in range(0, len(order), batch_size):
             chunk = [inputs[i] for i in order[b:b + batch_size]]
             width = max(len(c[1]) for c in chunk) + 2

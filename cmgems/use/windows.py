@@ -91,7 +91,6 @@ def load_model(model_dir: str | Path, kind: str, *, window: int | None = None,
     "classifier": a finetuned sequence classifier), in eval mode on `device` ('auto': the GPU
     where there is one). window: tokens per window; default the block the model was trained on
     (cmgems.json's max_length) less the two specials, at most its position embeddings."""
-    import torch
     from transformers import (
         AutoModel,
         AutoModelForMaskedLM,
@@ -134,7 +133,6 @@ def load_model(model_dir: str | Path, kind: str, *, window: int | None = None,
     dev = _device(device)
     model.to(dev).eval()
     prec = resolve_precision(precision, dev)
-    torch.set_grad_enabled(False)
     return LoadedModel(path, model, k, int(window), dev, prec, sha256_file(weights), meta)
 
 
