@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="embed's precision (auto: bf16 on a GPU that has it); the pipeline: fp32")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         with Genome(plain) as g:
             regions = draw_regions(g, args.regions, (args.min_length or args.length, args.length),
                                    args.seed)
-        loaded = load_model(model_dir, "base", device=args.device, precision="auto")
+        loaded = load_model(model_dir, "base", device=args.device, precision=args.precision)
         seqs = [r.seq for r in regions]
         tokens = sum(len(s) - loaded.k + 1 for s in seqs)
         fe = pipeline("feature-extraction", model=str(model_dir), trust_remote_code=True,
