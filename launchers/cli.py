@@ -9,6 +9,9 @@
     cmgems gue GUE_ROOT MODEL_DIR ...   the GUE suite
     cmgems compare ...                  pretrain and evaluate every masking strategy
     cmgems masks --data-dir D ...       the positions each masking selects, printed or drawn
+    cmgems embed MODEL_DIR ...          one vector per sequence or genome region (docs/use.md)
+    cmgems predict MODEL_DIR ...        labels and probabilities from a finetuned classifier
+    cmgems score-variants MODEL_DIR ... masked-marginal scores of the SNVs of a VCF
     cmgems count|table|shard|finish     the stages of `build` for a Slurm job array
 
 The same commands run from a checkout without installing: `python -m preprocessing build`,
@@ -26,7 +29,9 @@ _PREPROCESSING = ("build", "npmi", "count", "table", "shard", "finish")
 COMMANDS = {**{c: ("preprocessing.__main__", "main") for c in _PREPROCESSING},
             "pretrain": ("launchers.pretrain", "main"), "finetune": ("launchers.finetune", "main"),
             "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main"),
-            "masks": ("launchers.masks", "main")}
+            "masks": ("launchers.masks", "main"),
+            "embed": ("launchers.embed", "main"), "predict": ("launchers.predict", "main"),
+            "score-variants": ("launchers.score_variants", "main")}
 
 
 def _module(name: str):

@@ -51,7 +51,51 @@ def test_special_tokens_split_the_pieces():
     assert pair["input_ids"] == [2, *tokens.kmer_ids("ACGTACG", 6), 3,
                                  *tokens.kmer_ids("TTTTTTT", 6), 3]
     assert pair["token_type_ids"] == [0] * 4 + [1] * 3
-    assert tok.decode(tok("ACGTACG")["input_ids"], skip_special_tokens=True) == "ACGTAC CGTACG"
+    assert tok.decode(tok("ACGTACG")["input_ids"], skip_special_tokens=True) == "ACGTACG"
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_decode_gives_dna(k):
+    """Overlapping k-mers decode to the bases they spell, [UNK] k-mers (N, IUPAC codes) included:
+    bases no known k-mer covers come back as N, every other base as it was."""
+    rng = np.random.default_rng(10 + k)
+    tok = DNAKmerTokenizer(k=k)
+    seq = random_dna(rng, 200, "ACGTNR", [.24, .24, .24, .24, .02, .02]).upper()
+    ids = tok(seq)["input_ids"]
+    want = seq.replace("R", "N")
+    # a base is lost only where every k-mer covering it holds an unknown base: oracle by loop
+    known = [all(c in "ACGT" for c in seq[i:i + k]) for i in range(len(seq) - k + 1)]
+    want = "".join(c if any(known[j] for j in range(max(0, i - k + 1), min(i, len(known) - 1) + 1))
+                   else "N" for i, c in enumerate(want))
+    assert tok.decode(ids, skip_special_tokens=True) == want
+    assert tok.decode(ids) == f"[CLS] {want} [SEP]"
+    assert tok.decode(tok(tokens.kmerize(seq[:40], k))["input_ids"][1:-1]) == \
+        tok.decode(tok(seq[:40])["input_ids"][1:-1])
+    # fill-mask's answer: the masked k-mer's prediction read as the position it stands at
+    left, right = "ACGTACGT", "TTGACATT"
+    filled = [*tok(left)["input_ids"][1:-1], tok.convert_tokens_to_ids("G" * k),
+              *tok(right)["input_ids"][1:-1]]
+    assert tok.decode(filled) == left + "G" + "".join(right[i + k - 1]
+                                                      for i in range(len(right) - k + 1))
+
+
+def test_long_sequences_are_cut_to_the_model_unless_asked_not_to():
+    tok = DNAKmerTokenizer(k=6)
+    assert tok.model_max_length == 512
+    seq = "ACGTTGCA" * 100
+    assert tok(seq, return_tensors="pt")["input_ids"].shape == (1, 512)
+    assert tok(seq, return_tensors="pt")["input_ids"][0, -1] == tokens.SEP_ID
+    assert len(tok(seq, truncation=True)["input_ids"]) == 512
+    assert len(tok(seq)["input_ids"]) == len(seq) - 5 + 2  # ids, not tensors: whole
+    assert tok(seq, return_tensors="pt", truncation=False)["input_ids"].shape[1] == len(seq) - 3
+    short = DNAKmerTokenizer(k=6, model_max_length=64)
+    assert short(seq, return_tensors="pt")["input_ids"].shape == (1, 64)
+
+
+def test_a_short_flank_beside_mask_says_how_long_it_must_be():
+    with pytest.raises(ValueError, match=r"'ACG' of 3 bases.*each side of a \[MASK\] needs at "
+                                         r"least 6 bases"):
+        DNAKmerTokenizer(k=6)("ACG[MASK]ACGTACGT")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -130,14 +174,41 @@ def test_export_files_come_from_save_pretrained(exported):
 
 
 def test_model_card_says_what_the_model_is(exported):
+    from huggingface_hub import ModelCard
     card = (exported / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
+    meta = ModelCard.load(exported / "README.md", ignore_metadata_errors=False).data.to_dict()
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "fill-mask"
+    assert meta["datasets"] == ["lambda_phage.fa.gz"] and meta["genome_sha256"] == "f" * 64
+    assert "license" not in meta and "base_model" not in meta
+    (result,) = meta["model-index"][0]["results"]
+    assert result["metrics"][0] == {"type": "perplexity", "value": 10.25,
+                                    "name": "reference perplexity"}
+    assert "License of the weights: unspecified" in card
     for fact in ("1 layers, hidden size 32", "f" * 64, "e" * 64, "114 training samples",
                  "steps: 8 of 8", "CM-GEMS: GeneMask masking until",
                  "Switched genemask -> global at step 4",
                  "perplexity 10.250 under the reference masking", "`abc123`",
-                 "trust_remote_code=True", "--kmer 6", "--kmer -1"):
+                 "trust_remote_code=True", "--kmer 6", "--kmer -1", "cmgems embed EXPORT",
+                 "Windows of 126 k-mer tokens"):
         assert fact in card, fact
+
+
+def test_card_metadata_takes_license_base_model_and_finetuning_results():
+    from huggingface_hub import ModelCard
+    from cmgems.model.card import summary
+    text = render(INFO, tiny_config(), license="cc-by-4.0", base_model="zhihan1996/DNA_bert_6",
+                  results=[{"dataset": "prom-core", "metric": "accuracy", "value": 0.75}])
+    meta = ModelCard(text, ignore_metadata_errors=False).data.to_dict()
+    assert meta["license"] == "cc-by-4.0" and meta["base_model"] == "zhihan1996/DNA_bert_6"
+    finetuned = meta["model-index"][0]["results"][1]
+    assert finetuned["dataset"]["name"] == "prom-core"
+    assert finetuned["metrics"] == [{"type": "accuracy", "value": 0.75}]
+    assert "- prom-core: accuracy 0.7500" in text and summary(INFO) in text
+    assert summary(INFO).startswith("logo DNA language model on overlapping 6-mer tokens")
+    assert "reference perplexity 10.250 at step 8" in summary(INFO)
+    # a run without evaluation or data still renders a valid card
+    bare = render({"run_name": "x", "step": 1}, tiny_config())
+    assert "model-index" not in ModelCard(bare).data.to_dict()
 
 
 CLIENT = textwrap.dedent("""
@@ -160,6 +231,9 @@ CLIENT = textwrap.dedent("""
         fill("ACGT[MASK]ACGTAC")
     except ValueError as e:
         out["too_short"] = str(e)
+    features = pipeline("feature-extraction", model=export, trust_remote_code=True)
+    vectors = features("ACGTTGCA" * 100)
+    out["features"] = [len(vectors), len(vectors[0]), len(vectors[0][0])]
     print(json.dumps(out))
 """)
 
@@ -174,9 +248,12 @@ def test_export_reads_dna_where_cmgems_is_not_installed(exported, tmp_path):
     assert len(out["fill"]) == 3
     for guess in out["fill"]:
         assert len(guess["token_str"]) == 6 and set(guess["token_str"]) <= set("ACGT")
-        assert guess["sequence"].split()[5] == guess["token_str"]
+        # DNA: the left piece, the guess's last base, then one base per right k-mer
+        assert guess["sequence"] == "ACGTACGTAC" + guess["token_str"][-1] + "CGT"
     assert "No mask_token" in out["no_mask"]
     assert "shorter than one k-mer" in out["too_short"]
+    assert "each side of a [MASK] needs at least 6 bases" in out["too_short"]
+    assert out["features"] == [1, 128, 32]  # 800 bases cut to the export's 128 positions
 
 
 def test_dnabert2_train_py_conventions(exported):

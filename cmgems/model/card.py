@@ -2,7 +2,13 @@
 
 The card is written from the export's cmgems.json content (`info`, as the trainer makes it) and
 the model's BertConfig: architecture, data with its checksums, steps, masking schedule and switch
-step, reference perplexity, how to load it (transformers, pipeline, MLflow, DNABERT's scripts).
+step, reference perplexity, how to load it (transformers, pipeline, MLflow, DNABERT's scripts),
+and how to use it on a genome (cmgems embed, predict, score-variants).
+
+Its metadata header is huggingface_hub's ModelCardData, checked by ModelCard when rendered, so
+the Hub and MLflow read it: license (the user's choice; unspecified by default), datasets (the
+genome file, its sha256 beside it), base_model (the model it was initialised from), and the
+reference perplexity and any finetuning results as a model-index.
 """
 from __future__ import annotations
 
@@ -54,8 +60,65 @@ def _evaluation(info: dict) -> str:
             f"compare), {ev['ppl']:.3f} under the run's frozen evaluation masking.")
 
 
-def render(info: dict, config: BertConfig) -> str:
-    """The model card (Markdown, with the Hugging Face metadata header)."""
+def summary(info: dict) -> str:
+    """The card's summary in one paragraph (the model registry version's description)."""
+    data = info.get("data") or {}
+    ev = info.get("evaluation") or {}
+    k = info.get("k", data.get("k", 6))
+    text = (f"{info.get('model', 'BERT')} DNA language model on overlapping {k}-mer tokens, "
+            f"pretrained with cmgems for {info.get('step', '?')} steps "
+            f"({(info.get('curriculum') or {}).get('mode', info.get('mode', '?'))} masking)")
+    if data.get("genome"):
+        text += f" on {data['genome']} (sha256 {data.get('genome_sha256', '?')[:12]}...)"
+    if ev.get("ppl_ref") is not None:
+        text += f"; reference perplexity {ev['ppl_ref']:.3f} at step {ev['step']}"
+    return text + "."
+
+
+def _metadata(info: dict, license: str | None, base_model: str | None,
+              results: list[dict]) -> str:
+    """The YAML header, through huggingface_hub's ModelCardData."""
+    from huggingface_hub import EvalResult, ModelCardData
+    data = info.get("data") or {}
+    genome = data.get("genome") or None
+    evals = []
+    ev = info.get("evaluation") or {}
+    if ev.get("ppl_ref") is not None:
+        for metric, value in (("reference perplexity", ev["ppl_ref"]),
+                              ("perplexity under the run's evaluation masking", ev.get("ppl"))):
+            if value is not None:
+                evals.append(EvalResult(task_type="fill-mask", dataset_type="genome",
+                                        dataset_name=genome or "validation split",
+                                        metric_type="perplexity", metric_value=float(value),
+                                        metric_name=metric))
+    for r in results:
+        evals.append(EvalResult(task_type=r.get("task", "text-classification"),
+                                dataset_type=r.get("dataset_type", "dna-classification"),
+                                dataset_name=r["dataset"], metric_type=r["metric"],
+                                metric_value=float(r["value"]), metric_name=r.get("name")))
+    card = ModelCardData(
+        library_name="transformers", pipeline_tag="fill-mask",
+        tags=["dna", "genomics", "kmer", "masked-language-modeling", "cmgems"],
+        license=license or None, base_model=base_model or None,
+        datasets=[genome] if genome else None,
+        model_name=info.get("run_name", "cmgems model") if evals else None,
+        eval_results=evals or None,
+        genome_sha256=data.get("genome_sha256") or None)
+    return card.to_yaml()
+
+
+def render(info: dict, config: BertConfig, *, license: str | None = None,
+           base_model: str | None = None, results: list[dict] | None = None) -> str:
+    """The model card (Markdown, with the Hugging Face metadata header).
+
+    license: of the weights, the user's choice (an SPDX id or a Hub license name; default
+    info["license"], else unspecified); base_model: the model it was initialised from (default
+    info["init_from"]); results: finetuning results for the model-index, each {"dataset",
+    "metric", "value"} and optionally "task" (text-classification), "name"."""
+    from huggingface_hub import ModelCard
+    license = license or info.get("license") or None
+    base_model = base_model or info.get("init_from") or None
+    results = list(results or ())
     data = info.get("data", {})
     k = info.get("k", data.get("k", 6))
     params = info.get("n_params")
@@ -67,16 +130,20 @@ def render(info: dict, config: BertConfig) -> str:
             + f"; vocabulary of {config.vocab_size} ids: [PAD] [UNK] [CLS] [SEP] [MASK] and every "
             f"{k}-mer (DNABERT's vocab.txt order).")
     example = "ATGCGTACGTTAGC" + "[MASK]" + "GATCGATCGATTACAGG"
+    block = info.get("max_length")
+    window = (min(block, config.max_position_embeddings) if isinstance(block, int)
+              else config.max_position_embeddings) - 2
     lines = [
         "---",
-        "library_name: transformers",
-        "pipeline_tag: fill-mask",
-        "tags: [dna, genomics, kmer, masked-language-modeling, cmgems]",
+        _metadata(info, license, base_model, results),
         "---",
         "",
         f"# {info.get('run_name', 'cmgems model')}",
         "",
-        f"A DNA language model pretrained with cmgems on overlapping {k}-mer tokens.",
+        summary(info),
+        "",
+        f"License of the weights: {license or 'unspecified (the author chose none)'}."
+        + (f" Initialised from `{base_model}`." if base_model else ""),
         "",
         "## Model",
         "",
@@ -136,6 +203,23 @@ def render(info: dict, config: BertConfig) -> str:
         "In MLflow (when the run logged it): `mlflow.transformers.load_model(MODEL_URI)` gives "
         "the fill-mask pipeline with this tokenizer.",
         "",
+        "## Use on a genome",
+        "",
+        "```",
+        "cmgems embed EXPORT --genome genome.fa --bed regions.bed --out embeddings.h5",
+        "cmgems score-variants EXPORT --genome genome.fa --vcf variants.vcf --out scores.tsv",
+        "cmgems predict FINETUNED --fasta sequences.fa --out predictions.tsv",
+        "```",
+        "",
+        (f"Windows of {window} k-mer tokens by default (the blocks the model was trained on, "
+         "less [CLS] and [SEP]); see cmgems' docs/use.md."),
+        "",
     ]
-    return "\n".join(lines)
+    if results:
+        lines[-1:-1] = ["## Finetuning results", "",
+                        *(f"- {r['dataset']}: {r['metric']} {float(r['value']):.4f}"
+                          for r in results), ""]
+    text = "\n".join(lines)
+    ModelCard(text, ignore_metadata_errors=False)  # the Hub's check of the header
+    return text
 

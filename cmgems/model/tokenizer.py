@@ -9,7 +9,18 @@ cmgems models are trained on.
   lengths, k-mers that do not overlap, a sequence shorter than k, an empty text. A model fed any
   of those would answer junk without a word.
 Special tokens ([MASK] for fill-mask, [SEP] ...) may stand between the pieces; each piece is read
-on its own, so "ACGTAC[MASK]GTACGT" asks for one masked k-mer between two.
+on its own, so "ACGTAC[MASK]GTACGT" asks for one masked k-mer between two, and each piece needs
+at least k bases.
+
+Decoding gives DNA: the overlapping k-mers of a run of tokens spell one sequence (the first k-mer,
+then one base per k-mer), so fill-mask's `sequence` is nucleotides. A base no known k-mer covers
+([UNK] ones) is N; special tokens other than [UNK] stand as words of their own between the runs.
+model_max_length defaults to 512 (DNABERT's positions, [CLS] and [SEP] included; an export sets
+its model's). A call that asks for tensors (return_tensors, as every pipeline does) and says
+nothing of truncation is cut to it, with a warning: tensors go to the model, which takes no more,
+so feature-extraction and fill-mask take a long sequence instead of failing with a tensor size
+mismatch. Lists of ids are not cut unless asked; `truncation=False` keeps every token, and
+`cmgems embed` windows a long sequence instead of cutting it.
 
 This file travels inside every export (tokenizer_config.json's auto_map names it), so that
 `AutoTokenizer.from_pretrained(export, trust_remote_code=True)` works where cmgems is not
@@ -23,6 +34,9 @@ import os
 
 import numpy as np
 from transformers import PreTrainedTokenizer
+from transformers.utils import logging
+
+log = logging.get_logger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 ALPHABET = "ATCG"  # k-mer ids follow itertools.product(ALPHABET, repeat=k), as DNABERT's vocab.txt
@@ -38,6 +52,7 @@ for _b in UNKNOWN_BASES:
     _CODE[ord(_b)] = _CODE[ord(_b.lower())] = _UNKNOWN
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
+MAX_POSITIONS = 512  # DNABERT's and cmgems' position embeddings
 
 
 def kmer_vocab(k: int) -> list[str]:
@@ -73,6 +88,7 @@ class DNAKmerTokenizer(PreTrainedTokenizer):
         self._tokens = np.array(kmer_vocab(self.k), dtype=object)
         self._ids = {t: i for i, t in enumerate(self._tokens.tolist())}
         self._powers = 4 ** np.arange(self.k - 1, -1, -1, dtype=np.int64)
+        kwargs.setdefault("model_max_length", MAX_POSITIONS)
         super().__init__(k=self.k, do_lower_case=do_lower_case, unk_token=unk_token,
                          sep_token=sep_token, pad_token=pad_token, cls_token=cls_token,
                          mask_token=mask_token, **kwargs)
@@ -99,8 +115,48 @@ class DNAKmerTokenizer(PreTrainedTokenizer):
             self.get_vocab()
         return list(map(lookup.get, tokens, itertools.repeat(self._ids["[UNK]"])))
 
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        # [UNK] holds a place in the sequence (a k-mer of unknown bases): decoding without the
+        # specials keeps it, or the bases after it would shift
+        if skip_special_tokens and not isinstance(ids, int):
+            drop = set(self.all_special_ids) - {self.unk_token_id}
+            ids = [i for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
+                   if int(i) not in drop]
+            skip_special_tokens = False
+        return super().convert_ids_to_tokens(ids, skip_special_tokens=skip_special_tokens)
+
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return " ".join(tokens)
+        """DNA: each run of k-mer tokens as the sequence its overlapping k-mers spell, special
+        tokens between runs as words of their own ([UNK] is a k-mer of unknown bases)."""
+        words, run = [], []
+        specials = set(self.all_special_tokens) - {str(self.unk_token)}
+        for t in tokens:
+            if t in specials:
+                if run:
+                    words.append(self._spell(run))
+                    run = []
+                words.append(t)
+            else:
+                run.append(t)
+        if run:
+            words.append(self._spell(run))
+        return " ".join(words)
+
+    def _spell(self, kmers: list[str]) -> str:
+        """The bases of consecutive overlapping k-mers, vectorized: base j is taken from the
+        first known k-mer covering it (so a clean run reads as its first k-mer plus the last
+        base of each next one); a base only [UNK] k-mers cover is N."""
+        k, n = self.k, len(kmers)
+        known = np.array([len(t) == k and t in self._ids for t in kmers], dtype=bool)
+        letters = np.frombuffer("".join(t if ok else "N" * k for t, ok in zip(kmers, known))
+                                .encode("ascii"), dtype=np.uint8).reshape(n, k)
+        out = np.full(n + k - 1, ord("N"), dtype=np.uint8)
+        rows = np.flatnonzero(known)
+        # k strided writes: base j gets offset j - r of k-mer r; the last write, the highest
+        # offset, is the lowest r
+        for offset in range(k):
+            out[rows + offset] = letters[rows, offset]
+        return out.tobytes().decode("ascii")
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None):
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
@@ -111,13 +167,37 @@ class DNAKmerTokenizer(PreTrainedTokenizer):
         return (path,)
 
     # ------------------------------------------------------------------ reading DNA
+    def __call__(self, *args, **kwargs):
+        self._cutting = (kwargs.get("return_tensors") is not None
+                         and kwargs.get("truncation") is None and kwargs.get("max_length") is None)
+        if self._cutting:
+            kwargs["truncation"] = True
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._cutting = False
+
     def tokenize(self, text: str, **kwargs) -> list[str]:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"DNAKmerTokenizer: empty sequence {text!r}")
-        return super().tokenize(text, **kwargs)
+        try:
+            return super().tokenize(text, **kwargs)
+        except _ShortPiece as e:
+            if any(t in text for t in self.all_special_tokens):
+                raise _ShortPiece(f"{e}; the pieces between special tokens are read on their "
+                                  f"own, so each side of a [MASK] needs at least {self.k} bases "
+                                  f"(one {self.k}-mer): give more flank, or write the "
+                                  f"k-mers as k-mer text") from None
+            raise
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return self._tokens[self.encode_dna(text)].tolist()
+        ids = self.encode_dna(text)
+        if getattr(self, "_cutting", False) and len(ids) > self.model_max_length - 2:
+            log.warning("DNAKmerTokenizer: %d k-mers cut to the model's %d (model_max_length "
+                        "%d); pass truncation=False to keep them all, or embed long sequences "
+                        "in windows (cmgems embed)", len(ids), self.model_max_length - 2,
+                        self.model_max_length)
+        return self._tokens[ids].tolist()
 
     def encode_dna(self, text: str) -> np.ndarray:
         """Token ids (no [CLS]/[SEP]) of one raw sequence or one k-mer text, vectorized."""
@@ -153,8 +233,8 @@ class DNAKmerTokenizer(PreTrainedTokenizer):
         codes = self._codes(seq, seq).astype(np.int64)
         n = len(codes) - self.k + 1
         if n < 1:
-            raise ValueError(f"DNAKmerTokenizer (k={self.k}): sequence {seq!r} of {len(seq)} "
-                             f"bases is shorter than one k-mer")
+            raise _ShortPiece(f"DNAKmerTokenizer (k={self.k}): sequence {seq!r} of {len(seq)} "
+                              f"bases is shorter than one k-mer")
         unknown = codes < 0
         codes[unknown] = 0
         out = np.zeros(n, dtype=np.int64)
@@ -198,6 +278,10 @@ class DNAKmerTokenizer(PreTrainedTokenizer):
     def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
         first = [0] * (len(token_ids_0) + 2)
         return first if token_ids_1 is None else first + [1] * (len(token_ids_1) + 1)
+
+
+class _ShortPiece(ValueError):
+    """A sequence shorter than one k-mer."""
 
 
 def _excerpt(text: str, width: int = 40) -> str:
