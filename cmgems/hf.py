@@ -35,7 +35,8 @@ from cmgems.pretrain.layout import RunLayout
 from cmgems.data.loader import SampleDataset
 from cmgems.errors import InputError
 from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
-from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, check_masking, parse_mode
+from cmgems.masking.names import (CM_GEMS, DEFAULT_PROBABILITY, check_masking, check_pmi_lookup,
+                                  parse_mode)
 from cmgems.data.npmi_table import load_table, npmi_of_ids
 from cmgems.rng import generator
 from cmgems.data.shards import Manifest, ShardSet
@@ -66,13 +67,15 @@ class MaskingCollator:
     "attention_mask", "labels"} for a masked language model.
 
     npmi_table: NPMI per k-mer code (float [4^k], NaN = unscored; k follows from its length).
-    mode: fixed:<strategy>, cm_step or cm_gems (cmgems.masking.curriculum). Features that bring their own
+    mode: fixed:<strategy>, cm_step or cm_gems (cmgems.masking.curriculum). pmi_lookup: "token"
+    or "position" (cmgems.masking.maskings.select). Features that bring their own
     "labels" (collator.frozen's) are only padded. Batch b of a process is masked with generator
     (seed, b, DataLoader worker id): a run repeats exactly for the same seed and num_workers.
     """
 
     def __init__(self, npmi_table, mode: str = CM_GEMS,
-                 probabilities: dict[str, float] | None = None, seed: int = 0):
+                 probabilities: dict[str, float] | None = None, seed: int = 0,
+                 pmi_lookup: str = "token"):
         table = np.asarray(npmi_table, dtype=np.float64)
         k = next((k for k in K_RANGE if 4 ** k == len(table)), None)
         if k is None:
@@ -84,6 +87,7 @@ class MaskingCollator:
         for name, p in (probabilities or {}).items():
             self.probabilities[check_masking(name)] = float(p)
         self.seed = seed
+        self.pmi_lookup = check_pmi_lookup(pmi_lookup)
         self.batches = 0
         # [step, stage index, max_steps]: set by the callback, read by every worker's copy
         self.shared = torch.zeros(3, dtype=torch.int64).share_memory_()
@@ -130,7 +134,8 @@ class MaskingCollator:
         self.batches += 1
         inputs, labels, _ = mask_batch(ids, npmi_of_ids(self.table, ids), attention,
                                        self.strategies(ids.shape[0], gen), self.vocab_size, gen,
-                                       k=self.k, probabilities=self.probabilities)
+                                       k=self.k, probabilities=self.probabilities,
+                                       pmi_lookup=self.pmi_lookup, npmi_table=self.table)
         return {"input_ids": inputs, "attention_mask": attention, "labels": labels}
 
     def frozen(self, dataset, strategy: str | None = None, batch_size: int = 64) -> list[dict]:
@@ -146,7 +151,8 @@ class MaskingCollator:
             gen = generator(self.seed, start // batch_size, 0, "hf-eval")
             inputs, labels, _ = mask_batch(ids, npmi_of_ids(self.table, ids), attention,
                                            strategy, self.vocab_size, gen, k=self.k,
-                                           probabilities=self.probabilities)
+                                           probabilities=self.probabilities,
+                                           pmi_lookup=self.pmi_lookup, npmi_table=self.table)
             for row, n in enumerate(attention.sum(1).tolist()):
                 out.append({"input_ids": inputs[row, :n], "labels": labels[row, :n]})
         return out

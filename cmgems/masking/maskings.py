@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from cmgems.errors import InputError
-from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, check_masking
+from cmgems.masking.names import (DEFAULT_PROBABILITY, MASKINGS, PMI_MASKINGS, check_masking,
+                                  check_pmi_lookup)
+from cmgems.data.npmi_table import npmi_of_ids
 from cmgems.data.tokens import K_RANGE, MASK_ID, NUM_SPECIAL, SEP_ID, UNK_ID
 
 # GeneMask halves the kept anchors only once a sample has this many centres.
@@ -280,16 +282,42 @@ def _check_shapes(input_ids, npmi, attention_mask):
                          f"{tuple(input_ids.shape)}")
 
 
+def position_npmi(npmi_table: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """Float32 [n]: the NPMI of the k-mer whose token id equals each position index, NaN where
+    that id is a special token or beyond the vocabulary ("position" lookup)."""
+    table = torch.as_tensor(npmi_table, dtype=torch.float32, device=device)
+    return npmi_of_ids(table, torch.arange(n, device=table.device))
+
+
+def lookup_npmi(npmi: torch.Tensor, pmi_lookup: str = "token",
+                npmi_table: torch.Tensor | None = None) -> torch.Tensor:
+    """The NPMI a PMI masking ranks by: `npmi` itself (token lookup), or for position lookup the
+    table's value at every position's index, the same row for every sample (needs the table:
+    NPMI per k-mer code, as cmgems.data.npmi_table.load_table gives)."""
+    if check_pmi_lookup(pmi_lookup) == "token":
+        return npmi
+    if npmi_table is None:
+        raise ValueError("pmi_lookup 'position' needs the NPMI table (npmi_table=...)")
+    return position_npmi(npmi_table, npmi.shape[-1], npmi.device).expand(npmi.shape)
+
+
 def select(strategy: str, input_ids: torch.Tensor, npmi: torch.Tensor,
            attention_mask: torch.Tensor | None, generator: torch.Generator | None = None, *,
-           k: int = 6, mlm_probability: float | None = None, global_m: int = 0) -> torch.Tensor:
+           k: int = 6, mlm_probability: float | None = None, global_m: int = 0,
+           pmi_lookup: str = "token", npmi_table: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B, N]: the positions `strategy` chooses for prediction (before corruption).
 
-    global_m (GLOBAL only): anchors per sample; 0 = max(1, round(L x mlm_probability))."""
+    global_m (GLOBAL only): anchors per sample; 0 = max(1, round(L x mlm_probability)).
+    pmi_lookup (genemask, global): "token" ranks each position by its own k-mer's NPMI;
+    "position" by the NPMI of the k-mer whose id is the position index (see lookup_npmi), which
+    needs npmi_table (float [4^k] by k-mer code)."""
     check_masking(strategy)
+    check_pmi_lookup(pmi_lookup)
     p = DEFAULT_PROBABILITY[strategy] if mlm_probability is None else float(mlm_probability)
     _check_params(k, p, global_m)
     _check_shapes(input_ids, npmi, attention_mask)
+    if strategy in PMI_MASKINGS:
+        npmi = lookup_npmi(npmi, pmi_lookup, npmi_table)
     real = real_tokens(input_ids, attention_mask)
     return _SELECTORS[strategy](real, npmi, p, k, _new_generator(generator), global_m)
 
@@ -342,6 +370,7 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
                strategies: str | Sequence[str], vocab_size: int,
                generator: torch.Generator | None, k: int = 6,
                probabilities: dict[str, float] | None = None, global_m: int = 0,
+               pmi_lookup: str = "token", npmi_table: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select the positions to predict, then corrupt them as BERT does (80 % [MASK], 10 % a
     random k-mer, 10 % unchanged).
@@ -357,6 +386,7 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
         probabilities: {masking: centre (random, genemask) or anchor (global) probability},
             over DEFAULT_PROBABILITY.
         global_m: GLOBAL's anchors per sample (0 = round(L x its probability)), see `select`.
+        pmi_lookup, npmi_table: where genemask and global read NPMI, see `select`.
     Returns:
         (inputs, labels, selected): the corrupted ids; the original ids at selected positions
         and IGNORE_INDEX elsewhere; bool [B, N] of the selected positions.
@@ -372,14 +402,16 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
     if len(groups) == 1:
         (name,) = groups
         selected = select(name, input_ids, npmi, attention_mask, gen, k=k,
-                          mlm_probability=probs[name], global_m=global_m)
+                          mlm_probability=probs[name], global_m=global_m,
+                          pmi_lookup=pmi_lookup, npmi_table=npmi_table)
     else:
         selected = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         for name, rows in groups.items():  # at most three groups
             idx = torch.as_tensor(rows, device=input_ids.device)
             mask = None if attention_mask is None else attention_mask[idx]
             selected[idx] = select(name, input_ids[idx], npmi[idx], mask, gen, k=k,
-                                   mlm_probability=probs[name], global_m=global_m)
+                                   mlm_probability=probs[name], global_m=global_m,
+                                   pmi_lookup=pmi_lookup, npmi_table=npmi_table)
     inputs, labels = corrupt(input_ids, selected, vocab_size, gen)
     return inputs, labels, selected
 

@@ -22,6 +22,10 @@ MASKINGS = ("random", "genemask", "global")
 PMI_MASKINGS = ("genemask", "global")
 # Centre (random, genemask) or anchor (global) probabilities from DNABERT, GeneMask and CM-GEMS.
 DEFAULT_PROBABILITY = {"random": 0.025, "genemask": 0.0176, "global": 0.0136}
+# Where a PMI masking reads a token's NPMI: from the k-mer at that position ("token", the papers'
+# text), or from the k-mer whose token id equals the position index ("position", as the authors'
+# code decodes a position as if it were an id: the same scores for every sequence).
+PMI_LOOKUPS = ("token", "position")
 # The masking every run is also evaluated with, whatever its own: ppl_ref compares runs.
 REFERENCE_MASKING = "random"
 
@@ -32,6 +36,13 @@ CURRICULA = (CM_STEP, CM_GEMS)
 CURRICULUM_MASKINGS = {CM_STEP: ("random", "global"), CM_GEMS: ("genemask", "global")}
 # Every mode: one fixed masking, or one of the two curricula (the fixed baselines first).
 MODES = tuple(FIXED_PREFIX + m for m in MASKINGS) + CURRICULA
+
+
+def check_pmi_lookup(name) -> str:
+    """name, if it is a PMI lookup; else InputError naming the choices."""
+    if name not in PMI_LOOKUPS:
+        raise InputError(f"pmi_lookup: unknown {name!r} (expected one of {', '.join(PMI_LOOKUPS)})")
+    return name
 
 
 def check_masking(name) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from cmgems.masking.curriculum import CM_STEP_DRAWS
 from cmgems.errors import InputError
-from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, MASKINGS, parse_mode
+from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, MASKINGS, PMI_LOOKUPS, parse_mode
 from cmgems.options import DEFAULT_SEED, check_fields, from_args, load_file, option
 from cmgems.tracking.uri import check_tracking_uri
 
@@ -80,6 +80,12 @@ class PretrainConfig:
                        "for a sample of L tokens (7 at 510); N > 0 = N in every sample (capped "
                        "at L), p_global then unused by GLOBAL.", resume=True,
                        low=0)
+    pmi_lookup: str = _f("token", "Where genemask and global (so cm_step and cm_gems too) read "
+                         "a position's NPMI: 'token' = the k-mer at that position (the papers' "
+                         "text); 'position' = the k-mer whose token id equals the position index, "
+                         "as the authors' published code does (the same ranking for every "
+                         "sequence of a length; docs/reproducing.md).", resume=True,
+                         choices=PMI_LOOKUPS)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------

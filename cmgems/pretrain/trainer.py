@@ -41,6 +41,7 @@ from cmgems.pretrain.layout import RunLayout
 from cmgems.pretrain.result import RunResult
 from cmgems.pretrain.run_dir import RunDir
 from cmgems.data.layout import DatasetDir
+from cmgems.data.npmi_table import load_table
 from cmgems.data.shards import Manifest, ShardSet, verify
 from cmgems.tracking.tracker import Tracker
 from cmgems.tracking.uri import resolve_tracking_uri
@@ -252,6 +253,11 @@ class Trainer:
         self.manifest = Manifest.load(cfg.data_dir)
         self.k = self.manifest.k
         self.scored_fraction = check_scored(cfg, self.manifest)
+        # Position lookup ranks by the table itself (per k-mer code), not by the shards' NPMI.
+        self.npmi_table = None
+        if cfg.pmi_lookup == "position":
+            self.npmi_table = torch.as_tensor(load_table(self.data.npmi_table, self.k),
+                                              dtype=torch.float32, device=self.dist.device)
         if cfg.verify_data:
             # Rank 0 hashes every shard; all ranks fail together with its message.
             distributed.on_main(lambda: verify(cfg.data_dir, self.manifest), self.dist.is_main)
@@ -317,7 +323,8 @@ class Trainer:
         return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
                           self.manifest.vocab_size, gen, k=self.k,
                           probabilities=self.cfg.probabilities if probabilities is None
-                          else probabilities, global_m=self.cfg.global_m)
+                          else probabilities, global_m=self.cfg.global_m,
+                          pmi_lookup=self.cfg.pmi_lookup, npmi_table=self.npmi_table)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
