@@ -165,14 +165,17 @@ class CurriculumCallback(TrainerCallback):
     curriculum.stage, metrics eval/ppl and curriculum/stage, artifact curriculum_events.json).
 
     cm_gems needs evaluations (eval_strategy "steps" or "epoch") on a frozen evaluation set
-    (collator.frozen). `events` holds the switches. Under several processes eval_loss is already
+    (collator.frozen; the collator masking the eval_dataset itself gives the published scripts'
+    fresh evaluation masking instead). switch_rule: cmgems.masking.curriculum.SWITCH_RULES.
+    `events` holds the switches. Under several processes eval_loss is already
     gathered over all of them, so each takes the same decision at the same step.
     """
 
     def __init__(self, collator: MaskingCollator, threshold: float = 1.0, patience: int = 1,
-                 min_switch_step: int = 0):
+                 min_switch_step: int = 0, switch_rule: str = "drop"):
         self.collator = collator
         self.threshold, self.patience, self.min_switch_step = threshold, patience, min_switch_step
+        self.switch_rule = switch_rule
         self.schedule = None
 
     @property
@@ -187,7 +190,8 @@ class CurriculumCallback(TrainerCallback):
                              "eval_dataset (collator.frozen(...))")
         self.schedule = make_schedule(self.collator.mode, max(1, state.max_steps),
                                       threshold=self.threshold, patience=self.patience,
-                                      min_steps=self.min_switch_step)
+                                      min_steps=self.min_switch_step,
+                                      switch_rule=self.switch_rule)
         self.collator.set_step(state.global_step, state.max_steps)
         self.collator.set_stage(self.schedule.stage_index)
 

@@ -3,6 +3,7 @@ reading their functions (docs/reproducing.md): the oracles loop over positions o
 product does not."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -184,3 +185,215 @@ def test_config_cli_and_collator_carry_pmi_lookup():
     out = coll(features)
     chosen_rows = (out["labels"] != maskings.IGNORE_INDEX)
     assert torch.equal(chosen_rows[0], chosen_rows[1])
+
+
+# ----------------------------------------------------------------------------- global_m binomial
+
+
+def test_binomial_m_counts_bernoulli_centres_mean_lp_and_can_be_zero():
+    table = distinct_table(5)
+    length, p = 200, 0.0136
+    ids, npmi, attn = rows([length], 8, table)
+    real = maskings.real_tokens(ids, attn)
+    ms = [int(maskings.global_anchors(real.sum(1), p, "binomial", real, gen(s))[0])
+          for s in range(400)]
+    assert abs(np.mean(ms) - length * p) < 4 * math.sqrt(length * p * (1 - p) / 400)
+    assert 0 in ms                      # P(m = 0) = (1 - p)^200 = 6.5 %
+    by_token = rank_by_id(table)
+    for s in range(20):                 # the selection is the oracle's for the m drawn
+        sel = maskings.select("global", ids, npmi, attn, gen(s), mlm_probability=p,
+                              global_m="binomial")
+        assert chosen(sel[0]) == oracle_global(length, ms[s], lambda i: by_token(int(ids[0, i])))
+
+
+def test_global_m_values_are_validated():
+    from cmgems.errors import InputError
+    from cmgems.pretrain.config import PretrainConfig
+    table = distinct_table(0)
+    ids, npmi, attn = rows([50], 0, table)
+    for bad in ("bin", -1, 1.5, True):
+        with pytest.raises(InputError, match="global_m"):
+            maskings.select("global", ids, npmi, attn, gen(0), global_m=bad)
+        with pytest.raises(InputError, match="global_m"):
+            PretrainConfig(global_m=bad)
+    assert PretrainConfig(global_m="binomial").global_m == "binomial"
+
+
+# ----------------------------------------------------------------------------- anchor order
+
+
+@pytest.mark.parametrize("order", ["top", "first"])
+def test_genemask_anchor_order_matches_the_oracle(order):
+    table = distinct_table(6)
+    lengths = [510, 300]
+    ids, npmi, attn = rows(lengths, 9, table)
+    real = maskings.real_tokens(ids, attn)
+    rng = np.random.default_rng(10)
+    centres = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, n in enumerate(lengths):       # 12 and 9 centres: both halve
+        centres[r, 1 + rng.choice(n, size=12 - 3 * r, replace=False)] = True
+    sel = maskings.genemask_from_centres(centres, real, npmi, gen(0), k=K, anchor_order=order)
+    by_token = rank_by_id(table)
+    for r, n in enumerate(lengths):
+        expect = oracle_genemask(n, sorted(chosen(centres[r])),
+                                 lambda i, r=r: by_token(int(ids[r, i])), order)
+        assert chosen(sel[r]) == expect
+    if order == "first":
+        top = maskings.genemask_from_centres(centres, real, npmi, gen(0), k=K)
+        assert not torch.equal(top, sel)
+
+
+# ----------------------------------------------------------------------------- switch rules
+
+
+def oracle_switch(perplexities: list[float], threshold: float) -> int | None:
+    """The published CM-GEMS script: before each masking it rereads every perplexity so far and
+    switches once the smallest |change| between consecutive ones is below the threshold; the
+    index of the evaluation after which it masks with global."""
+    for n in range(2, len(perplexities) + 1):
+        seen = perplexities[:n]
+        smallest = 10000.0
+        for a, b in itertools.pairwise(seen):
+            smallest = min(smallest, abs(b - a))
+        if smallest < threshold:
+            return n - 1
+    return None
+
+
+def switch_index(rule: str, perplexities: list[float], threshold: float = 1.0,
+                 patience: int = 1) -> int | None:
+    from cmgems.masking.curriculum import make_schedule
+    s = make_schedule("cm_gems", 1000, threshold=threshold, patience=patience, switch_rule=rule)
+    for i, ppl in enumerate(perplexities):
+        if s.observe(10 * i, ppl) is not None:
+            return i
+    return None
+
+
+@pytest.mark.parametrize("ppl", [[100, 90, 95, 94.5, 80, 79.8], [50, 40, 30, 29.5, 29.4],
+                                 [10, 20, 30], [300, 200, 150, 120]])
+def test_switch_rules_on_fixed_sequences(ppl):
+    expect = oracle_switch(ppl, 1.0)
+    assert switch_index("min_abs_change", ppl) == expect
+    assert switch_index("abs_change", ppl) == expect      # the same decision at patience 1
+    drops = [a - b for a, b in itertools.pairwise(ppl)]
+    first_drop = next((i + 1 for i, d in enumerate(drops) if d < 1.0), None)
+    assert switch_index("drop", ppl) == first_drop
+
+
+def test_switch_rules_differ_where_the_readings_do():
+    rise = [100, 90, 95, 94.5]          # a rise is below any threshold for the signed drop
+    assert (switch_index("drop", rise), switch_index("abs_change", rise)) == (2, 3)
+    # patience 2: the smallest change so far stays below; two small changes in a row never came
+    ppl = [100, 99.5, 90, 89.7, 80]
+    assert switch_index("min_abs_change", ppl, patience=2) == 2
+    assert switch_index("abs_change", ppl, patience=2) is None
+    from cmgems.errors import InputError
+    with pytest.raises(InputError, match="switch_rule"):
+        switch_index("smallest", ppl)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("preset,model", [("published-code.yaml", "dnabert"),
+                                          ("published-code-logo.yaml", "logo")])
+def test_published_code_presets_set_every_reading(preset, model):
+    from conftest import ROOT
+
+    from cmgems.pretrain.config import from_sources
+    from launchers.pretrain import parse_args
+    path = ROOT / "launchers" / "configs" / preset
+    cfg = from_sources(str(path), parse_args([]))
+    assert cfg.model == model
+    published = {"pmi_lookup": "position", "global_m": "binomial", "genemask_anchor_order":
+                 "first", "switch_rule": "min_abs_change", "eval_masking": "fresh",
+                 "p_genemask": 0.0176, "eval_interval": 500, "eval_batches": 0,
+                 "precision": "fp32", "cm_step_draw": "batch", "threshold": 1.0,
+                 "mode": "cm_gems", "max_steps": 10_000, "lr": 8e-4, "seed": 42}
+    for name, value in published.items():
+        assert getattr(cfg, name) == value, name
+    assert cfg.micro_batch_size * cfg.grad_accum == 250
+    assert "--sampling genemask" in path.read_text()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_genemask_piece_bounds_follow_the_notebook():
+    from preprocessing import genemask_samples as gs
+    sizes, firsts = [], []
+    for seed in range(30):
+        starts, ends = gs.piece_bounds(60_000, np.random.default_rng(seed))
+        firsts.append(int(starts[0]))
+        assert (starts[1:] == ends[:-1]).all()          # back to back
+        assert ends[-1] <= 60_000 - 1                   # the last base is never used
+        sizes.append(ends[:-1] - starts[:-1])           # the last piece may be cut short
+    sizes = np.concatenate(sizes)
+    assert max(firsts) < 1000 and len(set(firsts)) > 20
+    assert set(np.unique(sizes)) <= {511, *range(6, 511)}
+    assert abs(np.mean(sizes == 511) - 0.5) < 0.03
+    assert sizes[sizes != 511].min() <= 10 and sizes[sizes != 511].max() >= 505
+
+
+def test_sampling_genemask_build(tmp_path):
+    """N removed and flanks joined, no duplicates, split per sample, recorded; another sampling
+    into the same directory is refused."""
+    from conftest import LAMBDA, read_genome, run_module
+
+    from cmgems.data.shards import Manifest, ShardSet
+    from cmgems.data.tokens import UNK_ID, vocab
+    lam = read_genome(LAMBDA).upper()
+    repeat = "A" * 20_000                                # its 511-nt pieces are all the same
+    with_n = lam[:20_000] + "N" * 300 + lam[20_000:40_000]
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(f">r1\n{with_n}\n>r2\n{repeat}\n>r3\n{lam}\n")
+    out = tmp_path / "gm"
+    run_module("-m", "preprocessing", "build", str(fasta), str(out), "--min-count", "5",
+               "--valid-fraction", "0.1", "--seed", "3", "--sampling", "genemask")
+    manifest = Manifest.load(out)
+    assert manifest.params["sampling"] == "genemask"
+    names = vocab(K)
+    texts = []
+    for split in ("train", "valid"):
+        shards = ShardSet(out, split, manifest)
+        for i in range(len(shards)):
+            tokens, _ = shards[i]
+            assert (tokens != UNK_ID).all()
+            kmers = [names[t] for t in tokens.tolist()]
+            texts.append(kmers[0] + "".join(km[-1] for km in kmers[1:]))
+    joined = with_n.replace("N", "")
+    assert all(len(t) - K + 1 in {506, *range(1, 506)} for t in texts)
+    assert len(set(texts)) == len(texts)                 # duplicates removed
+    assert sum(t == "A" * 511 for t in texts) == 1
+    across = [t for t in texts if lam[19_990:20_000] in t and lam[20_000:20_010] in t]
+    assert across and all(t in joined for t in across)   # a piece across the joined flanks
+    n_valid = len(ShardSet(out, "valid", manifest))
+    assert 0.05 < n_valid / len(texts) < 0.16
+    res = run_module("-m", "preprocessing", "build", str(fasta), str(out), "--min-count", "5",
+                     "--valid-fraction", "0.1", "--seed", "3", check=False)
+    assert res.returncode == 2 and "sampling" in res.stderr
+
+
+@pytest.mark.slow
+def test_published_code_options_train(tmp_path):
+    """A tiny real run with every published-code option on a GeneMask-sampled dataset."""
+    import json
+
+    from conftest import LAMBDA, run_module
+    data = tmp_path / "gm"
+    run_module("-m", "preprocessing", "build", str(LAMBDA), str(data), "--min-count", "5",
+               "--valid-fraction", "0.1", "--seed", "0", "--sampling", "genemask")
+    res = run_module("launchers/pretrain.py", "--data-dir", str(data), "--max-steps", "8",
+                     "--eval-interval", "2", "--threshold", "1000", "--pmi-lookup", "position",
+                     "--global-m", "binomial", "--genemask-anchor-order", "first",
+                     "--switch-rule", "min_abs_change", "--eval-masking", "fresh",
+                     "--eval-batches", "0", "--precision", "fp32", "--num-workers", "0",
+                     "--output-dir", str(tmp_path / "run"), "--no-system-metrics",
+                     "--no-log-model", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    result = json.loads(res.stdout)
+    assert result["step"] == 8 and result["stage"] == "global"
+    ppl = result["events"][0]["perplexity_history"]
+    assert all(math.isfinite(p) for p in ppl)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["pmi_lookup"] == "position" and config["global_m"] == "binomial"

@@ -213,7 +213,7 @@ class Trainer:
             self._build_engine()
             self.schedule = make_schedule(cfg.mode, cfg.max_steps, threshold=cfg.threshold,
                                           patience=cfg.patience, min_steps=cfg.min_switch_step,
-                                          draw=cfg.cm_step_draw)
+                                          draw=cfg.cm_step_draw, switch_rule=cfg.switch_rule)
             self.state = RunState()
             if tag is not None:
                 self._load_checkpoint(tag)
@@ -324,14 +324,17 @@ class Trainer:
                           self.manifest.vocab_size, gen, k=self.k,
                           probabilities=self.cfg.probabilities if probabilities is None
                           else probabilities, global_m=self.cfg.global_m,
-                          pmi_lookup=self.cfg.pmi_lookup, npmi_table=self.npmi_table)
+                          pmi_lookup=self.cfg.pmi_lookup, npmi_table=self.npmi_table,
+                          genemask_anchor_order=self.cfg.genemask_anchor_order)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, strategy: str, probability: float | None = None) -> float:
-        """Perplexity over the validation split with a frozen masking: the same positions at every
-        evaluation (generator keyed by batch index only), so the number moves with the model
-        only."""
+    def evaluate(self, strategy: str | None, probability: float | None = None,
+                 fresh_step: int | None = None) -> float:
+        """Perplexity over the validation split. By default with a frozen masking `strategy`:
+        the same positions at every evaluation (generator keyed by batch index only), so the
+        number moves with the model only. With fresh_step, the training masking of that step
+        instead (the schedule's strategies, `strategy` unused), drawn anew for that step."""
         cfg, dev = self.cfg, self.dist.device
         probs = cfg.probabilities if probability is None else {**cfg.probabilities,
                                                                strategy: probability}
@@ -344,8 +347,13 @@ class Trainer:
                 break
             layout = self.packer.layout(batch)
             batch = {k: v.to(dev) for k, v in batch.items()}
-            gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
-            inputs, labels, _ = self._mask(batch, strategy, gen, probs)
+            if fresh_step is None:
+                gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
+                strategies = strategy
+            else:
+                gen = generator(cfg.seed, i, self.dist.rank, f"eval-fresh-{fresh_step}")
+                strategies = self.schedule.strategies(fresh_step, layout.samples, gen)
+            inputs, labels, _ = self._mask(batch, strategies, gen, probs)
             _, loss_sum, n = self.engine(**self.packer.model_inputs(
                 layout, inputs, batch["attention_mask"], labels))
             totals += torch.stack([loss_sum.double(), n.double()])
@@ -521,7 +529,8 @@ class Trainer:
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state
-        ppl = self.evaluate(eval_strategy)
+        fresh = self.cfg.eval_masking == "fresh"
+        ppl = self.evaluate(eval_strategy, fresh_step=st.step if fresh else None)
         ppl_ref = self.evaluate(REFERENCE_MASKING, REFERENCE_P)
         # ppl is already all-reduced: every rank feeds the schedule the same number and so takes
         # the same decision at the same step.
