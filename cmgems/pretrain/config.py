@@ -175,6 +175,9 @@ class PretrainConfig:
                           f"{self.global_m!r}")
         if self.eval_strategy and self.eval_strategy not in MASKINGS:
             errors.append(f"eval_strategy must be empty or one of {MASKINGS}")
+        if self.eval_strategy and self.eval_masking == "fresh":
+            errors.append("eval_strategy names a frozen validation masking; eval_masking "
+                          "'fresh' evaluates with the training masking instead: give one")
         if self.register_model and not self.log_model:
             errors.append("register_model needs log_model (the registry holds logged models)")
         try:  # a store MLflow cannot open is refused now, not after DeepSpeed has started
