@@ -29,7 +29,8 @@ from cmgems.data.loader import SampleDataset, TrainBatches, eval_loader
 from cmgems.pretrain.engine import build_ds_config, ds_config_path, initialize, resolve_precision
 from cmgems.errors import InputError
 from cmgems.masking.maskings import mask_batch, mask_stats
-from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, REFERENCE_MASKING, uses_pmi
+from cmgems.masking.names import (DEFAULT_PROBABILITY, GLOBAL_M_BINOMIAL, MASKINGS,
+                                  REFERENCE_MASKING, uses_pmi)
 from cmgems.model.card import dataset_summary
 from cmgems.model.architectures import build_model, count_parameters, flops_per_token
 from cmgems.data.packing import choose_attention
@@ -319,22 +320,33 @@ class Trainer:
                        self.data.manifest))
 
     # ---------------------------------------------------------------- masking
-    def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None):
+    def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None,
+              text_masking: bool = False):
+        """text_masking: the papers' readings (token lookup, top anchors, a per-sample m for
+        global_m binomial) whatever this run's published-code options, so that runs trained
+        either way are scored alike."""
+        cfg = self.cfg
+        global_m = cfg.global_m
+        if text_masking and global_m == GLOBAL_M_BINOMIAL:
+            global_m = 0
         return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
                           self.manifest.vocab_size, gen, k=self.k,
-                          probabilities=self.cfg.probabilities if probabilities is None
-                          else probabilities, global_m=self.cfg.global_m,
-                          pmi_lookup=self.cfg.pmi_lookup, npmi_table=self.npmi_table,
-                          genemask_anchor_order=self.cfg.genemask_anchor_order)
+                          probabilities=cfg.probabilities if probabilities is None
+                          else probabilities, global_m=global_m,
+                          pmi_lookup="token" if text_masking else cfg.pmi_lookup,
+                          npmi_table=self.npmi_table,
+                          genemask_anchor_order="top" if text_masking
+                          else cfg.genemask_anchor_order)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, strategy: str | None, probability: float | None = None,
-                 fresh_step: int | None = None) -> float:
+                 fresh_step: int | None = None, text_masking: bool = False) -> float:
         """Perplexity over the validation split. By default with a frozen masking `strategy`:
         the same positions at every evaluation (generator keyed by batch index only), so the
         number moves with the model only. With fresh_step, the training masking of that step
-        instead (the schedule's strategies, `strategy` unused), drawn anew for that step."""
+        instead (the schedule's strategies, `strategy` unused), drawn anew for that step.
+        text_masking: see _mask."""
         cfg, dev = self.cfg, self.dist.device
         probs = cfg.probabilities if probability is None else {**cfg.probabilities,
                                                                strategy: probability}
@@ -353,7 +365,7 @@ class Trainer:
             else:
                 gen = generator(cfg.seed, i, self.dist.rank, f"eval-fresh-{fresh_step}")
                 strategies = self.schedule.strategies(fresh_step, layout.samples, gen)
-            inputs, labels, _ = self._mask(batch, strategies, gen, probs)
+            inputs, labels, _ = self._mask(batch, strategies, gen, probs, text_masking)
             _, loss_sum, n = self.engine(**self.packer.model_inputs(
                 layout, inputs, batch["attention_mask"], labels))
             totals += torch.stack([loss_sum.double(), n.double()])
@@ -598,10 +610,11 @@ class Trainer:
 
     def final_perplexities(self) -> dict[str, float | None]:
         """Validation perplexity of the model under each frozen masking at its default
-        probability (the same in every run, so models trained differently compare); None for a
-        PMI masking the dataset's NPMI table cannot support."""
+        probability, with the papers' readings whatever published-code options trained the
+        model (token lookup, top anchors, per-sample m for binomial; the same in every run, so models trained differently
+        compare); None for a PMI masking the dataset's NPMI table cannot support."""
         usable = self.scored_fraction >= self.cfg.min_scored_fraction
-        return {s: self.evaluate(s, DEFAULT_PROBABILITY[s])
+        return {s: self.evaluate(s, DEFAULT_PROBABILITY[s], text_masking=True)
                 if usable or not uses_pmi(s) else None for s in MASKINGS}
 
     def _finish(self, stopped_by: str | None) -> RunResult:
