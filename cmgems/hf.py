@@ -35,7 +35,8 @@ from cmgems.pretrain.layout import RunLayout
 from cmgems.data.loader import SampleDataset
 from cmgems.errors import InputError
 from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
-from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, check_masking, parse_mode
+from cmgems.masking.names import (CM_GEMS, DEFAULT_PROBABILITY, check_masking, check_pmi_lookup,
+                                  parse_mode)
 from cmgems.data.npmi_table import load_table, npmi_of_ids
 from cmgems.rng import generator
 from cmgems.data.shards import Manifest, ShardSet
@@ -68,13 +69,15 @@ class MaskingCollator:
     "attention_mask", "labels"} for a masked language model.
 
     npmi_table: NPMI per k-mer code (float [4^k], NaN = unscored; k follows from its length).
-    mode: fixed:<strategy>, cm_step or cm_gems (cmgems.masking.curriculum). Features that bring their own
+    mode: fixed:<strategy>, cm_step or cm_gems (cmgems.masking.curriculum). pmi_lookup: "token"
+    or "position" (cmgems.masking.maskings.select). Features that bring their own
     "labels" (collator.frozen's) are only padded. Batch b of a process is masked with generator
     (seed, b, DataLoader worker id): a run repeats exactly for the same seed and num_workers.
     """
 
     def __init__(self, npmi_table, mode: str = CM_GEMS,
-                 probabilities: dict[str, float] | None = None, seed: int = 0):
+                 probabilities: dict[str, float] | None = None, seed: int = 0,
+                 pmi_lookup: str = "token"):
         table = np.asarray(npmi_table, dtype=np.float64)
         k = next((k for k in K_RANGE if 4 ** k == len(table)), None)
         if k is None:
@@ -86,6 +89,7 @@ class MaskingCollator:
         for name, p in (probabilities or {}).items():
             self.probabilities[check_masking(name)] = float(p)
         self.seed = seed
+        self.pmi_lookup = check_pmi_lookup(pmi_lookup)
         self.batches = 0
         # [step, stage index, max_steps]: set by the callback, read by every worker's copy
         self.shared = torch.zeros(3, dtype=torch.int64).share_memory_()
@@ -132,7 +136,8 @@ class MaskingCollator:
         self.batches += 1
         inputs, labels, _ = mask_batch(ids, npmi_of_ids(self.table, ids), attention,
                                        self.strategies(ids.shape[0], gen), self.vocab_size, gen,
-                                       k=self.k, probabilities=self.probabilities)
+                                       k=self.k, probabilities=self.probabilities,
+                                       pmi_lookup=self.pmi_lookup, npmi_table=self.table)
         return {"input_ids": inputs, "attention_mask": attention, "labels": labels}
 
     def frozen(self, dataset, strategy: str | None = None, batch_size: int = 64) -> list[dict]:
@@ -148,7 +153,8 @@ class MaskingCollator:
             gen = generator(self.seed, start // batch_size, 0, "hf-eval")
             inputs, labels, _ = mask_batch(ids, npmi_of_ids(self.table, ids), attention,
                                            strategy, self.vocab_size, gen, k=self.k,
-                                           probabilities=self.probabilities)
+                                           probabilities=self.probabilities,
+                                           pmi_lookup=self.pmi_lookup, npmi_table=self.table)
             for row, n in enumerate(attention.sum(1).tolist()):
                 out.append({"input_ids": inputs[row, :n], "labels": labels[row, :n]})
         return out
@@ -161,14 +167,17 @@ class CurriculumCallback(TrainerCallback):
     curriculum.stage, metrics eval/ppl and curriculum/stage, artifact curriculum_events.json).
 
     cm_gems needs evaluations (eval_strategy "steps" or "epoch") on a frozen evaluation set
-    (collator.frozen). `events` holds the switches. Under several processes eval_loss is already
+    (collator.frozen; the collator masking the eval_dataset itself gives the published scripts'
+    fresh evaluation masking instead). switch_rule: cmgems.masking.curriculum.SWITCH_RULES.
+    `events` holds the switches. Under several processes eval_loss is already
     gathered over all of them, so each takes the same decision at the same step.
     """
 
     def __init__(self, collator: MaskingCollator, threshold: float = 1.0, patience: int = 1,
-                 min_switch_step: int = 0):
+                 min_switch_step: int = 0, switch_rule: str = "drop"):
         self.collator = collator
         self.threshold, self.patience, self.min_switch_step = threshold, patience, min_switch_step
+        self.switch_rule = switch_rule
         self.schedule = None
 
     @property
@@ -183,7 +192,8 @@ class CurriculumCallback(TrainerCallback):
                              "eval_dataset (collator.frozen(...))")
         self.schedule = make_schedule(self.collator.mode, max(1, state.max_steps),
                                       threshold=self.threshold, patience=self.patience,
-                                      min_steps=self.min_switch_step)
+                                      min_steps=self.min_switch_step,
+                                      switch_rule=self.switch_rule)
         self.collator.set_step(state.global_step, state.max_steps)
         self.collator.set_stage(self.schedule.stage_index)
 

@@ -140,7 +140,22 @@ def parse_float(text: str) -> float:
 
 
 parse_int.__name__, parse_float.__name__ = "int", "float"  # argparse names the type in errors
-_PARSE = {tuple: _comma_list, int: parse_int, float: parse_float}
+def parse_int_or_word(text: str) -> int | str:
+    """An `int | str` field's value: a decimal integer, else the word as written (the field's
+    own check says which words it takes)."""
+    try:
+        return parse_int(text)
+    except ValueError:
+        return text.strip()
+
+
+parse_int_or_word.__name__ = "int_or_word"
+_PARSE = {tuple: _comma_list, int: parse_int, float: parse_float, int | str: parse_int_or_word}
+
+
+def _type_name(typ) -> str:
+    """'int', 'float'; 'int | str' for a union."""
+    return getattr(typ, "__name__", None) or str(typ)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = None,
@@ -178,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = N
             choices = f.metadata.get("choices")
             group.add_argument(flag, dest=dest, type=_PARSE.get(typ, typ), default=None,
                                choices=choices, help=help_text,
-                               metavar=None if choices else typ.__name__.upper())
+                               metavar=None if choices else _type_name(typ).upper())
     return group
 
 
@@ -215,7 +230,7 @@ def _coerce(name: str, typ: type, value: Any, where: str):
         return tuple(value)
     if typ is bool and not isinstance(value, bool) or not isinstance(value, typ) or \
             typ is int and isinstance(value, bool):
-        raise InputError(f"{where}: field {name!r} must be {typ.__name__}, "
+        raise InputError(f"{where}: field {name!r} must be {_type_name(typ)}, "
                          f"got {type(value).__name__} {value!r}")
     return value
 

@@ -22,10 +22,8 @@ if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an in
     sys.path.insert(0, str(ROOT))
 
 from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
-from cmgems.masking.names import MASKINGS  # noqa: E402
+from cmgems.masking.names import MASKINGS, PMI_LOOKUPS  # noqa: E402
 from cmgems.options import parse_int  # noqa: E402
-
-PMI_LOOKUPS = ("token", "position")
 
 
 def _positive(text: str) -> int:

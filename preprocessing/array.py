@@ -166,6 +166,10 @@ def _table_of(work: Path, digest: str, k: int) -> tuple[np.ndarray, str]:
 def count_stage(cfg: BuildConfig, work: Path, group: tuple[int, int], out=sys.stdout) -> Path:
     """Stage 1: n-gram counts (none with an external table) and the sample layout (sample
     lengths per split, which do not depend on the NPMI) of pieces i, i+N, i+2N, ..."""
+    if cfg.sampling != "dnabert":
+        # GeneMask's rule removes duplicates across the whole genome: no piece-wise layout
+        raise InputError(f"--sampling {cfg.sampling}: the job array cuts by the DNABERT rule "
+                         f"only; use `python -m preprocessing build`")
     start = time.perf_counter()
     i, n = group
     source_sha = genome_sha256(cfg.genome)

@@ -27,10 +27,10 @@ from cmgems.io import sha256_file
 from cmgems.data.npmi_table import load_table, write_table
 from cmgems.progress import Progress
 from cmgems.data.layout import SPLITS, TABLE_NAME, shard_name
-from cmgems.data.shards import NPMI_DTYPE, Manifest, ShardFile, create_shard
+from cmgems.data.shards import NPMI_DTYPE, Manifest, ShardFile, create_shard, write_shard
 from cmgems.data.tokens import K_RANGE
 
-from . import kmers, npmi, samples
+from . import genemask_samples, kmers, npmi, samples
 from .dataset_writer import (Summary, check_train_samples, check_valid_records,
                                           check_writable, dataset_manifest, genome_sha256,
                                           shard_attrs, warn_if_unscored)
@@ -39,6 +39,7 @@ from .fasta import FastaReader, Piece
 from .parallel import PieceRunner, Scanned
 from .shard_plan import ShardPlan
 
+SAMPLINGS = ("dnabert", "genemask")
 PIECE_BASES = 1 << 19   # part of the sample layout (recorded in params), not a tuning knob
 # Bounds of the integer options: beyond them a value is a typo, and would otherwise fail late
 # with a traceback (an int too large for numpy, an allocation of petabytes).
@@ -75,6 +76,11 @@ class BuildConfig:
     valid_records: tuple[str, ...] = option(
         (), "comma-separated record names whose samples all go to validation")
     seed: int = option(DEFAULT_SEED, "seed of sample lengths and split")
+    sampling: str = option(
+        "dnabert", "how samples are cut: dnabert (510 or 5..510 tokens, never across a non-ACGT "
+        "symbol) or genemask (GeneMask's notebook: N removed and flanks joined, random start "
+        "below 1000, 511 or 6..510 nucleotides, duplicates removed, split drawn per sample)",
+        choices=SAMPLINGS)
     workers: int = option(1, "processes counting and cutting pieces of the genome (1: all in "
                              "this process; the output is the same for any number)")
     npmi_table: Path | None = option(
@@ -97,6 +103,8 @@ class BuildConfig:
                              f"{', '.join(npmi.DEFINITIONS)}")
         _in_range("--min-count", self.min_count, 1, MAX_MIN_COUNT)
         _in_range("--seed", self.seed, 0, MAX_SEED)
+        if self.sampling not in SAMPLINGS:
+            raise InputError(f"--sampling: {self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         _in_range("--workers", self.workers, 1, MAX_WORKERS)
         _in_range("--shard-tokens", self.shard_tokens, samples.MAX_TOKENS, MAX_SHARD_TOKENS)
         self.valid_records = tuple(self.valid_records)
@@ -129,7 +137,7 @@ def params_of(cfg: BuildConfig, table_sha: str | None) -> dict:
             {"name": cfg.npmi_table.name, "sha256": table_sha},
             "shard_tokens": cfg.shard_tokens, "piece_bases": cfg.piece_bases,
             "min_tokens": samples.MIN_TOKENS, "max_tokens": samples.MAX_TOKENS,
-            "full_length_fraction": samples.FULL_FRACTION}
+            "full_length_fraction": samples.FULL_FRACTION, "sampling": cfg.sampling}
 
 
 def _progress(desc: str, total: int | None) -> Progress:
@@ -329,6 +337,9 @@ def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceC
                 external: np.ndarray | None, params: dict, source_sha: str,
                 table_sha: str | None, summary: Summary, start: float) -> Manifest:
     """Both passes into the working directory; returns the manifest."""
+    if cfg.sampling == "genemask":
+        return _build_genemask_into(cfg, work, runner, cache, external, params, source_sha,
+                                    table_sha, summary, start)
     plan = ShardPlan(cfg.shard_tokens)
     counts = scan_genome(cfg, runner, summary, external is None, cache,
                          on_piece=lambda _, r: plan.add(r.lengths, r.valid))
@@ -337,6 +348,79 @@ def _build_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceC
     table_sha256 = sha256_file(work / TABLE_NAME)
     attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
     entries = write_shards(cfg, runner, work, table, attrs, summary, plan, cache)
+    summary.shards = len(entries)
+    summary.seconds = time.perf_counter() - start
+    return dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256, entries,
+                            summary, table)
+
+
+def _records(cfg: BuildConfig):
+    """(record index, name, whole sequence) of every record long enough for one sample."""
+    reader = FastaReader(cfg.genome, cfg.piece_bases, cfg.k - 1, cfg.min_bases)
+    current, name, parts = None, "", []
+    for p in reader:
+        INTERRUPTS.check()
+        if p.record != current and current is not None:
+            yield current, name, b"".join(parts)
+            parts = []
+        current, name = p.record, p.name
+        parts.append(p.seq[p.overlap:] if parts else p.seq)
+    if current is not None:
+        yield current, name, b"".join(parts)
+
+
+def _build_genemask_into(cfg: BuildConfig, work: Path, runner: PieceRunner, cache: PieceCache,
+                         external: np.ndarray | None, params: dict, source_sha: str,
+                         table_sha: str | None, summary: Summary, start: float) -> Manifest:
+    """--sampling genemask: the NPMI table as for dnabert (pass 1 counts the genome), then
+    every record cut by preprocessing.genemask_samples, duplicates removed, split, sharded."""
+    counts = scan_genome(cfg, runner, summary, external is None, cache)
+    table = write_npmi_table(work / TABLE_NAME, cfg, source_sha, counts, external, table_sha)
+    table_sha256 = sha256_file(work / TABLE_NAME)
+    attrs = shard_attrs(cfg.k, table_sha256, source_sha, cfg.seed)
+    names = set(cfg.valid_records)
+    seen: set[bytes] = set()
+    tokens, values, lengths, in_valid = [], [], [], []
+    removed = 0
+    with _progress("cutting (genemask)", summary.bases or None) as bar:
+        for record, name, seq in _records(cfg):
+            cut = genemask_samples.cut_record(seq, cfg.k, table,
+                                              genemask_samples.record_rng(cfg.seed, record))
+            first = np.array([piece not in seen and not seen.add(piece) for piece in cut.pieces],
+                             dtype=bool)
+            per_token = np.repeat(first, cut.lengths)
+            tokens.append(cut.tokens[per_token])
+            values.append(cut.npmi[per_token])
+            lengths.append(cut.lengths[first])
+            in_valid.append(np.full(int(first.sum()), name in names))
+            removed += cut.removed_n
+            bar.update(len(seq))
+    tokens = np.concatenate(tokens) if tokens else np.empty(0, np.uint16)
+    values = np.concatenate(values) if values else np.empty(0, table.dtype)
+    lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
+    valid = np.concatenate(in_valid) if in_valid else np.empty(0, bool)
+    valid |= genemask_samples.split_draws(cfg.seed, len(lengths), cfg.valid_fraction)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    entries = []
+    stats = {"non_acgt": removed, "dropped": 0, "samples": dict.fromkeys(SPLITS, 0),
+             "tokens": dict.fromkeys(SPLITS, 0)}
+    for split in SPLITS:
+        pick = np.flatnonzero(valid == (split == "valid"))
+        # shard j holds the samples that start within its shard_tokens (whole samples)
+        starts = np.cumsum(lengths[pick]) - lengths[pick]
+        shard_of = starts // cfg.shard_tokens
+        for j, sh in enumerate(np.unique(shard_of).tolist()):
+            idx = pick[shard_of == sh]
+            at = np.repeat(offsets[idx] - np.concatenate(([0], np.cumsum(lengths[idx])[:-1])),
+                           lengths[idx]) + np.arange(int(lengths[idx].sum()))
+            entries.append(write_shard(work / shard_name(split, j), tokens[at], values[at],
+                                       np.concatenate(([0], np.cumsum(lengths[idx]))),
+                                       split=split, **attrs))
+        stats["samples"][split] = len(pick)
+        stats["tokens"][split] = int(lengths[pick].sum())
+    summary.bases_non_acgt = 0
+    summary.add_cuts(stats)
+    check_train_samples(cfg.genome, cfg.min_bases, summary)
     summary.shards = len(entries)
     summary.seconds = time.perf_counter() - start
     return dataset_manifest(cfg.k, cfg.genome, source_sha, params, table_sha256, entries,

@@ -519,5 +519,5 @@ def test_global_m_is_a_validated_config_field():
     from cmgems.pretrain.config import PretrainConfig
     assert PretrainConfig().global_m == 0  # per sample, round(L x p_global), by default
     assert PretrainConfig(global_m=7).global_m == 7
-    with pytest.raises(InputError, match="global_m must be >= 0"):
+    with pytest.raises(InputError, match="global_m must be an integer >= 0"):
         PretrainConfig(global_m=-1)

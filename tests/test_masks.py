@@ -41,8 +41,9 @@ def test_json_lines_are_the_selection_of_the_masking_itself(tiny_dataset):
             i = r["sample"]
             assert r["length"] == int(batch["attention_mask"][i].sum()) <= 128
             assert r["selected"] == torch.nonzero(want[i]).flatten().tolist()
-            assert r["selected"] and 0 not in r["selected"]  # [CLS] is never selected
+            assert 0 not in r["selected"]                    # [CLS] is never selected
             assert r["length"] - 1 not in r["selected"]     # nor [SEP]
+    assert all(any(r["selected"] for r in rows if r["strategy"] == s) for s in ("random", "global"))
     # the same seed gives the same picks; another seed other random ones, the same global ones
     again = masks("--data-dir", str(tiny_dataset), "--strategy", "random", "global",
                   "--samples", "3", "--max-length", "128", "--seed", "6", "--json")

@@ -124,8 +124,9 @@ def test_run_logs_switch_exports_and_plots(stage0_run):
                 "train/lr", "train/grad_norm"):
         assert client.get_metric_history(run.info.run_id, key), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "ds_config.json", "npmi.tsv", "perplexity.png",
+    assert {"config.json", "ds_config.json", "npmi.tsv", "perplexity.png", "masks.png",
             "curriculum_events.json"} <= artifacts
+    assert (out / "masks.png").read_bytes()[:4] == b"\x89PNG"
     events = json.loads((out / "curriculum_events.json").read_text())
     assert events[0]["from"] == "genemask" and events[0]["to"] == "global"
     assert res["switch_step"] == 4

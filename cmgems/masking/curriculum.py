@@ -10,9 +10,14 @@ are cmgems.masking.names').
   the paper reports come from that code. `draw="sample"`: one draw per sample, which gives every
   micro-batch the same expected mix with less variance between micro-batches. Both keep the
   expected share of global at b / 100 in block b.
-- cm_gems (CM-GEMS): genemask until the drop in validation perplexity between two consecutive
-  evaluations falls below `threshold` for `patience` consecutive evaluations (and not before
-  `min_steps`), then global for the rest of training; it never switches back.
+- cm_gems (CM-GEMS): genemask until the change in validation perplexity between two
+  consecutive evaluations falls below `threshold` for `patience` consecutive evaluations (and
+  not before `min_steps`), then global for the rest of training; it never switches back.
+  `switch_rule` says which change: "drop" (previous - current, signed: a rise counts as below),
+  "abs_change" (|previous - current|), or "min_abs_change" (the smallest |change| between any
+  two consecutive evaluations so far, as the published CM-GEMS script recomputes it from its
+  whole perplexity file; once below it stays below, so with patience 1 it decides as
+  abs_change).
 
 The trainer all-reduces the validation perplexity before observe(), so a schedule is a pure
 function of its inputs and every rank holds the same one. Steps are 0-based global steps.
@@ -20,6 +25,7 @@ function of its inputs and every rank holds the same one. Steps are 0-based glob
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +36,11 @@ from cmgems.masking.names import CM_GEMS, CM_STEP, CURRICULUM_MASKINGS, parse_mo
 
 CM_STEP_BLOCKS = 100
 CM_STEP_DRAWS = ("batch", "sample")
+SWITCH_RULES = ("drop", "abs_change", "min_abs_change")
+# Validation masking: "frozen" = the same positions at every evaluation (the number moves with
+# the model only); "fresh" = the training masking of the step, drawn anew at each evaluation,
+# as the published scripts evaluate.
+EVAL_MASKINGS = ("frozen", "fresh")
 
 
 @dataclass
@@ -46,6 +57,8 @@ class ScheduleConfig:
     """cm_gems: no switch at an evaluation before this step."""
     draw: str = "batch"
     """cm_step: one random-or-global draw per micro-batch ("batch") or per sample ("sample")."""
+    switch_rule: str = "drop"
+    """cm_gems: which perplexity change is compared with the threshold (SWITCH_RULES)."""
 
     def __post_init__(self):
         parse_mode(self.mode)
@@ -65,6 +78,9 @@ class ScheduleConfig:
         if self.draw not in CM_STEP_DRAWS:
             raise InputError(f"curriculum draw: must be one of {CM_STEP_DRAWS}, "
                              f"got {self.draw!r}")
+        if self.switch_rule not in SWITCH_RULES:
+            raise InputError(f"curriculum switch_rule: must be one of {SWITCH_RULES}, "
+                             f"got {self.switch_rule!r}")
 
 
 @dataclass
@@ -186,7 +202,9 @@ class CMGemsSchedule(_Schedule):
 
     def describe(self) -> str:
         c = self.config
-        return (f"CM-GEMS: GeneMask masking until validation perplexity drops by less than "
+        change = {"drop": "drops by", "abs_change": "changes by",
+                  "min_abs_change": "has once changed by"}[c.switch_rule]
+        return (f"CM-GEMS: GeneMask masking until validation perplexity {change} less than "
                 f"{c.threshold} for {c.patience} consecutive evaluation(s) (not before step "
                 f"{c.min_steps}), then GLOBAL top-NPMI masking")
 
@@ -199,15 +217,27 @@ class CMGemsSchedule(_Schedule):
         super().observe(step, perplexity)
         if self.events or previous is None:
             return None
-        drop = previous - float(perplexity)
-        # A non-finite drop (a diverged or overflowing perplexity) is no sign of a plateau.
-        self.below = self.below + 1 if math.isfinite(drop) and drop < self.config.threshold else 0
+        change = self._change(previous, float(perplexity))
+        # A non-finite change (a diverged or overflowing perplexity) is no sign of a plateau.
+        below = math.isfinite(change) and change < self.config.threshold
+        self.below = self.below + 1 if below else 0
         if self.below < self.config.patience or step < self.config.min_steps:
             return None
         event = {"step": int(step), "from": self.stages[0], "to": self.stages[1],
                  "perplexity_history": [p for _, p in self.history]}
         self.events.append(event)
         return dict(event)
+
+    def _change(self, previous: float, current: float) -> float:
+        """The number the rule compares with the threshold (history already holds current)."""
+        rule = self.config.switch_rule
+        if rule == "drop":
+            return previous - current
+        if rule == "abs_change":
+            return abs(previous - current)
+        ppl = [p for _, p in self.history]
+        changes = [abs(b - a) for a, b in itertools.pairwise(ppl)]
+        return min((c for c in changes if math.isfinite(c)), default=math.inf)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "below": self.below}
@@ -218,7 +248,7 @@ class CMGemsSchedule(_Schedule):
 
 
 def make_schedule(mode: str, max_steps: int, threshold: float = 1.0, patience: int = 1,
-                  min_steps: int = 0, draw: str = "batch") -> _Schedule:
-    config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps, draw)
+                  min_steps: int = 0, draw: str = "batch", switch_rule: str = "drop") -> _Schedule:
+    config = ScheduleConfig(mode, max_steps, threshold, patience, min_steps, draw, switch_rule)
     kind = {CM_STEP: CMStepSchedule, CM_GEMS: CMGemsSchedule}
     return kind.get(parse_mode(mode).curriculum, FixedSchedule)(config)

@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from cmgems.errors import InputError
-from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, check_masking
+from cmgems.masking.names import (DEFAULT_PROBABILITY, GLOBAL_M_BINOMIAL, MASKINGS, PMI_MASKINGS,
+                                  check_anchor_order, check_global_m, check_masking,
+                                  check_pmi_lookup)
+from cmgems.data.npmi_table import npmi_of_ids
 from cmgems.data.tokens import K_RANGE, MASK_ID, NUM_SPECIAL, SEP_ID, UNK_ID
 
 # GeneMask halves the kept anchors only once a sample has this many centres.
@@ -191,22 +194,26 @@ def _centres(real: torch.Tensor, p: float, gen) -> tuple[torch.Tensor, torch.Ten
     return flat, centres.view(real.shape)
 
 
-def _select_random(real, npmi, p, k, gen, global_m):
+def _select_random(real, npmi, p, k, gen, global_m, anchor_order):
     _, centres = _centres(real, p, gen)
     return dilate(centres, *kspan(k)) & real
 
 
 def genemask_from_centres(centres: torch.Tensor, real: torch.Tensor, npmi: torch.Tensor,
-                          generator: torch.Generator, k: int = 6) -> torch.Tensor:
+                          generator: torch.Generator, k: int = 6,
+                          anchor_order: str = "top") -> torch.Tensor:
     """GeneMask's selection for given centres (bool [B, N], real tokens only).
 
     Each centre's k-span; plus the PMI span of the best-NPMI position of each centre's k-span,
-    for the top ceil(n/2) of those positions by NPMI when a row has n >= 9 centres, else all.
+    for ceil(n/2) of those anchors when a row has n >= 9 centres, else all: the top ones by NPMI
+    (anchor_order "top", GeneMask's rule), or those of the first ceil(n/2) centres in position
+    order ("first", as the published CM-GEMS script's GeneMask stage keeps them).
     """
-    return _genemask(centres.reshape(-1).nonzero().squeeze(1), centres, real, npmi, generator, k)
+    return _genemask(centres.reshape(-1).nonzero().squeeze(1), centres, real, npmi, generator, k,
+                     anchor_order)
 
 
-def _genemask(flat, centres, real, npmi, gen, k):
+def _genemask(flat, centres, real, npmi, gen, k, anchor_order="top"):
     """genemask_from_centres given also the centres' flat indices (ascending).
 
     Only the centres' windows (about p * k of the positions) are ranked, as one flat list; the
@@ -222,9 +229,12 @@ def _genemask(flat, centres, real, npmi, gen, k):
     noise = _fields(at.numel(), gen, centres.device).view(at.shape)
     keys = rank_keys(npmi.reshape(-1)[at], real.reshape(-1)[at] & inside, noise, cols, n)
     anchors = keys.amax(1)  # the centre itself is real, so every window has a real best
-    # Rank the anchors within their row: by key descending, then (stably) by row.
-    order = torch.argsort(anchors, descending=True, stable=True)
-    order = order[torch.argsort(rows[order], stable=True)]
+    if check_anchor_order(anchor_order) == "first":
+        order = torch.arange(anchors.numel(), device=centres.device)  # flat: rows, then columns
+    else:
+        # Rank the anchors within their row: by key descending, then (stably) by row.
+        order = torch.argsort(anchors, descending=True, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]
     counts = torch.bincount(rows, minlength=b)
     keep = torch.where(counts >= GENEMASK_HALVING_MIN, (counts + 1) // 2, counts)
     row_of = rows[order]
@@ -235,14 +245,23 @@ def _genemask(flat, centres, real, npmi, gen, k):
     return (dilate(centres, left, right) | dilate(kept.view(b, n), *pmi_span(k))) & real
 
 
-def _select_genemask(real, npmi, p, k, gen, global_m):
+def _select_genemask(real, npmi, p, k, gen, global_m, anchor_order):
     flat, centres = _centres(real, p, gen)
-    return _genemask(flat, centres, real, npmi, gen, k)
+    return _genemask(flat, centres, real, npmi, gen, k, anchor_order)
 
 
-def global_anchors(length: torch.Tensor, p: float, global_m: int = 0) -> torch.Tensor:
-    """GLOBAL's m per sample of `length` real tokens: max(1, round(L x p)) (global_m = 0), or
-    global_m in every sample; never more than L."""
+def global_anchors(length: torch.Tensor, p: float, global_m: int | str = 0,
+                   real: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """GLOBAL's m per sample of `length` real tokens: max(1, round(L x p)) (global_m = 0),
+    global_m in every sample, or ("binomial", as the published code counts them) the number of
+    Bernoulli(p) centres drawn over the sample's real tokens (bool [B, N] `real`, from
+    `generator`), which may be 0; never more than L."""
+    if global_m == GLOBAL_M_BINOMIAL:
+        if real is None or generator is None:
+            raise ValueError("global_m 'binomial' needs the real tokens and a generator")
+        _, centres = _centres(real, p, generator)
+        return centres.sum(1)
     if global_m:
         m = torch.full_like(length, global_m)
     else:
@@ -250,8 +269,8 @@ def global_anchors(length: torch.Tensor, p: float, global_m: int = 0) -> torch.T
     return torch.minimum(m, length)
 
 
-def _select_global(real, npmi, p, k, gen, global_m):
-    m = global_anchors(real.sum(1), p, global_m)
+def _select_global(real, npmi, p, k, gen, global_m, anchor_order):
+    m = global_anchors(real.sum(1), p, global_m, real, gen)
     noise = _fields(real.numel(), gen, real.device).view(real.shape)
     kept = _mark_top(rank_keys(npmi, real, noise), m)
     return dilate(kept, *pmi_span(k)) & real
@@ -260,10 +279,8 @@ def _select_global(real, npmi, p, k, gen, global_m):
 _SELECTORS = dict(zip(MASKINGS, (_select_random, _select_genemask, _select_global)))  # names' order
 
 
-def _check_params(k: int, p: float, global_m: int) -> None:
-    if not isinstance(global_m, int) or global_m < 0:
-        raise InputError(f"masking global_m: must be an integer >= 0 (0 = per sample), "
-                         f"got {global_m!r}")
+def _check_params(k: int, p: float, global_m) -> None:
+    check_global_m(global_m)
     if k not in K_RANGE:
         raise InputError(f"masking k: must be in {K_RANGE.start}..{K_RANGE.stop - 1}, got {k}")
     if not 0.0 <= p <= 1.0:
@@ -280,18 +297,49 @@ def _check_shapes(input_ids, npmi, attention_mask):
                          f"{tuple(input_ids.shape)}")
 
 
+def position_npmi(npmi_table: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """Float32 [n]: the NPMI of the k-mer whose token id equals each position index, NaN where
+    that id is a special token or beyond the vocabulary ("position" lookup)."""
+    table = torch.as_tensor(npmi_table, dtype=torch.float32, device=device)
+    return npmi_of_ids(table, torch.arange(n, device=table.device))
+
+
+def lookup_npmi(npmi: torch.Tensor, pmi_lookup: str = "token",
+                npmi_table: torch.Tensor | None = None) -> torch.Tensor:
+    """The NPMI a PMI masking ranks by: `npmi` itself (token lookup), or for position lookup the
+    table's value at every position's index, the same row for every sample (needs the table:
+    NPMI per k-mer code, as cmgems.data.npmi_table.load_table gives)."""
+    if check_pmi_lookup(pmi_lookup) == "token":
+        return npmi
+    if npmi_table is None:
+        raise ValueError("pmi_lookup 'position' needs the NPMI table (npmi_table=...)")
+    return position_npmi(npmi_table, npmi.shape[-1], npmi.device).expand(npmi.shape)
+
+
 def select(strategy: str, input_ids: torch.Tensor, npmi: torch.Tensor,
            attention_mask: torch.Tensor | None, generator: torch.Generator | None = None, *,
-           k: int = 6, mlm_probability: float | None = None, global_m: int = 0) -> torch.Tensor:
+           k: int = 6, mlm_probability: float | None = None, global_m: int | str = 0,
+           pmi_lookup: str = "token", npmi_table: torch.Tensor | None = None,
+           genemask_anchor_order: str = "top") -> torch.Tensor:
     """Bool [B, N]: the positions `strategy` chooses for prediction (before corruption).
 
-    global_m (GLOBAL only): anchors per sample; 0 = max(1, round(L x mlm_probability))."""
+    global_m (GLOBAL only): anchors per sample; 0 = max(1, round(L x mlm_probability)); N > 0 =
+    N; "binomial" = the number of Bernoulli(mlm_probability) draws over the sample (may be 0).
+    genemask_anchor_order (GeneMask only): "top" or "first", see genemask_from_centres.
+    pmi_lookup (genemask, global): "token" ranks each position by its own k-mer's NPMI;
+    "position" by the NPMI of the k-mer whose id is the position index (see lookup_npmi), which
+    needs npmi_table (float [4^k] by k-mer code)."""
     check_masking(strategy)
+    check_pmi_lookup(pmi_lookup)
+    check_anchor_order(genemask_anchor_order)
     p = DEFAULT_PROBABILITY[strategy] if mlm_probability is None else float(mlm_probability)
     _check_params(k, p, global_m)
     _check_shapes(input_ids, npmi, attention_mask)
+    if strategy in PMI_MASKINGS:
+        npmi = lookup_npmi(npmi, pmi_lookup, npmi_table)
     real = real_tokens(input_ids, attention_mask)
-    return _SELECTORS[strategy](real, npmi, p, k, _new_generator(generator), global_m)
+    return _SELECTORS[strategy](real, npmi, p, k, _new_generator(generator), global_m,
+                                genemask_anchor_order)
 
 
 def corrupt(input_ids: torch.Tensor, selected: torch.Tensor, vocab_size: int,
@@ -341,7 +389,9 @@ def _strategy_rows(strategies: str | Sequence[str], batch: int) -> dict[str, np.
 def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torch.Tensor | None,
                strategies: str | Sequence[str], vocab_size: int,
                generator: torch.Generator | None, k: int = 6,
-               probabilities: dict[str, float] | None = None, global_m: int = 0,
+               probabilities: dict[str, float] | None = None, global_m: int | str = 0,
+               pmi_lookup: str = "token", npmi_table: torch.Tensor | None = None,
+               genemask_anchor_order: str = "top",
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Select the positions to predict, then corrupt them as BERT does (80 % [MASK], 10 % a
     random k-mer, 10 % unchanged).
@@ -357,6 +407,8 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
         probabilities: {masking: centre (random, genemask) or anchor (global) probability},
             over DEFAULT_PROBABILITY.
         global_m: GLOBAL's anchors per sample (0 = round(L x its probability)), see `select`.
+        pmi_lookup, npmi_table: where genemask and global read NPMI, see `select`.
+        genemask_anchor_order: which anchors GeneMask keeps, see `select`.
     Returns:
         (inputs, labels, selected): the corrupted ids; the original ids at selected positions
         and IGNORE_INDEX elsewhere; bool [B, N] of the selected positions.
@@ -372,14 +424,18 @@ def mask_batch(input_ids: torch.Tensor, npmi: torch.Tensor, attention_mask: torc
     if len(groups) == 1:
         (name,) = groups
         selected = select(name, input_ids, npmi, attention_mask, gen, k=k,
-                          mlm_probability=probs[name], global_m=global_m)
+                          mlm_probability=probs[name], global_m=global_m,
+                          pmi_lookup=pmi_lookup, npmi_table=npmi_table,
+                          genemask_anchor_order=genemask_anchor_order)
     else:
         selected = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         for name, rows in groups.items():  # at most three groups
             idx = torch.as_tensor(rows, device=input_ids.device)
             mask = None if attention_mask is None else attention_mask[idx]
             selected[idx] = select(name, input_ids[idx], npmi[idx], mask, gen, k=k,
-                                   mlm_probability=probs[name], global_m=global_m)
+                                   mlm_probability=probs[name], global_m=global_m,
+                                   pmi_lookup=pmi_lookup, npmi_table=npmi_table,
+                                   genemask_anchor_order=genemask_anchor_order)
     inputs, labels = corrupt(input_ids, selected, vocab_size, gen)
     return inputs, labels, selected
 

@@ -22,6 +22,16 @@ MASKINGS = ("random", "genemask", "global")
 PMI_MASKINGS = ("genemask", "global")
 # Centre (random, genemask) or anchor (global) probabilities from DNABERT, GeneMask and CM-GEMS.
 DEFAULT_PROBABILITY = {"random": 0.025, "genemask": 0.0176, "global": 0.0136}
+# Where a PMI masking reads a token's NPMI: from the k-mer at that position ("token", the papers'
+# text), or from the k-mer whose token id equals the position index ("position", as the authors'
+# code decodes a position as if it were an id: the same scores for every sequence).
+PMI_LOOKUPS = ("token", "position")
+# GeneMask's kept anchors once a sample has 9+ centres: the ceil(n/2) best by NPMI ("top",
+# GeneMask's rule) or those of the first ceil(n/2) centres ("first", the published CM-GEMS
+# script's GeneMask stage, which takes them before sorting).
+ANCHOR_ORDERS = ("top", "first")
+# GLOBAL's m drawn as the number of Bernoulli(p) centres of the sample, as the published code.
+GLOBAL_M_BINOMIAL = "binomial"
 # The masking every run is also evaluated with, whatever its own: ppl_ref compares runs.
 REFERENCE_MASKING = "random"
 
@@ -32,6 +42,30 @@ CURRICULA = (CM_STEP, CM_GEMS)
 CURRICULUM_MASKINGS = {CM_STEP: ("random", "global"), CM_GEMS: ("genemask", "global")}
 # Every mode: one fixed masking, or one of the two curricula (the fixed baselines first).
 MODES = tuple(FIXED_PREFIX + m for m in MASKINGS) + CURRICULA
+
+
+def check_pmi_lookup(name) -> str:
+    """name, if it is a PMI lookup; else InputError naming the choices."""
+    if name not in PMI_LOOKUPS:
+        raise InputError(f"pmi_lookup: unknown {name!r} (expected one of {', '.join(PMI_LOOKUPS)})")
+    return name
+
+
+def check_anchor_order(name) -> str:
+    """name, if it is a GeneMask anchor order; else InputError naming the choices."""
+    if name not in ANCHOR_ORDERS:
+        raise InputError(f"genemask_anchor_order: unknown {name!r} (expected one of "
+                         f"{', '.join(ANCHOR_ORDERS)})")
+    return name
+
+
+def check_global_m(global_m) -> int | str:
+    """global_m, if it is an integer >= 0 or "binomial"; else InputError."""
+    if global_m != GLOBAL_M_BINOMIAL and (not isinstance(global_m, int) or
+                                          isinstance(global_m, bool) or global_m < 0):
+        raise InputError(f"masking global_m: must be an integer >= 0 (0 = per sample) or "
+                         f"{GLOBAL_M_BINOMIAL!r}, got {global_m!r}")
+    return global_m
 
 
 def check_masking(name) -> str:

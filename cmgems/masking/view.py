@@ -38,8 +38,8 @@ class Selection:
 
 def selections(data_dir, strategies=MASKINGS, *, split: str = "valid", samples: int = 4,
                seed: int = 0, max_length: int = 512, pmi_lookup: str = "token",
-               probabilities: dict[str, float] | None = None,
-               global_m: int = 0) -> list[Selection]:
+               probabilities: dict[str, float] | None = None, global_m: int | str = 0,
+               genemask_anchor_order: str = "top") -> list[Selection]:
     """The selections of `strategies` on the first `samples` samples of `split`, cut to
     `max_length` tokens as training cuts them; each strategy's draws from its own generator of
     `seed`, so adding a strategy changes no other's picks."""
@@ -60,7 +60,8 @@ def selections(data_dir, strategies=MASKINGS, *, split: str = "valid", samples: 
         chosen = select(strategy, batch["input_ids"], batch["npmi"], batch["attention_mask"],
                         generator(seed, 0, 0, f"masks-{strategy}"), k=k,
                         mlm_probability=(probabilities or {}).get(strategy), global_m=global_m,
-                        pmi_lookup=pmi_lookup, npmi_table=table)
+                        pmi_lookup=pmi_lookup, npmi_table=table,
+                        genemask_anchor_order=genemask_anchor_order)
         for i in range(n):
             length = int(lengths[i])
             out.append(Selection(strategy, i, length, batch["npmi"][i, :length].numpy(),

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cmgems.masking.curriculum import CM_STEP_DRAWS
+from cmgems.masking.curriculum import CM_STEP_DRAWS, EVAL_MASKINGS, SWITCH_RULES
 from cmgems.errors import InputError
-from cmgems.masking.names import CM_GEMS, DEFAULT_PROBABILITY, MASKINGS, parse_mode
+from cmgems.masking.names import (ANCHOR_ORDERS, CM_GEMS, DEFAULT_PROBABILITY, GLOBAL_M_BINOMIAL,
+                                  MASKINGS, PMI_LOOKUPS, check_global_m, parse_mode)
 from cmgems.options import DEFAULT_SEED, check_fields, from_args, load_file, option
 from cmgems.tracking.uri import check_tracking_uri
 
@@ -61,6 +62,16 @@ class PretrainConfig:
     threshold: float = _f(1.0, "cm_gems: switch genemask -> global once validation perplexity "
                           "drops by less than this between consecutive evaluations.", resume=True,
                           low=0)
+    switch_rule: str = _f("drop", "cm_gems: the perplexity change compared with the threshold: "
+                          "'drop' = previous - current (signed); 'abs_change' = |previous - "
+                          "current|; 'min_abs_change' = the smallest |change| between "
+                          "consecutive evaluations so far (the published script).",
+                          resume=True, choices=SWITCH_RULES)
+    eval_masking: str = _f("frozen", "Validation masking for the perplexity the curriculum "
+                           "watches: 'frozen' = the same positions at every evaluation, with "
+                           "eval_strategy; 'fresh' = the training masking of the step drawn anew "
+                           "at each evaluation (the published scripts). ppl_ref stays frozen.",
+                           resume=True, choices=EVAL_MASKINGS)
     patience: int = _f(1, "cm_gems: consecutive evaluations below the threshold before switching.",
                        resume=True, low=1, high=MAX_STEPS)
     min_switch_step: int = _f(0, "cm_gems: never switch before this step.", low=0, high=MAX_STEPS)
@@ -76,10 +87,22 @@ class PretrainConfig:
                            "masking.", resume=True, low=0, high=1, open="both")
     p_global: float = _f(DEFAULT_PROBABILITY["global"], "Fraction of positions taken as global "
                          "top-NPMI centres.", resume=True, low=0, high=1, open="both")
-    global_m: int = _f(0, "GLOBAL's number of top-NPMI anchors per sample: 0 = round(L x p_global) "
-                       "for a sample of L tokens (7 at 510); N > 0 = N in every sample (capped "
-                       "at L), p_global then unused by GLOBAL.", resume=True,
-                       low=0)
+    global_m: int | str = _f(0, "GLOBAL's number of top-NPMI anchors per sample: 0 = round(L x "
+                             "p_global) for a sample of L tokens (7 at 510); N > 0 = N in every "
+                             "sample (capped at L), p_global then unused by GLOBAL; 'binomial' = "
+                             "the number of Bernoulli(p_global) draws over the sample's tokens, "
+                             "random and possibly 0 (the published code).", resume=True)
+    genemask_anchor_order: str = _f("top", "GeneMask with 9+ centres keeps ceil(n/2) anchors: "
+                                    "'top' = the best by NPMI (GeneMask's rule); 'first' = "
+                                    "those of the first ceil(n/2) centres, as the published "
+                                    "CM-GEMS script's GeneMask stage.", resume=True,
+                                    choices=ANCHOR_ORDERS)
+    pmi_lookup: str = _f("token", "Where genemask and global (so cm_step and cm_gems too) read "
+                         "a position's NPMI: 'token' = the k-mer at that position (the papers' "
+                         "text); 'position' = the k-mer whose token id equals the position index, "
+                         "as the authors' published code does (the same ranking for every "
+                         "sequence of a length; docs/reproducing.md).", resume=True,
+                         choices=PMI_LOOKUPS)
     eval_strategy: str = _f("", "Frozen masking for validation perplexity (the number the "
                             "curriculum watches); empty = the schedule's first stage.")
     # --- optimisation -----------------------------------------------------------------------
@@ -145,8 +168,16 @@ class PretrainConfig:
         except InputError:
             errors.append(f"mode must be cm_gems, cm_step or fixed:<{'|'.join(MASKINGS)}>, "
                           f"got {self.mode!r}")
+        try:
+            check_global_m(self.global_m)
+        except InputError:
+            errors.append(f"global_m must be an integer >= 0 or {GLOBAL_M_BINOMIAL!r}, got "
+                          f"{self.global_m!r}")
         if self.eval_strategy and self.eval_strategy not in MASKINGS:
             errors.append(f"eval_strategy must be empty or one of {MASKINGS}")
+        if self.eval_strategy and self.eval_masking == "fresh":
+            errors.append("eval_strategy names a frozen validation masking; eval_masking "
+                          "'fresh' evaluates with the training masking instead: give one")
         if self.register_model and not self.log_model:
             errors.append("register_model needs log_model (the registry holds logged models)")
         try:  # a store MLflow cannot open is refused now, not after DeepSpeed has started

@@ -30,7 +30,8 @@ from cmgems.pretrain.engine import build_ds_config, ds_config_path, initialize, 
 from cmgems.errors import InputError
 from cmgems.masking.maskings import mask_batch, mask_stats
 from cmgems.masking.view import selections
-from cmgems.masking.names import DEFAULT_PROBABILITY, MASKINGS, REFERENCE_MASKING, uses_pmi
+from cmgems.masking.names import (DEFAULT_PROBABILITY, GLOBAL_M_BINOMIAL, MASKINGS,
+                                  REFERENCE_MASKING, uses_pmi)
 from cmgems.model.card import dataset_summary
 from cmgems.model.architectures import build_model, count_parameters, flops_per_token
 from cmgems.data.packing import choose_attention
@@ -42,6 +43,7 @@ from cmgems.pretrain.layout import RunLayout
 from cmgems.pretrain.result import RunResult
 from cmgems.pretrain.run_dir import RunDir
 from cmgems.data.layout import DatasetDir
+from cmgems.data.npmi_table import load_table
 from cmgems.data.shards import Manifest, ShardSet, verify
 from cmgems.tracking.tracker import Tracker
 from cmgems.tracking.uri import resolve_tracking_uri
@@ -213,7 +215,7 @@ class Trainer:
             self._build_engine()
             self.schedule = make_schedule(cfg.mode, cfg.max_steps, threshold=cfg.threshold,
                                           patience=cfg.patience, min_steps=cfg.min_switch_step,
-                                          draw=cfg.cm_step_draw)
+                                          draw=cfg.cm_step_draw, switch_rule=cfg.switch_rule)
             self.state = RunState()
             if tag is not None:
                 self._load_checkpoint(tag)
@@ -253,6 +255,11 @@ class Trainer:
         self.manifest = Manifest.load(cfg.data_dir)
         self.k = self.manifest.k
         self.scored_fraction = check_scored(cfg, self.manifest)
+        # Position lookup ranks by the table itself (per k-mer code), not by the shards' NPMI.
+        self.npmi_table = None
+        if cfg.pmi_lookup == "position":
+            self.npmi_table = torch.as_tensor(load_table(self.data.npmi_table, self.k),
+                                              dtype=torch.float32, device=self.dist.device)
         if cfg.verify_data:
             # Rank 0 hashes every shard; all ranks fail together with its message.
             distributed.on_main(lambda: verify(cfg.data_dir, self.manifest), self.dist.is_main)
@@ -319,23 +326,39 @@ class Trainer:
         cfg = self.cfg
         picked = selections(cfg.data_dir, self.schedule.stages, samples=4, seed=cfg.seed,
                             max_length=cfg.max_length, pmi_lookup=cfg.pmi_lookup,
-                            probabilities=cfg.probabilities, global_m=cfg.global_m)
+                            probabilities=cfg.probabilities, global_m=cfg.global_m,
+                            genemask_anchor_order=cfg.genemask_anchor_order)
         return masks_plot(picked, self.layout.masks_plot,
                           f"{self.run_name}: {self.schedule.describe()}")
 
     # ---------------------------------------------------------------- masking
-    def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None):
+    def _mask(self, batch: dict, strategies, gen, probabilities: dict[str, float] | None = None,
+              text_masking: bool = False):
+        """text_masking: the papers' readings (token lookup, top anchors, a per-sample m for
+        global_m binomial) whatever this run's published-code options, so that runs trained
+        either way are scored alike."""
+        cfg = self.cfg
+        global_m = cfg.global_m
+        if text_masking and global_m == GLOBAL_M_BINOMIAL:
+            global_m = 0
         return mask_batch(batch["input_ids"], batch["npmi"], batch["attention_mask"], strategies,
                           self.manifest.vocab_size, gen, k=self.k,
-                          probabilities=self.cfg.probabilities if probabilities is None
-                          else probabilities, global_m=self.cfg.global_m)
+                          probabilities=cfg.probabilities if probabilities is None
+                          else probabilities, global_m=global_m,
+                          pmi_lookup="token" if text_masking else cfg.pmi_lookup,
+                          npmi_table=self.npmi_table,
+                          genemask_anchor_order="top" if text_masking
+                          else cfg.genemask_anchor_order)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, strategy: str, probability: float | None = None) -> float:
-        """Perplexity over the validation split with a frozen masking: the same positions at every
-        evaluation (generator keyed by batch index only), so the number moves with the model
-        only."""
+    def evaluate(self, strategy: str | None, probability: float | None = None,
+                 fresh_step: int | None = None, text_masking: bool = False) -> float:
+        """Perplexity over the validation split. By default with a frozen masking `strategy`:
+        the same positions at every evaluation (generator keyed by batch index only), so the
+        number moves with the model only. With fresh_step, the training masking of that step
+        instead (the schedule's strategies, `strategy` unused), drawn anew for that step.
+        text_masking: see _mask."""
         cfg, dev = self.cfg, self.dist.device
         probs = cfg.probabilities if probability is None else {**cfg.probabilities,
                                                                strategy: probability}
@@ -348,8 +371,13 @@ class Trainer:
                 break
             layout = self.packer.layout(batch)
             batch = {k: v.to(dev) for k, v in batch.items()}
-            gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
-            inputs, labels, _ = self._mask(batch, strategy, gen, probs)
+            if fresh_step is None:
+                gen = generator(cfg.seed, i, self.dist.rank, f"eval-{strategy}")
+                strategies = strategy
+            else:
+                gen = generator(cfg.seed, i, self.dist.rank, f"eval-fresh-{fresh_step}")
+                strategies = self.schedule.strategies(fresh_step, layout.samples, gen)
+            inputs, labels, _ = self._mask(batch, strategies, gen, probs, text_masking)
             _, loss_sum, n = self.engine(**self.packer.model_inputs(
                 layout, inputs, batch["attention_mask"], labels))
             totals += torch.stack([loss_sum.double(), n.double()])
@@ -531,7 +559,8 @@ class Trainer:
 
     def _evaluate_and_observe(self, eval_strategy: str) -> float:
         st = self.state
-        ppl = self.evaluate(eval_strategy)
+        fresh = self.cfg.eval_masking == "fresh"
+        ppl = self.evaluate(eval_strategy, fresh_step=st.step if fresh else None)
         ppl_ref = self.evaluate(REFERENCE_MASKING, REFERENCE_P)
         # ppl is already all-reduced: every rank feeds the schedule the same number and so takes
         # the same decision at the same step.
@@ -599,10 +628,11 @@ class Trainer:
 
     def final_perplexities(self) -> dict[str, float | None]:
         """Validation perplexity of the model under each frozen masking at its default
-        probability (the same in every run, so models trained differently compare); None for a
-        PMI masking the dataset's NPMI table cannot support."""
+        probability, with the papers' readings whatever published-code options trained the
+        model (token lookup, top anchors, per-sample m for binomial; the same in every run, so models trained differently
+        compare); None for a PMI masking the dataset's NPMI table cannot support."""
         usable = self.scored_fraction >= self.cfg.min_scored_fraction
-        return {s: self.evaluate(s, DEFAULT_PROBABILITY[s])
+        return {s: self.evaluate(s, DEFAULT_PROBABILITY[s], text_masking=True)
                 if usable or not uses_pmi(s) else None for s in MASKINGS}
 
     def _finish(self, stopped_by: str | None) -> RunResult:
