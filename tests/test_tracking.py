@@ -219,6 +219,7 @@ def test_pretraining_logs_dataset_model_tags_and_links_the_export(tiny_dataset, 
                "--max-length", "64", "--eval-interval", "2", "--eval-batches", "1",
                "--log-interval", "2", "--num-workers", "0", "--threshold", "1e9",
                "--warmup-steps", "1", "--register-model", "lambda-logo",
+               "--license", "apache-2.0",
                env={"MLFLOW_TRACKING_URI": "",
                     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     result = json.loads((out / "result.json").read_text())
@@ -237,6 +238,12 @@ def test_pretraining_logs_dataset_model_tags_and_links_the_export(tiny_dataset, 
     assert info["mlflow_run_id"] == run.info.run_id and info["curriculum"]["switch_step"] == 4
     card = (out / "export" / "README.md").read_text()
     assert manifest["source"]["sha256"] in card and "at step 4" in card
+    # the registry version is described by the card's summary; the card carries the license
+    from huggingface_hub import ModelCard
+    from cmgems.model.card import summary
+    assert version.description == summary(info) and "pretrained with cmgems for 4 steps" in \
+        version.description
+    assert ModelCard.load(out / "export" / "README.md").data.license == "apache-2.0"
     assert "system/cpu_utilization_percentage" in run.data.metrics
     assert {"export/README.md", "export/cmgems.json"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "export")}

@@ -155,6 +155,8 @@ class PretrainConfig:
                          "fill-mask, with its tokenizer); --no-log-model logs none.")
     register_model: str = _f("", "Register the final export in the MLflow model registry under "
                              "this name (a new version per run); empty registers nothing.")
+    license: str = _f("", "License of the exported weights in their model card (an SPDX id or a "
+                      "Hugging Face Hub license name, e.g. apache-2.0); empty: unspecified.")
     system_metrics: bool = _f(True, "Log CPU, memory, disk, network (and GPU) use as MLflow "
                               "system/* metrics, every 10 s unless "
                               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says; needs psutil.")

@@ -7,13 +7,14 @@ exports.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from cmgems.errors import InputError
 from cmgems.model.architectures import export
-from cmgems.model.card import render as render_model_card
+from cmgems.model.card import render as render_model_card, summary
 from cmgems.pretrain import checkpoint, distributed
 from cmgems.pretrain.run_dir import publish_dir
 
@@ -65,7 +66,10 @@ def write(engine, bert_config, info_of, dest: Path, final: bool, is_main: bool) 
 def log_model(tracker, dest: Path, step: int, final: bool, registered_model_name: str) -> None:
     """The export as an MLflow logged model (rank 0); the final one registered under
     registered_model_name when given, and its URI tagged on the run."""
+    info = dest / "cmgems.json"
+    description = summary(json.loads(info.read_text())) if info.is_file() else ""
     uri = tracker.log_hf_model(dest, name="model" if final else dest.name, step=step,
-                               registered_model_name=registered_model_name if final else "")
+                               registered_model_name=registered_model_name if final else "",
+                               description=description)
     if uri and final:
         tracker.set_tag("model_uri", uri)

@@ -601,6 +601,7 @@ class Trainer:
         return {"run_name": self.run_name, "step": st.step, "max_steps": cfg.max_steps,
                 "mode": cfg.mode, "model": cfg.model, "n_params": self.n_params,
                 "max_length": cfg.max_length, "seed": cfg.seed,
+                "init_from": cfg.init_from, "license": cfg.license,
                 "mlflow_run_id": self.tracker.run_id,
                 "mlflow_tracking_uri": self.tracker.tracking_uri,
                 "curriculum": {"mode": cfg.mode, "threshold": cfg.threshold,

@@ -295,16 +295,18 @@ class Tracker:
         self._call(f"log dataset {name}", log)
 
     def log_hf_model(self, model_dir: str | Path, name: str = "model",
-                     registered_model_name: str = "", step: int = 0) -> str | None:
+                     registered_model_name: str = "", step: int = 0,
+                     description: str = "") -> str | None:
         """An exported masked language model (with its tokenizer, custom code included) as an
         MLflow model of the transformers flavour (a fill-mask pipeline), registered under
-        `registered_model_name` if given; its URI, or None when it could not be logged (warned
-        about, training goes on)."""
+        `registered_model_name` if given, the registry version described by `description`; its
+        URI, or None when it could not be logged (warned about, training goes on)."""
         logged: list = []
 
         def log():
             logged.append(_log_transformers_model(self, Path(model_dir), name,
-                                                  registered_model_name or None, step))
+                                                  registered_model_name or None, step,
+                                                  description))
         self._call(f"log the model in {model_dir}", log)
         return logged[0] if logged else None
 
@@ -365,7 +367,7 @@ def _kept_run_id(state_path: Path, tracking_uri: str) -> str | None:
 
 
 def _log_transformers_model(tracker: Tracker, model_dir: Path, name: str,
-                            registered: str | None, step: int) -> str:
+                            registered: str | None, step: int, description: str = "") -> str:
     import mlflow.transformers
     import numpy
     import torch
@@ -389,6 +391,9 @@ def _log_transformers_model(tracker: Tracker, model_dir: Path, name: str,
             pip_requirements=[f"transformers=={transformers.__version__}",
                               f"torch=={torch.__version__.split('+')[0]}",
                               f"numpy=={numpy.__version__}"])
+    version = getattr(info, "registered_model_version", None)
+    if registered and version is not None and description:
+        tracker.client.update_model_version(registered, str(version), description=description)
     return info.model_uri
 
 
