@@ -7,6 +7,7 @@
                                         cmgems.launchers.pretrain ...`)
     cmgems finetune MODEL_DIR ...       few-shot or GUE-folder finetuning of an export
     cmgems gue GUE_ROOT MODEL_DIR ...   the GUE suite
+    cmgems gue-compare A.json B.json    two GUE results: paired t-test, percent of a reference
     cmgems compare ...                  pretrain and evaluate every masking strategy
     cmgems count|table|shard|finish     the stages of `build` for a Slurm job array
 
@@ -24,7 +25,8 @@ from cmgems.errors import EXIT_INPUT_ERROR
 _PREPROCESSING = ("build", "npmi", "count", "table", "shard", "finish")
 COMMANDS = {**{c: ("preprocessing.__main__", "main") for c in _PREPROCESSING},
             "pretrain": ("launchers.pretrain", "main"), "finetune": ("launchers.finetune", "main"),
-            "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main")}
+            "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main"),
+            "gue-compare": ("launchers.gue_compare", "main")}
 
 
 def _module(name: str):

@@ -143,3 +143,15 @@ def test_cli_missing_root_exits_2(tmp_path):
     assert res.returncode == 2
     assert re.match(r"error: .*nope: GUE root is not a directory", res.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_non_human_mean_leaves_covid_out_as_the_papers_and_gives_the_other_beside_it():
+    tasks = [t for t in GUE_TASKS if t.name in ("EMP/H3", "virus/covid", "tf/1")]
+
+    def res(mcc):
+        return {"mean": {"mcc": mcc}, "std": {"mcc": 0.0}, "runs": [{}]}
+
+    results = {"m": {"EMP/H3": res(0.6), "virus/covid": res(0.2), "tf/1": res(0.3)}}
+    rows = cells(gue_lib.markdown_table(results, tasks, ["m"]))
+    assert rows["Non-human mean (1 tasks)"] == ["60.00"]
+    assert rows["Non-human mean with virus/covid (not the papers') (2 tasks)"] == ["40.00"]
