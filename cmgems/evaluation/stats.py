@@ -60,10 +60,11 @@ def paired(a, b, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
     lo, hi = (float(x) for x in np.percentile(means, [2.5, 97.5]))
-    if np.all(d == d[0]):
-        # No spread: the t statistic is undefined (scipy gives NaN); a constant nonzero
-        # difference is as certain as data can be, a zero one is no difference at all.
-        p = 1.0 if d[0] == 0 else 0.0
+    if np.ptp(d) <= 1e-12 * max(1.0, abs(mean)):
+        # No spread (up to rounding: 0.65 - 0.6 and 0.75 - 0.7 differ in the last bit): the t
+        # statistic is undefined; a constant nonzero difference is as certain as data can be, a
+        # zero one is no difference at all.
+        p = 1.0 if abs(mean) <= 1e-12 else 0.0
     else:
         p = float(_scipy_stats.ttest_rel(a, b).pvalue)
     if lo <= 0.0 <= hi:
