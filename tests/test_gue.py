@@ -66,6 +66,11 @@ def test_suite_end_to_end_two_models(tmp_path):
             assert res[task]["runs"][0]["dev_metrics"] is not None
         human = np.mean([100 * res[t]["mean"]["mcc"] for t, h in TINY.items() if h])
         assert float(rows["Human mean (2 tasks)"][col]) == pytest.approx(human, abs=0.006)
+    # Table 3 of the paper for the two columns, the same test gue-compare gives on gue.json.
+    diff = [100 * (data["results"]["random/export"][t]["mean"]["mcc"]
+                   - data["results"]["cm_gems/export"][t]["mean"]["mcc"]) for t in TINY]
+    line = next(x for x in md.splitlines() if x.startswith("- random/export - cm_gems/export:"))
+    assert f"mean difference {np.mean(diff):.2f} MCC x 100 over 3 tasks" in line
     # The tasks' own settings, only the epochs overridden; one run, seed 42 by default.
     res = data["results"]["random/export"]["prom/prom_core_all"]
     params = res["params"]
