@@ -83,7 +83,7 @@ def test_every_entry_point_runs_from_an_empty_folder(installed, tmp_path):
     help_text = " ".join(run_installed(installed, tmp_path, "cmgems-pretrain", "--help")
                          .stdout.split())
     assert "quick.yaml" in help_text and "(default: 200)" in help_text
-    for command in ("build", "npmi", "pretrain", "finetune", "gue", "compare"):
+    for command in ("build", "npmi", "pretrain", "finetune", "gue", "compare", "gue-compare"):
         run_installed(installed, tmp_path, "cmgems", command, "--help")
     assert run_installed(installed, tmp_path, "cmgems", "nope", check=False).returncode == 2
     assert list(tmp_path.iterdir()) == []  # help writes nothing
