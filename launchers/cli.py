@@ -7,6 +7,7 @@
                                         cmgems.launchers.pretrain ...`)
     cmgems finetune MODEL_DIR ...       few-shot or GUE-folder finetuning of an export
     cmgems gue GUE_ROOT MODEL_DIR ...   the GUE suite
+    cmgems gue-compare A.json B.json    two GUE results: paired t-test, percent of a reference
     cmgems compare ...                  pretrain and evaluate every masking strategy
     cmgems masks --data-dir D ...       the positions each masking selects, printed or drawn
     cmgems embed MODEL_DIR ...          one vector per sequence or genome region (docs/use.md)
@@ -29,7 +30,7 @@ _PREPROCESSING = ("build", "npmi", "count", "table", "shard", "finish")
 COMMANDS = {**{c: ("preprocessing.__main__", "main") for c in _PREPROCESSING},
             "pretrain": ("launchers.pretrain", "main"), "finetune": ("launchers.finetune", "main"),
             "gue": ("launchers.gue", "main"), "compare": ("launchers.compare", "main"),
-            "masks": ("launchers.masks", "main"),
+            "gue-compare": ("launchers.gue_compare", "main"), "masks": ("launchers.masks", "main"),
             "embed": ("launchers.embed", "main"), "predict": ("launchers.predict", "main"),
             "score-variants": ("launchers.score_variants", "main")}
 

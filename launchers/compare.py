@@ -14,7 +14,11 @@ every --fewshot task: --runs seeded runs, run r on its own draw of --shots examp
 the task's training file (the same draws for every strategy), mean and std. Written to OUTPUT_DIR:
 comparison.md (strategy x task table, final reference perplexity, switch step; each model's
 perplexity under the random, genemask and global validation maskings; n per class and pool size),
-ref_perplexity.png, fewshot_accuracy.png, comparison.json, logs/<strategy>.log. MLflow, in the
+ref_perplexity.png, fewshot_accuracy.png, comparison.json, logs/<strategy>.log. The report pairs
+every two strategies over the few-shot runs sharing a pretraining seed and a draw: mean
+difference, 95 % bootstrap interval, paired t-test p, n and a verdict ("paired" in the JSON), and
+gives the spread between draws beside the spread between seeds. --seeds S1,S2,... pretrains every
+strategy once per seed, into OUTPUT_DIR/<strategy>-seed<S>. MLflow, in the
 store pretraining and finetuning use from this working directory: one parent run (OUTPUT_DIR's
 name) holding the report as artifacts, one child run per strategy (its pretraining run, plus the
 few-shot metrics fewshot/<task>/<metric>_mean|_std).
@@ -45,7 +49,8 @@ from cmgems.pretrain.process import Interrupted  # noqa: E402
 PRETRAIN = Path(__file__).resolve().parent / "pretrain.py"
 GROUPS = {"what to compare": ("strategies", "output_dir", "name", "experiment"),
           "pretraining (the same for every strategy)": (
-              "config", "data_dir", "max_steps", "model", "seed", "num_gpus", "pretrain_args"),
+              "config", "data_dir", "max_steps", "model", "seed", "seeds", "num_gpus",
+              "pretrain_args"),
           "few-shot evaluation of each export (cmgems.evaluation.finetune.fewshot)": (
               "runs", "shots", "fewshot_seed")}
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_module
-from cmgems.compare.config import (FewshotTask, config_mismatch, parse_fewshot,
-                            parse_strategies)
-from cmgems.compare.report import markdown_table
+from cmgems.compare.config import (CompareConfig, FewshotTask, PretrainRun, config_mismatch,
+                                   parse_fewshot, parse_strategies)
+from cmgems.compare.report import markdown_table, paired_stats, spread_stats
 from cmgems.errors import InputError
 from cmgems.options import DEFAULT_SEED
 from cmgems.pretrain.result import RunResult
@@ -65,6 +65,57 @@ def test_strategy_lists():
         parse_strategies("random,bert")
     with pytest.raises(InputError, match="twice"):
         parse_strategies("random,random")
+
+
+def test_seed_lists():
+    one = CompareConfig(strategies="random,cm_gems", seeds="7")
+    assert one.seeds is None and one.seed == 7  # one seed: today's layout, OUTPUT_DIR/<strategy>
+    assert one.pretrain_runs == [PretrainRun("random", "random", 7),
+                                 PretrainRun("cm_gems", "cm_gems", 7)]
+    two = CompareConfig(strategies="random,cm_gems", seeds="1, 2")
+    assert [r.label for r in two.pretrain_runs] == ["random-seed1", "cm_gems-seed1",
+                                                    "random-seed2", "cm_gems-seed2"]
+    for bad, said in (("1,1", "twice"), ("1,x", "integers"), (",", "empty"), ("-1", ">= 0")):
+        with pytest.raises(InputError, match=said):
+            CompareConfig(seeds=bad)
+    with pytest.raises(InputError, match="--seed and --seeds"):
+        CompareConfig(seed=3, seeds="1,2")
+
+
+def _summary(accs: list[float]) -> dict:
+    return {"runs": [{"seed": 42 + r, "metrics": {"accuracy": a, "f1": a, "mcc": 2 * a - 1}}
+                     for r, a in enumerate(accs)]}
+
+
+def test_paired_statistics_pair_seed_and_draw_and_spread_sits_beside_them(tmp_path):
+    task = FewshotTask("t", _touch(tmp_path / "a.tsv"), _touch(tmp_path / "b.tsv"))
+    runs = [PretrainRun(f"{s}-seed{x}", s, x) for x in (1, 2) for s in ("random", "cm_gems")]
+    acc = {("random", 1): [0.60, 0.70, 0.50], ("cm_gems", 1): [0.65, 0.75, 0.55],
+           ("random", 2): [0.62, 0.72, 0.52], ("cm_gems", 2): [0.67, 0.77, 0.57]}
+    fewshot = {r.label: {"t": _summary(acc[(r.strategy, r.seed)])} for r in runs}
+    rows = {r["metric"]: r for r in paired_stats(runs, [task], fewshot)}
+    # Every unit (seed, draw) differs by -0.05: a constant paired difference.
+    assert rows["accuracy"]["n"] == 6 and rows["accuracy"]["a"] == "random"
+    assert rows["accuracy"]["mean_diff"] == pytest.approx(-0.05)
+    assert rows["accuracy"]["ci95"] == pytest.approx([-0.05, -0.05])
+    assert rows["accuracy"]["verdict"] == "random < cm_gems"
+    assert rows["mcc"]["mean_diff"] == pytest.approx(-0.10)
+    spread = {(r["strategy"], r["metric"]): r for r in spread_stats(runs, [task], fewshot)}
+    s = spread[("random", "accuracy")]
+    assert (s["seeds"], s["draws"]) == (2, 3)
+    assert s["between_draws_std"] == pytest.approx(0.1)  # std of 0.6, 0.7, 0.5
+    assert s["between_seeds_std"] == pytest.approx(np.std([0.6, 0.62], ddof=1))
+    one = [r for r in runs if r.seed == 1]
+    single = {r["metric"]: r for r in spread_stats(one, [task], fewshot)}
+    assert single["accuracy"]["between_seeds_std"] is None
+    lone = paired_stats(one, [task], {r.label: {"t": _summary(acc[(r.strategy, 1)][:1])}
+                                      for r in one})
+    assert lone[0]["n"] == 1 and lone[0]["ci95"] is None and "n < 2" in lone[0]["verdict"]
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
 
 
 def test_finished_and_mismatched_runs(tmp_path):
@@ -255,3 +306,43 @@ def test_compare_two_strategies_end_to_end_and_rerun(tiny_dataset, prom, tmp_pat
     assert res.returncode == 2
     assert f"{out / 'random'}: holds a finished run with other settings (max_steps is 6 there, " \
         "8 requested)" in res.stderr
+
+    # One seed: the paired units are the two few-shot draws; no spread between seeds to report.
+    summary = json.loads((out / "comparison.json").read_text())
+    pairs = {(p["a"], p["b"], p["task"], p["metric"]): p for p in summary["paired"]}
+    assert set(pairs) == {("random", "cm_gems", "prom10", m) for m in ("accuracy", "f1", "mcc")}
+    acc = pairs[("random", "cm_gems", "prom10", "accuracy")]
+    diffs = [x["metrics"]["accuracy"] - y["metrics"]["accuracy"]
+             for x, y in zip(fs["random"]["runs"], fs["cm_gems"]["runs"])]
+    assert acc["n"] == 2 and acc["mean_diff"] == pytest.approx(np.mean(diffs))
+    assert acc["verdict"] in ("no difference shown", "random > cm_gems", "random < cm_gems")
+    assert all(r["between_seeds_std"] is None for r in summary["spread"])
+    assert any(line.startswith("| random | cm_gems | prom10 | accuracy % | 2 | ") for line in md)
+
+    # --seeds: each strategy pretrained once per seed in its own folder; the units pair seed and
+    # draw; the spread between seeds sits beside the spread between draws; a re-run reuses all.
+    multi = [a if a != str(out) else str(tmp_path / "seeds") for a in args] + ["--seeds", "1,2"]
+    run_module(*multi, timeout=900, cwd=tmp_path)
+    out2 = tmp_path / "seeds"
+    labels = [f"{s}-seed{x}" for x in (1, 2) for s in ("random", "cm_gems")]
+    for label in labels:
+        config = json.loads((out2 / label / "config.json").read_text())
+        assert config["seed"] == int(label[-1]) and (out2 / "logs" / f"{label}.log").is_file()
+    summary = json.loads((out2 / "comparison.json").read_text())
+    assert summary["seeds"] == [1, 2] and [r["label"] for r in summary["runs"]] == labels
+    acc = next(p for p in summary["paired"] if p["metric"] == "accuracy")
+    fs2 = {lab: json.loads((out2 / lab / "fewshot" / "prom10.json").read_text())
+           for lab in labels}
+    diffs = [x["metrics"]["accuracy"] - y["metrics"]["accuracy"] for seed in (1, 2)
+             for x, y in zip(fs2[f"random-seed{seed}"]["runs"], fs2[f"cm_gems-seed{seed}"]["runs"])]
+    assert acc["n"] == 4 and acc["mean_diff"] == pytest.approx(np.mean(diffs))
+    assert acc["ci95"][0] <= acc["mean_diff"] <= acc["ci95"][1]
+    spread = {(r["strategy"], r["metric"]): r for r in summary["spread"]}
+    means = [fs2[f"random-seed{x}"]["mean"]["accuracy"] for x in (1, 2)]
+    assert spread[("random", "accuracy")]["between_seeds_std"] == pytest.approx(
+        np.std(means, ddof=1))
+    md2 = (out2 / "comparison.md").read_text()
+    assert "| random-seed2 | fixed:random |" in md2 and "between seeds" in md2
+    again = run_module(*multi, timeout=300, cwd=tmp_path)
+    assert all(f"{lab}: finished run found in {out2 / lab}" in again.stdout for lab in labels)
+    assert (out2 / "comparison.md").read_text() == md2

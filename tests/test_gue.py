@@ -66,6 +66,11 @@ def test_suite_end_to_end_two_models(tmp_path):
             assert res[task]["runs"][0]["dev_metrics"] is not None
         human = np.mean([100 * res[t]["mean"]["mcc"] for t, h in TINY.items() if h])
         assert float(rows["Human mean (2 tasks)"][col]) == pytest.approx(human, abs=0.006)
+    # Table 3 of the paper for the two columns, the same test gue-compare gives on gue.json.
+    diff = [100 * (data["results"]["random/export"][t]["mean"]["mcc"]
+                   - data["results"]["cm_gems/export"][t]["mean"]["mcc"]) for t in TINY]
+    line = next(x for x in md.splitlines() if x.startswith("- random/export - cm_gems/export:"))
+    assert f"mean difference {np.mean(diff):.2f} MCC x 100 over 3 tasks" in line
     # The tasks' own settings, only the epochs overridden; one run, seed 42 by default.
     res = data["results"]["random/export"]["prom/prom_core_all"]
     params = res["params"]
@@ -143,3 +148,15 @@ def test_cli_missing_root_exits_2(tmp_path):
     assert res.returncode == 2
     assert re.match(r"error: .*nope: GUE root is not a directory", res.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_non_human_mean_leaves_covid_out_as_the_papers_and_gives_the_other_beside_it():
+    tasks = [t for t in GUE_TASKS if t.name in ("EMP/H3", "virus/covid", "tf/1")]
+
+    def res(mcc):
+        return {"mean": {"mcc": mcc}, "std": {"mcc": 0.0}, "runs": [{}]}
+
+    results = {"m": {"EMP/H3": res(0.6), "virus/covid": res(0.2), "tf/1": res(0.3)}}
+    rows = cells(gue_lib.markdown_table(results, tasks, ["m"]))
+    assert rows["Non-human mean (1 tasks)"] == ["60.00"]
+    assert rows["Non-human mean with virus/covid (not the papers') (2 tasks)"] == ["40.00"]

@@ -37,6 +37,31 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3] (order kept; duplicates and non-integers refused)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise InputError("--seeds: empty list")
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds {text!r} names a seed twice")
+    if any(x < 0 for x in seeds):
+        raise InputError(f"--seeds {text!r}: seeds must be >= 0")
+    return seeds
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    """One pretraining of a comparison: a strategy under one seed, in OUTPUT_DIR/<label>."""
+
+    label: str  # folder, log and MLflow name: the strategy, or <strategy>-seed<S> with --seeds
+    strategy: str
+    seed: int | None  # None: the pretraining config's seed
+
+
 @dataclass(frozen=True)
 class FewshotTask:
     """One few-shot evaluation: a training and a test file (.tsv k-mer text or .csv)."""
@@ -155,6 +180,10 @@ class CompareConfig:
                                "(default: the config's).", choices=MODELS)
     seed: int | None = option(None, "Seed of every run: same init, data order and masking "
                               "randomness (default: the config's).")
+    seeds: str | None = option(None, "Comma-separated pretraining seeds, e.g. 1,2,3: every "
+                               "strategy is pretrained once per seed, into "
+                               "OUTPUT_DIR/<strategy>-seed<S>, and the report pairs the "
+                               "strategies over (seed, few-shot draw). One seed is --seed.")
     num_gpus: int | None = option(None, "GPUs per run: > 0 launches `deepspeed --num_gpus N`, 0 "
                                   "plain python on CPU (default: every visible GPU, 0 when there "
                                   "is none).")
@@ -185,8 +214,26 @@ class CompareConfig:
             raise InputError(f"--config {self.config}: no such file")
         if self.data_dir:
             self.data_dir = str(Path(self.data_dir).resolve())
+        if self.seeds is not None:
+            if self.seed is not None:
+                raise InputError("--seed and --seeds: give one of them")
+            seeds = parse_seeds(self.seeds)
+            if len(seeds) == 1:  # one seed is today's one-seed comparison, folders and all
+                self.seed, self.seeds = seeds[0], None
 
     @property
     def strategy_list(self) -> list[str]:
         return parse_strategies(self.strategies)
+
+    @property
+    def seed_list(self) -> list[int | None]:
+        return parse_seeds(self.seeds) if self.seeds else [self.seed]
+
+    @property
+    def pretrain_runs(self) -> list[PretrainRun]:
+        """Every pretraining, seed by seed, each seed in the strategies' order."""
+        if not self.seeds:
+            return [PretrainRun(s, s, self.seed) for s in self.strategy_list]
+        return [PretrainRun(f"{s}-seed{seed}", s, seed) for seed in self.seed_list
+                for s in self.strategy_list]
 

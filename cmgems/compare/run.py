@@ -1,7 +1,8 @@
 """Running a strategy comparison: pretrain each strategy, finetune each export, write the report.
 
 Every strategy is pretrained with the same config, seed and data order, as a child process of
-the pretraining launcher, into OUTPUT_DIR/<strategy>; then each export is finetuned on every
+the pretraining launcher, into OUTPUT_DIR/<strategy> (with several seeds, once per seed into
+OUTPUT_DIR/<strategy>-seed<S>); then each export is finetuned on every
 few-shot task (cmgems.evaluation.finetune.fewshot). A re-run skips finished pretrainings and few-shot results
 already computed with the same settings, and resumes an unfinished run from its last checkpoint.
 MLflow: one parent run (reopened by a re-run) holding the report, one child per strategy (its
@@ -18,8 +19,8 @@ import shlex
 import time
 from pathlib import Path
 
-from cmgems.compare.config import (CompareConfig, FewshotTask, STRATEGY_MODES, config_mismatch,
-                                   parse_fewshot, unique_tasks)
+from cmgems.compare.config import (CompareConfig, FewshotTask, PretrainRun, STRATEGY_MODES,
+                                   config_mismatch, parse_fewshot, unique_tasks)
 from cmgems.pretrain.layout import RunLayout
 from cmgems.pretrain.result import RunResult
 from cmgems.compare.report import write_report
@@ -39,8 +40,9 @@ MANAGED = {"--mode": "--strategies", "--output-dir": "--output-dir", "--run-name
            "--parent-run-id": None, "--experiment": "--experiment", "--resume": None,
            "--config": "--config", "--data-dir": "--data-dir", "--max-steps": "--max-steps",
            "--model": "--model", "--seed": "--seed"}
-# CompareConfig fields that are pretraining options of the same name, when set.
-SHARED_PRETRAIN = ("data_dir", "max_steps", "model", "seed")
+# CompareConfig fields that are pretraining options of the same name, when set (the seed is each
+# PretrainRun's own).
+SHARED_PRETRAIN = ("data_dir", "max_steps", "model")
 
 
 class RunFailed(Exception):
@@ -67,24 +69,28 @@ def gpu_count(requested: int | None) -> int:
     return torch.cuda.device_count()
 
 
-def expected_fields(config: CompareConfig, strategy: str) -> dict:
-    """The pretraining config fields a strategy's run must have."""
-    want = {"mode": STRATEGY_MODES[strategy]}
+def expected_fields(config: CompareConfig, run: PretrainRun) -> dict:
+    """The pretraining config fields a run must have."""
+    want = {"mode": STRATEGY_MODES[run.strategy]}
     for key in SHARED_PRETRAIN:
         if getattr(config, key) is not None:
             want[key] = getattr(config, key)
+    if run.seed is not None:
+        want["seed"] = run.seed
     return want
 
 
-def pretrain_args(config: CompareConfig, strategy: str, run_dir: Path, parent_run_id: str,
+def pretrain_args(config: CompareConfig, run: PretrainRun, run_dir: Path, parent_run_id: str,
                   name: str, extra: list[str]) -> list[str]:
     args = ["--config", config.config] if config.config else []
     for key in SHARED_PRETRAIN:
         if getattr(config, key) is not None:
             args += ["--" + key.replace("_", "-"), str(getattr(config, key))]
+    if run.seed is not None:
+        args += ["--seed", str(run.seed)]
     # The passthrough goes before the managed options; check_passthrough refuses overlaps anyway.
-    return args + extra + ["--mode", STRATEGY_MODES[strategy], "--output-dir", str(run_dir),
-                           "--run-name", f"{name}-{strategy}", "--experiment", config.experiment,
+    return args + extra + ["--mode", STRATEGY_MODES[run.strategy], "--output-dir", str(run_dir),
+                           "--run-name", f"{name}-{run.label}", "--experiment", config.experiment,
                            "--parent-run-id", parent_run_id, "--resume"]
 
 
@@ -169,7 +175,8 @@ def _params(config: CompareConfig, finetune: FinetuneConfig, strategies: list[st
     """The parent run's MLflow params."""
     return {"strategies": ",".join(strategies), "config": config.config or "",
             "data_dir": config.data_dir or "", "max_steps": _or_blank(config.max_steps),
-            "model": config.model or "", "seed": _or_blank(config.seed), "num_gpus": num_gpus,
+            "model": config.model or "", "seed": _or_blank(config.seed),
+            "seeds": config.seeds or "", "num_gpus": num_gpus,
             "pretrain_args": shlex.join(extra),
             "fewshot": ";".join(f"{t.name}={t.train}:{t.test}" for t in tasks),
             "fewshot.runs": config.runs,
@@ -178,29 +185,30 @@ def _params(config: CompareConfig, finetune: FinetuneConfig, strategies: list[st
             "finetune": dataclasses.asdict(finetune)}
 
 
-def _pretrain_all(config, strategies, finished, out, parent, name, extra, num_gpus, script,
-                  forwarder) -> dict[str, RunResult]:
-    """Every strategy's finished result: found in its folder, or pretrained now."""
+def _pretrain_all(config, runs: list[PretrainRun], finished, out, parent, name, extra, num_gpus,
+                  script, forwarder) -> dict[str, RunResult]:
+    """Every run's finished result, by label: found in its folder, or pretrained now."""
     from cmgems.pretrain.checkpoint import latest_tag
     results: dict[str, RunResult] = {}
-    for i, s in enumerate(strategies, 1):
+    for i, run in enumerate(runs, 1):
+        s = run.label
         run_dir, log_path = out / s, out / "logs" / f"{s}.log"
         result = finished[s]
         if result is not None:
-            print(f"[{i}/{len(strategies)}] {s}: finished run found in {run_dir} "
+            print(f"[{i}/{len(runs)}] {s}: finished run found in {run_dir} "
                   f"(step {result.step}), skipping its pretraining", flush=True)
         else:
             cmd = pretrain_command(script, num_gpus, pretrain_args(
-                config, s, run_dir, parent.run_id or "", name, extra))
+                config, run, run_dir, parent.run_id or "", name, extra))
             resumed = latest_tag(RunLayout(run_dir).checkpoints) is not None
-            print(f"[{i}/{len(strategies)}] {s}: "
+            print(f"[{i}/{len(runs)}] {s}: "
                   + ("resuming the unfinished run from its last checkpoint" if resumed
-                     else "pretraining") + f" (mode {STRATEGY_MODES[s]}) -> {run_dir}; "
-                  f"log {log_path}", flush=True)
+                     else "pretraining") + f" (mode {STRATEGY_MODES[run.strategy]}) -> "
+                  f"{run_dir}; log {log_path}", flush=True)
             t0 = time.time()
             result = run_pretraining(cmd, s, run_dir, log_path, forwarder, parent.tracking_uri)
             ref, sw = result.final_ref_ppl(), result.switch_step
-            print(f"[{i}/{len(strategies)}] {s}: done in {time.time() - t0:.0f} s, step "
+            print(f"[{i}/{len(runs)}] {s}: done in {time.time() - t0:.0f} s, step "
                   f"{result.step}, final ppl_ref {ref[1] if ref else float('nan'):.3f}"
                   + (f", switched {result.events[0]['from']} -> "
                      f"{result.events[0]['to']} at step {sw}" if sw is not None else ""),
@@ -235,6 +243,8 @@ def run_comparison(config: CompareConfig, finetune: FinetuneConfig, passthrough:
     anything is written for a bad command line or a finished run with other settings, RunFailed
     for a failed pretraining and Interrupted for a signal."""
     strategies = config.strategy_list
+    runs = config.pretrain_runs
+    labels = [r.label for r in runs]
     extra = shlex.split(config.pretrain_args) + list(passthrough)
     check_passthrough(extra)
     tasks = unique_tasks([parse_fewshot(s) for s in config.fewshot])
@@ -243,31 +253,34 @@ def run_comparison(config: CompareConfig, finetune: FinetuneConfig, passthrough:
     out.mkdir(parents=True, exist_ok=True)
     name = config.name or out.name
 
-    finished = {s: RunResult.finished(out / s) for s in strategies}
-    for s, result in finished.items():
-        bad = result is not None and config_mismatch(out / s, expected_fields(config, s))
+    finished = {r.label: RunResult.finished(out / r.label) for r in runs}
+    for r in runs:
+        s, result = r.label, finished[r.label]
+        bad = result is not None and config_mismatch(out / s, expected_fields(config, r))
         if bad:
             raise InputError(f"{out / s}: holds a finished run with other settings ({bad}); "
                              f"use another --output-dir or delete that folder")
 
     parent = Tracker.reopen(out / STATE_NAME, resolve_tracking_uri(), config.experiment, name)
-    print(f"comparison {name}: {len(strategies)} strategies ({', '.join(strategies)}), "
-          f"{len(tasks)} few-shot task(s); output {out}; MLflow {parent.tracking_uri} parent run "
+    seeds = config.seed_list
+    print(f"comparison {name}: {len(strategies)} strategies ({', '.join(strategies)})"
+          + (f" x {len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else "")
+          + f", {len(tasks)} few-shot task(s); output {out}; MLflow {parent.tracking_uri} parent run "
           f"{parent.run_id}{' (reused)' if parent.reused else ''}", flush=True)
     parent.log_params(_params(config, finetune, strategies, tasks, num_gpus, extra))
     status = "FAILED"
     with SignalForwarder() as forwarder:
         try:
-            results = _pretrain_all(config, strategies, finished, out, parent, name, extra,
+            results = _pretrain_all(config, runs, finished, out, parent, name, extra,
                                     num_gpus, pretrain_script, forwarder)
             fewshot_results: dict[str, dict[str, dict]] = {}
             if tasks:
                 print("few-shot evaluation", flush=True)
-                for s in strategies:
+                for s in labels:
                     fewshot_results[s] = evaluate_strategy(config, finetune, s, results[s],
                                                            tasks, parent)
-            paths = write_report(out, strategies, results, tasks, fewshot_results, name)
-            parent.log_metrics(_summary_metrics(strategies, results, tasks, fewshot_results), 0)
+            paths = write_report(out, runs, results, tasks, fewshot_results, name)
+            parent.log_metrics(_summary_metrics(labels, results, tasks, fewshot_results), 0)
             for p in paths:
                 parent.log_artifact(p)
             status = "FINISHED"

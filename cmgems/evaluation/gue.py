@@ -4,7 +4,8 @@ Each task uses the published settings for DNABERT k-mer models (cmgems.evaluatio
 length, epochs, learning rate, 32 examples per optimizer step, warmup, evaluation interval,
 autocast on GPU; the weights of lowest dev loss are tested; one run, seed 42), unless an override
 is given for every task. The result is a Table-2-style markdown: test MCC x 100 per task (mean ±
-std over runs), the human and non-human means, one column per model, then the settings each task
+std over runs), the human and non-human means (the non-human one without virus/covid, as in the
+papers' 27-task averages, then with it), one column per model, then the settings each task
 ran with; plus a JSON with every run.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from cmgems.errors import InputError
 from cmgems.evaluation.finetune import EvalRuns, FinetuneConfig, evaluate, load_task_dir, model_info
 from cmgems.io import atomic_path
 from cmgems.evaluation.metrics import mean_std
-from cmgems.evaluation.tasks import GueTask, discover_gue_tasks
+from cmgems.evaluation.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, fmt, fmt_p, paired
+from cmgems.evaluation.tasks import LEFT_OUT_OF_PAPER_MEANS, GueTask, discover_gue_tasks
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,14 @@ def markdown_table(results: dict[str, dict[str, dict]], tasks, model_names: list
     for t in tasks:
         lines.append(f"| {t.name} | " + " | ".join(cell(results[m][t.name]) for m in model_names)
                      + " |")
-    for label, human in (("Human mean", True), ("Non-human mean", False)):
-        group = [t for t in tasks if t.human == human]
+    # The papers' averages (DNABERT-2's and CM-GEMS' 27 tasks) leave virus/covid out, so the
+    # non-human mean a reader puts beside them does too; the mean with covid follows it.
+    non_human = [t for t in tasks if not t.human]
+    groups = [("Human mean", [t for t in tasks if t.human]),
+              ("Non-human mean", [t for t in non_human if t.name not in LEFT_OUT_OF_PAPER_MEANS])]
+    if any(t.name in LEFT_OUT_OF_PAPER_MEANS for t in non_human):
+        groups.append(("Non-human mean with virus/covid (not the papers')", non_human))
+    for label, group in groups:
         if not group:
             continue
         means = [100 * np.mean([results[m][t.name]["mean"]["mcc"] for t in group])
@@ -64,6 +72,27 @@ def markdown_table(results: dict[str, dict[str, dict]], tasks, model_names: list
         lines.append(f"| **{label}** ({len(group)} tasks) | "
                      + " | ".join(f"**{v:.2f}**" for v in means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_lines(results: dict[str, dict[str, dict]], tasks, model_names: list[str]) -> str:
+    """The CM-GEMS paper's Table 3 for every pair of models: a paired t-test of their per-task
+    MCCs (x 100) over the tasks, virus/covid left out as in the papers' averages; the same
+    numbers as `cmgems gue-compare` on this gue.json."""
+    kept = [t.name for t in tasks if t.name not in LEFT_OUT_OF_PAPER_MEANS]
+    lines = []
+    for i, a in enumerate(model_names):
+        for b in model_names[i + 1:]:
+            r = paired([100 * results[a][t]["mean"]["mcc"] for t in kept],
+                       [100 * results[b][t]["mean"]["mcc"] for t in kept], names=(a, b))
+            ci = f"[{fmt(r.ci95[0], 2)}, {fmt(r.ci95[1], 2)}]" if r.ci95 else "n/a"
+            lines.append(f"- {a} - {b}: mean difference {fmt(r.mean_diff, 2)} MCC x 100 over "
+                         f"{r.n} tasks, 95 % bootstrap interval {ci}, paired t-test p = "
+                         f"{fmt_p(r.p)}: {r.verdict}")
+    if not lines:
+        return ""
+    return ("Paired t-test over tasks (virus/covid left out; bootstrap: "
+            f"{BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def settings_table(tasks, configs: dict[str, FinetuneConfig], results: dict[str, dict[str, dict]],
@@ -122,6 +151,9 @@ def run_suite(gue_root: Path, model_dirs: list[Path], out_dir: Path, *,
                 tracking=tracking, name=f"gue/{task.name}/{name}", progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, tasks, names)
+    pairs = paired_lines(results, tasks, names)
+    if pairs:
+        table += "\n" + pairs
     md = out_dir / "gue.md"
     with atomic_path(out_dir / "gue.json") as tmp:
         tmp.write_text(json.dumps({"models": dict(zip(names, map(str, model_dirs))),
