@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems.errors import EXIT_INPUT_ERROR, InputError
-from cmgems.evaluation.gue_compare import compare, load_gue, load_reference, markdown
+from cmgems.errors import EXIT_INPUT_ERROR, InputError  # noqa: E402
+from cmgems.evaluation.gue_compare import (compare, load_gue, load_reference,  # noqa: E402
+                                           markdown)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,12 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems.use.commands import (
-    add_model_arguments,
-    add_region_arguments,
-    check_positive,
-    run,
-)
+from cmgems.use.commands import (add_model_arguments, add_region_arguments,  # noqa: E402
+                                 check_positive, run)
 
 
 def build_parser() -> argparse.ArgumentParser:

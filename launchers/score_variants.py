@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems.use.commands import add_model_arguments, check_positive, run
+from cmgems.use.commands import add_model_arguments, check_positive, run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,19 +44,19 @@ CURRICULUM_MASKINGS = {CM_STEP: ("random", "global"), CM_GEMS: ("genemask", "glo
 MODES = tuple(FIXED_PREFIX + m for m in MASKINGS) + CURRICULA
 
 
-def check_pmi_lookup(name) -> str:
-    """name, if it is a PMI lookup; else InputError naming the choices."""
-    if name not in PMI_LOOKUPS:
-        raise InputError(f"pmi_lookup: unknown {name!r} (expected one of {', '.join(PMI_LOOKUPS)})")
+def _check_choice(what: str, name, choices: tuple[str, ...]) -> str:
+    """name, if it is one of `choices`; else InputError naming them."""
+    if name not in choices:
+        raise InputError(f"{what}: unknown {name!r} (expected one of {', '.join(choices)})")
     return name
+
+
+def check_pmi_lookup(name) -> str:
+    return _check_choice("pmi_lookup", name, PMI_LOOKUPS)
 
 
 def check_anchor_order(name) -> str:
-    """name, if it is a GeneMask anchor order; else InputError naming the choices."""
-    if name not in ANCHOR_ORDERS:
-        raise InputError(f"genemask_anchor_order: unknown {name!r} (expected one of "
-                         f"{', '.join(ANCHOR_ORDERS)})")
-    return name
+    return _check_choice("genemask_anchor_order", name, ANCHOR_ORDERS)
 
 
 def check_global_m(global_m) -> int | str:
@@ -69,11 +69,7 @@ def check_global_m(global_m) -> int | str:
 
 
 def check_masking(name) -> str:
-    """name, if it is a masking; else InputError naming the choices."""
-    if name not in MASKINGS:
-        raise InputError(f"masking strategy: unknown {name!r} (expected one of "
-                         f"{', '.join(MASKINGS)})")
-    return name
+    return _check_choice("masking strategy", name, MASKINGS)
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,29 @@ def progress_bar(total: int, desc: str, unit: str, show: bool):
 def autocast(loaded: LoadedModel):
     from cmgems.evaluation.finetune import _autocast
     return _autocast(loaded.device, loaded.precision)
+
+
+def mean_over_windows(loaded: LoadedModel, regions: list[Region], stride: int | None,
+                      batch_size: int, progress: bool, desc: str, width: int, forward):
+    """Every window of `regions` through `forward(ids, attention) -> (vectors [b, width],
+    weights [b])`, in batches; returns each region's weighted mean of its windows' vectors
+    (float64 [len(regions), width], on the model's device)."""
+    import torch
+    stride = loaded.window if stride is None else stride
+    if not 1 <= stride <= loaded.window:
+        raise InputError(f"--stride {stride}: between 1 and the window ({loaded.window} tokens)")
+    windows = Windows.of(regions, loaded.k, loaded.window, stride)
+    sums = torch.zeros(windows.n_sequences, width, dtype=torch.float64, device=loaded.device)
+    weights = torch.zeros(windows.n_sequences, dtype=torch.float64, device=loaded.device)
+    owner = torch.from_numpy(windows.owner).to(loaded.device)
+    # inference mode: no autograd graph is built or kept
+    with torch.inference_mode(), \
+            progress_bar(len(windows.tokens), desc, "window", progress) as bar:
+        for idx, ids, attention in batches(windows, batch_size, loaded.device):
+            with autocast(loaded):
+                vectors, weight = forward(ids, attention)
+            rows = owner[torch.from_numpy(idx).to(loaded.device)]
+            sums.index_add_(0, rows, vectors.double() * weight.double().unsqueeze(-1))
+            weights.index_add_(0, rows, weight.double())
+            bar.update(len(idx))
+    return sums / weights.unsqueeze(-1)
