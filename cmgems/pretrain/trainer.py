@@ -324,7 +324,9 @@ class Trainer:
     def _draw_masks(self) -> Path:
         """The run's maskings on the first 4 validation samples, as `cmgems masks` draws them."""
         cfg = self.cfg
-        picked = selections(cfg.data_dir, self.schedule.stages, samples=4, seed=cfg.seed,
+        # cm_step's one stage mixes maskings: draw every masking there
+        drawn = [m for m in self.schedule.stages if m in MASKINGS] or list(MASKINGS)
+        picked = selections(cfg.data_dir, drawn, samples=4, seed=cfg.seed,
                             max_length=cfg.max_length, pmi_lookup=cfg.pmi_lookup,
                             probabilities=cfg.probabilities, global_m=cfg.global_m,
                             genemask_anchor_order=cfg.genemask_anchor_order)
