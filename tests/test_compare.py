@@ -14,8 +14,9 @@ import pytest
 
 from conftest import ROOT, run_module
 from cmgems.compare.config import (CompareConfig, FewshotTask, PretrainRun, config_mismatch,
-                                   parse_fewshot, parse_strategies)
+                                   parse_fewshot, parse_strategies, strategy_label)
 from cmgems.compare.report import markdown_table, paired_stats, spread_stats
+from cmgems.compare.run import check_passthrough, expected_fields, pretrain_args
 from cmgems.errors import InputError
 from cmgems.options import DEFAULT_SEED
 from cmgems.pretrain.result import RunResult
@@ -65,6 +66,33 @@ def test_strategy_lists():
         parse_strategies("random,bert")
     with pytest.raises(InputError, match="twice"):
         parse_strategies("random,random")
+
+
+def test_a_strategy_can_fix_its_pmi_lookup(tmp_path):
+    """global and global@position are two strategies of one comparison: the second run is
+    pretrained with --pmi-lookup position, must have it to be reused, and the report's mode
+    column says so."""
+    assert parse_strategies("global,global@position,cm_gems@token") == [
+        "global", "global@position", "cm_gems@token"]
+    for bad, why in (("random@position", "reads no NPMI"), ("global@kmer", "unknown lookup"),
+                     ("gems@token", "unknown strategy 'gems@token'")):
+        with pytest.raises(InputError, match=why):
+            parse_strategies(bad)
+    config = CompareConfig(strategies="global,global@position", seeds="1,2")
+    runs = config.pretrain_runs
+    assert [r.label for r in runs] == ["global-seed1", "global@position-seed1", "global-seed2",
+                                       "global@position-seed2"]
+    plain, position = (pretrain_args(config, r, tmp_path / r.label, "pid", "n", []) for r in runs[:2])
+    assert "--pmi-lookup" not in plain and plain[plain.index("--mode") + 1] == "fixed:global"
+    assert position[position.index("--pmi-lookup") + 1] == "position"
+    assert position[position.index("--mode") + 1] == "fixed:global"
+    assert expected_fields(config, runs[1]) == {"mode": "fixed:global", "pmi_lookup": "position",
+                                                "seed": 1}
+    assert "pmi_lookup" not in expected_fields(config, runs[0])
+    with pytest.raises(InputError, match="strategy 'global@position' sets its own"):
+        check_passthrough(["--pmi-lookup", "token"], config.strategy_list)
+    check_passthrough(["--pmi-lookup=position"], ["global", "cm_gems"])  # one reading for all
+    assert strategy_label("cm_gems@position") == "cm_gems, pmi_lookup position"
 
 
 def test_seed_lists():

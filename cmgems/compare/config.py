@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cmgems.pretrain.config import MODELS
 from cmgems.options import DEFAULT_SEED, option
-from cmgems.masking.names import MODE_OF_SHORT_NAME
+from cmgems.masking.names import MODE_OF_SHORT_NAME, PMI_LOOKUPS
 from cmgems.errors import InputError
 from cmgems.pretrain.layout import RunLayout
 
@@ -20,18 +20,47 @@ from cmgems.pretrain.layout import RunLayout
 # modes' order (the fixed baselines first).
 STRATEGY_MODES = MODE_OF_SHORT_NAME
 DEFAULT_STRATEGIES = tuple(STRATEGY_MODES)
+# A PMI strategy may name where it reads NPMI, STRATEGY@LOOKUP (global@position): one comparison
+# then holds both readings of the same strategy, paired like any two strategies.
+LOOKUP_SEPARATOR = "@"
 TASK_FILE_SUFFIXES = (".tsv", ".csv")
 
 
+def split_strategy(name: str) -> tuple[str, str | None]:
+    """'global@position' -> ('global', 'position'); 'global' -> ('global', None)."""
+    base, sep, lookup = name.partition(LOOKUP_SEPARATOR)
+    return base, (lookup if sep else None)
+
+
+def strategy_mode(name: str) -> str:
+    """The pretraining --mode of a (possibly STRATEGY@LOOKUP) strategy name."""
+    return STRATEGY_MODES[split_strategy(name)[0]]
+
+
+def strategy_label(name: str) -> str:
+    """The mode column of the report: the mode, and the lookup when the name fixes one."""
+    lookup = split_strategy(name)[1]
+    return strategy_mode(name) + (f", pmi_lookup {lookup}" if lookup else "")
+
+
 def parse_strategies(text: str) -> list[str]:
-    """'random,cm_gems' -> ['random', 'cm_gems'] (order kept, duplicates refused)."""
+    """'random,cm_gems,cm_gems@position' -> the same list (order kept, duplicates refused)."""
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise InputError("--strategies: empty list")
-    unknown = [s for s in names if s not in STRATEGY_MODES]
-    if unknown:
-        raise InputError(f"--strategies: unknown strategy {unknown[0]!r}; choose from "
-                         f"{', '.join(STRATEGY_MODES)}")
+    for name in names:
+        base, lookup = split_strategy(name)
+        if base not in STRATEGY_MODES:
+            raise InputError(f"--strategies: unknown strategy {name!r}; choose from "
+                             f"{', '.join(STRATEGY_MODES)}, each PMI one optionally as "
+                             f"STRATEGY{LOOKUP_SEPARATOR}LOOKUP ({' or '.join(PMI_LOOKUPS)})")
+        if lookup is not None:
+            if base == "random":
+                raise InputError(f"--strategies: {name!r}: random masking reads no NPMI, so it "
+                                 "takes no lookup")
+            if lookup not in PMI_LOOKUPS:
+                raise InputError(f"--strategies: {name!r}: unknown lookup {lookup!r}; choose "
+                                 f"from {', '.join(PMI_LOOKUPS)}")
     if len(set(names)) != len(names):
         raise InputError(f"--strategies: {text!r} names a strategy twice")
     return names
@@ -160,7 +189,9 @@ class CompareConfig:
     # --- what to compare ------------------------------------------------------------------------
     strategies: str = option(",".join(DEFAULT_STRATEGIES), "Comma-separated strategies, each "
                              "pretrained once: " + ", ".join(f"{k} (mode {v})" for k, v in
-                                                             STRATEGY_MODES.items()) + ".")
+                                                             STRATEGY_MODES.items()) +
+                             f"; a PMI strategy as STRATEGY{LOOKUP_SEPARATOR}LOOKUP "
+                             "(global@position) sets that run's --pmi-lookup.")
     output_dir: str = option("runs/compare", "Comparison folder: one run folder per strategy, "
                              "logs, report, and the default MLflow store OUTPUT_DIR/mlflow.db; "
                              "reuse it to skip finished runs.")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmgems.compare.config import STRATEGY_MODES, FewshotTask, PretrainRun
+from cmgems.compare.config import STRATEGY_MODES, FewshotTask, PretrainRun, strategy_label
 from cmgems.masking.names import CM_GEMS, MASKINGS
 from cmgems.pretrain.result import RunResult
 from cmgems.evaluation.report import describe_training
@@ -64,7 +64,8 @@ def markdown_table(strategies: list[str], results: dict[str, RunResult], tasks: 
     for s in strategies:
         ref, sw = results[s].final_ref_ppl(), results[s].switch_step
         row = [s, modes[s], f"{ref[1]:.3f} (step {ref[0]})" if ref else "n/a",
-               str(sw) if sw is not None else ("none" if modes[s] == CM_GEMS else "—")]
+               str(sw) if sw is not None else ("none" if modes[s].partition(",")[0] == CM_GEMS
+                                                else "—")]
         for t in tasks:
             f = fewshot.get(s, {}).get(t.name)
             row.append(mean_std(f["mean"]["accuracy"], f["std"]["accuracy"]) if f else "n/a")
@@ -190,7 +191,7 @@ def write_report(out: Path, runs: list[PretrainRun], results: dict[str, RunResul
     run's label."""
     labels = [r.label for r in runs]
     strategies = list(dict.fromkeys(r.strategy for r in runs))
-    modes = {r.label: STRATEGY_MODES[r.strategy] for r in runs}
+    modes = {r.label: strategy_label(r.strategy) for r in runs}
     paired_rows = paired_stats(runs, tasks, fewshot) if tasks else []
     spread_rows = spread_stats(runs, tasks, fewshot) if tasks else []
     md = out / "comparison.md"

@@ -19,7 +19,8 @@ import shlex
 import time
 from pathlib import Path
 
-from cmgems.compare.config import (CompareConfig, FewshotTask, PretrainRun, STRATEGY_MODES,
+from cmgems.compare.config import (CompareConfig, FewshotTask, PretrainRun, split_strategy,
+                                   strategy_label, strategy_mode,
                                    config_mismatch, parse_fewshot, unique_tasks)
 from cmgems.pretrain.layout import RunLayout
 from cmgems.pretrain.result import RunResult
@@ -53,9 +54,13 @@ class RunFailed(Exception):
         self.exit_code = exit_code
 
 
-def check_passthrough(extra: list[str]) -> None:
+def check_passthrough(extra: list[str], strategies: list[str] = ()) -> None:
+    lookups = [s for s in strategies if split_strategy(s)[1] is not None]
     for token in extra:
         flag = token.split("=", 1)[0]
+        if flag == "--pmi-lookup" and lookups:
+            raise InputError(f"pretraining option --pmi-lookup cannot be passed through: "
+                             f"strategy {lookups[0]!r} sets its own")
         if flag in MANAGED:
             own = MANAGED[flag]
             hint = f"use compare.py's {own}" if own else "the comparison sets it itself"
@@ -71,7 +76,10 @@ def gpu_count(requested: int | None) -> int:
 
 def expected_fields(config: CompareConfig, run: PretrainRun) -> dict:
     """The pretraining config fields a run must have."""
-    want = {"mode": STRATEGY_MODES[run.strategy]}
+    want = {"mode": strategy_mode(run.strategy)}
+    lookup = split_strategy(run.strategy)[1]
+    if lookup is not None:
+        want["pmi_lookup"] = lookup
     for key in SHARED_PRETRAIN:
         if getattr(config, key) is not None:
             want[key] = getattr(config, key)
@@ -88,8 +96,11 @@ def pretrain_args(config: CompareConfig, run: PretrainRun, run_dir: Path, parent
             args += ["--" + key.replace("_", "-"), str(getattr(config, key))]
     if run.seed is not None:
         args += ["--seed", str(run.seed)]
+    lookup = split_strategy(run.strategy)[1]
+    if lookup is not None:
+        args += ["--pmi-lookup", lookup]
     # The passthrough goes before the managed options; check_passthrough refuses overlaps anyway.
-    return args + extra + ["--mode", STRATEGY_MODES[run.strategy], "--output-dir", str(run_dir),
+    return args + extra + ["--mode", strategy_mode(run.strategy), "--output-dir", str(run_dir),
                            "--run-name", f"{name}-{run.label}", "--experiment", config.experiment,
                            "--parent-run-id", parent_run_id, "--resume"]
 
@@ -203,7 +214,7 @@ def _pretrain_all(config, runs: list[PretrainRun], finished, out, parent, name, 
             resumed = latest_tag(RunLayout(run_dir).checkpoints) is not None
             print(f"[{i}/{len(runs)}] {s}: "
                   + ("resuming the unfinished run from its last checkpoint" if resumed
-                     else "pretraining") + f" (mode {STRATEGY_MODES[run.strategy]}) -> "
+                     else "pretraining") + f" (mode {strategy_label(run.strategy)}) -> "
                   f"{run_dir}; log {log_path}", flush=True)
             t0 = time.time()
             result = run_pretraining(cmd, s, run_dir, log_path, forwarder, parent.tracking_uri)
@@ -246,7 +257,7 @@ def run_comparison(config: CompareConfig, finetune: FinetuneConfig, passthrough:
     runs = config.pretrain_runs
     labels = [r.label for r in runs]
     extra = shlex.split(config.pretrain_args) + list(passthrough)
-    check_passthrough(extra)
+    check_passthrough(extra, strategies)
     tasks = unique_tasks([parse_fewshot(s) for s in config.fewshot])
     num_gpus = gpu_count(config.num_gpus)
     out = Path(config.output_dir).resolve()
