@@ -121,7 +121,7 @@ def _shm_buildable() -> bool:
 
 def test_several_cpu_ranks_say_the_op_build_before_it_starts(cache, caplog):
     if not _shm_buildable():
-        pytest.skip("DeepSpeed cannot build its CPU communication op on this machine")
+        pytest.skip(reason="DeepSpeed cannot build its CPU communication op on this machine")
     with caplog.at_level(logging.INFO, logger="cmgems"):
         assert deepspeed_env.prepare_comm_op(2, "cpu") == "building"
     assert "building DeepSpeed's CPU communication op (deepspeed_shm_comm) into " \

@@ -126,6 +126,7 @@ def test_default_run_from_an_empty_folder(tmp_path):
     for notice in deepspeed_env.NOT_ABOUT_THE_RUN:
         assert notice not in res.stdout + res.stderr
     assert "Writing model shards" not in res.stderr
+    assert res.stderr.count("cmgems INFO optimizer: ") == 1, res.stderr[-3000:]  # said once
 
 
 def _help_default(parser, flag: str) -> str:

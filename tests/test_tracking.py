@@ -115,7 +115,7 @@ def test_runs_carry_source_and_git_tags(uri, exp):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                           text=True)
     if head.returncode != 0:
-        pytest.skip("the checkout under test is not a git repository")
+        pytest.skip(reason="the checkout under test is not a git repository")
     assert tags["mlflow.source.git.commit"] == head.stdout.strip()
 
 

@@ -64,7 +64,10 @@ def _check_sections(ds, path: Path) -> None:
             raise InputError(f"{path}: {key} must be a number or \"auto\", got {value!r}")
 
 
-def build_ds_config(cfg: PretrainConfig, world_size: int, device: torch.device) -> dict:
+def build_ds_config(cfg: PretrainConfig, world_size: int, device: torch.device,
+                    announce: bool = True) -> dict:
+    """The run's DeepSpeed config, "auto" fields filled. announce=False: a check before the run
+    (preflight), which must not log the optimizer the run itself will log on its device."""
     path = ds_config_path(cfg)
     try:
         ds = json.loads(path.read_text())
@@ -109,7 +112,7 @@ def build_ds_config(cfg: PretrainConfig, world_size: int, device: torch.device) 
             raise InputError(f"{path}: {key}={ds[key]} contradicts the run config ({want}); "
                              f"set it to \"auto\"")
     choice = choose_adam(ds, device)
-    if choice:
+    if choice and announce:
         log.info("optimizer: %s", choice)
     return ds
 

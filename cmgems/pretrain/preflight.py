@@ -41,7 +41,8 @@ def check(cfg: PretrainConfig, resume: bool) -> None:
         _check_output(default_output_dir(cfg)[1], resume)
     _check_data(cfg)
     # the DeepSpeed config as the trainer will fill it ("auto" values, batch sizes per rank)
-    build_ds_config(cfg, int(os.environ.get("WORLD_SIZE") or 1), torch.device("cpu"))
+    build_ds_config(cfg, int(os.environ.get("WORLD_SIZE") or 1), torch.device("cpu"),
+                    announce=False)
     if cfg.init_from:
         architectures.check_model_dir(cfg.init_from)
 
