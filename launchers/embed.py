@@ -17,20 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "cmgems").is_dir():  # run from a checkout: its own cmgems, not an installed copy
     sys.path.insert(0, str(ROOT))
 
-from cmgems.use.commands import (add_model_arguments, add_region_arguments,  # noqa: E402
-                                 check_positive, run)
+from cmgems.use.commands import load_model_and_regions, region_parser, run  # noqa: E402
 from cmgems.use.embed import POOLS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cmgems-embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p, "exported model directory (pretrained or finetuned)")
-    add_region_arguments(p)
+    p = region_parser("cmgems-embed", __doc__, "exported model directory (pretrained or "
+                      "finetuned)", "output HDF5 file")
     p.add_argument("--pool", default="mean", choices=POOLS,
                    help="mean: over each window's real k-mer tokens (default); cls: the [CLS] "
                         "vector")
-    p.add_argument("--out", type=Path, required=True, help="output HDF5 file")
     return p
 
 
@@ -39,13 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from cmgems.use.embed import embed, write_embeddings
-        from cmgems.use.genome import load_inputs
-        from cmgems.use.windows import load_model
-        for name in ("window", "stride", "batch_size"):
-            check_positive(name.replace("_", "-"), getattr(args, name))
-        loaded = load_model(args.model_dir, "base", window=args.window, device=args.device,
-                            precision=args.precision)
-        regions = load_inputs(args.fasta, args.genome, args.bed, loaded.k)
+        loaded, regions = load_model_and_regions(args, "base")
         vectors = embed(loaded, regions, pool=args.pool, stride=args.stride,
                         batch_size=args.batch_size)
         write_embeddings(args.out, vectors, regions, loaded, args.pool,

@@ -40,9 +40,32 @@ def add_region_arguments(p: argparse.ArgumentParser) -> None:
                         "no overlap); the last window always ends at the sequence's end")
 
 
+def region_parser(prog: str, doc: str, model_kind: str, out: str) -> argparse.ArgumentParser:
+    """The command line of a command that reads a model and sequences or regions (embed,
+    predict) and writes one file."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p, model_kind)
+    add_region_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help=out)
+    return p
+
+
 def check_positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise InputError(f"--{name} {value}: must be >= 1")
+
+
+def load_model_and_regions(args: argparse.Namespace, head: str):
+    """(the loaded model, its inputs) of an embed or predict command line, every number checked
+    first: a bad window fails before the model is read."""
+    from cmgems.use.genome import load_inputs
+    from cmgems.use.windows import load_model
+    for name in ("window", "stride", "batch_size"):
+        check_positive(name.replace("_", "-"), getattr(args, name))
+    loaded = load_model(args.model_dir, head, window=args.window, device=args.device,
+                        precision=args.precision)
+    return loaded, load_inputs(args.fasta, args.genome, args.bed, loaded.k)
 
 
 def run(body: Callable[[], int]) -> int:
