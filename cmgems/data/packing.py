@@ -12,9 +12,11 @@ packing is one gather and one scatter with the plan's index tensors.
 
 Attention never crosses samples, and position ids restart at 0 in every sample (token type ids stay
 0): with SDPA through a block-diagonal [rows, 1, width, width] boolean mask over rows of at most
-max_length; with flash-attention 2 through its variable-length kernel, given the samples'
-cumulative lengths over one row that holds every sample (no padding at all). choose_attention
-picks the path at start-up (docs/pretraining.md, "Packing").
+max_length; or through a variable-length kernel (flash-attn's, or torch's own
+torch.nn.attention.varlen.varlen_attn where flash-attn is not installed), given the samples'
+cumulative lengths over one row that holds every sample (no padding at all). attention_path
+decides which from what the machine has, choose_attention applies it at start-up
+(docs/pretraining.md, "Packing").
 """
 from __future__ import annotations
 
@@ -25,12 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmgems.masking.maskings import IGNORE_INDEX
 from cmgems.data.tokens import PAD_ID
+from cmgems.masking.maskings import IGNORE_INDEX
 
 log = logging.getLogger("cmgems")
 
-SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths
+SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the layouts they take)
+# The model's attention implementations behind them: transformers' own names, and ours for torch's
+# variable-length kernel (registered with transformers.AttentionInterface on first use).
+SDPA_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = "sdpa", "flash_attention_2", "cmgems_torch_varlen"
+# Under torch.compile (fixed_shapes) a padded batch's width is rounded up to a multiple of this, so
+# a run sees at most max_length / 64 widths instead of one per longest sample.
+WIDTH_BUCKET = 64
 
 
 def sample_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -78,14 +86,15 @@ class Layout:
 
 
 def plan(lengths: torch.Tensor, padded_width: int, capacity: int,
-         narrow: bool = True) -> Layout:
+         narrow: bool = True, full_width: bool = False) -> Layout:
     """The packed layout of samples with these lengths (int64 [B], CPU) in a padded batch of
     `padded_width` columns: first-fit into rows of `capacity` positions, or (`narrow`) into rows
     as wide as the longest sample where that computes no more positions (short samples only:
     three of 30 in rows of 64 would be two rows of 60, more than three rows of 30), so a packed
     batch never computes more positions than the padded one, and at equal positions takes the
     narrower rows (attention grows with the square of the width). The row width is the fullest
-    row's fill.
+    row's fill, or `capacity` with full_width (fixed shapes for torch.compile: only the number of
+    rows varies).
 
     Index arrays are built with numpy on the CPU, vectorized over tokens (several times faster
     than torch at these sizes)."""
@@ -95,11 +104,13 @@ def plan(lengths: torch.Tensor, padded_width: int, capacity: int,
     if longest > padded_width:
         raise ValueError(f"a sample of {longest} tokens in a batch of width {padded_width}")
     as_list = n.tolist()
-    widths = (capacity, longest) if narrow and 0 < longest < capacity else (capacity,)
+    widths = (capacity, longest) if narrow and not full_width and 0 < longest < capacity \
+        else (capacity,)
     fits = [first_fit(as_list, c) for c in widths]
     rows, offsets, fill = min(fits, key=lambda f: (len(f[2]) * max(f[2], default=0),
                                                    max(f[2], default=0)))
-    n_rows, width, total = len(fill), max(fill, default=0), int(n.sum())
+    n_rows, total = len(fill), int(n.sum())
+    width = capacity if full_width else max(fill, default=0)
     within = np.arange(total) - np.repeat(np.cumsum(n) - n, n)     # position inside its sample
     src = np.repeat(np.arange(b) * padded_width, n) + within
     dst = np.repeat(np.asarray(rows, np.int64) * width + np.asarray(offsets, np.int64), n) + within
@@ -125,25 +136,39 @@ def _move(values: torch.Tensor, plan: dict, n_slots: int, fill: int) -> torch.Te
     return out.index_copy_(0, plan["dst"], values.reshape(-1).index_select(0, plan["src"]))
 
 
+def bucketed(width: int, capacity: int) -> int:
+    """`width` rounded up to a multiple of WIDTH_BUCKET, never beyond `capacity` (max_length)."""
+    return min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, max(capacity, width))
+
+
 class Packer:
     """Turns a masked padded batch into the keyword arguments of MaskedLM.forward: padded as it is
     (packing off), or packed for the model's attention path: SDPA (a 4D mask: the model's
     attention implementation must be sdpa) or VARLEN (cumulative lengths: it must be a
-    variable-length one, flash_attention_2)."""
+    variable-length one, flash_attention_2 or cmgems_torch_varlen).
 
-    def __init__(self, enabled: bool, capacity: int, attention: str = SDPA):
+    fixed_shapes (torch.compile): SDPA rows are always `capacity` wide and padded batches are
+    widened to a WIDTH_BUCKET multiple, so the compiled model sees few shapes. The VARLEN row's
+    length is the micro-batch's token count whatever is done: compile marks it dynamic."""
+
+    def __init__(self, enabled: bool, capacity: int, attention: str = SDPA,
+                 fixed_shapes: bool = False):
         if attention not in (SDPA, VARLEN):
             raise ValueError(f"unknown packed attention path {attention!r}")
         self.enabled, self.capacity, self.attention = enabled, capacity, attention
+        self.fixed_shapes = fixed_shapes
 
     def layout(self, cpu_batch: dict[str, torch.Tensor]) -> Layout:
         """The layout of a batch still on the CPU (called before it moves to the device)."""
         lengths = sample_lengths(cpu_batch)
         b, w = cpu_batch["input_ids"].shape
         if not self.enabled:
+            if self.fixed_shapes:
+                width = bucketed(w, self.capacity)
+                return Layout(b, int(lengths.sum()), b * width, rows=b, width=width)
             return Layout(b, int(lengths.sum()), b * w)
         if self.attention == SDPA:
-            return plan(lengths, w, self.capacity)
+            return plan(lengths, w, self.capacity, full_width=self.fixed_shapes)
         # The varlen kernel needs no rows: one row holds every sample, so nothing is padding, and
         # the samples' cumulative lengths tell the kernel where each one starts.
         out = plan(lengths, w, max(int(lengths.sum()), 1), narrow=False)
@@ -154,6 +179,11 @@ class Packer:
     def model_inputs(self, layout: Layout, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
         if layout.plan is None:
+            extra = layout.width - input_ids.shape[1] if layout.width else 0
+            if extra > 0:  # a bucketed width (fixed_shapes): pad columns, never attended to
+                input_ids = F.pad(input_ids, (0, extra), value=PAD_ID)
+                attention_mask = F.pad(attention_mask, (0, extra), value=0)
+                labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
             return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         dev = input_ids.device
         p = {k: v.to(dev, non_blocking=True) for k, v in layout.plan.items()
@@ -175,24 +205,122 @@ def flash_available(device: torch.device, precision: str) -> bool:
     take fp16/bf16 only)."""
     if device.type != "cuda" or precision not in ("bf16", "fp16"):
         return False
+    return flash_installed()
+
+
+def flash_installed() -> bool:
+    """The flash-attn package is installed and transformers can use it."""
     from transformers.utils import is_flash_attn_2_available
     return is_flash_attn_2_available()
 
 
+def torch_varlen_available(device: torch.device) -> bool:
+    """torch's own variable-length attention can run on `device`: torch ships
+    torch.nn.attention.varlen (2.10+), and it is a CUDA device on which torch's flash kernel, the
+    one varlen_attn calls, runs (built with it, compute capability 8.0 or newer). It has no CPU
+    implementation."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    from importlib.util import find_spec
+    if find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return (torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """How a packed batch is attended: the layout (SDPA rows with a mask, or VARLEN: one row and
+    cumulative lengths), the model's attention implementation, and why, in words."""
+    path: str
+    implementation: str
+    reason: str
+
+
+def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision: str,
+                   attention_dropout: float = 0.0, head_dim: int = 64) -> AttentionChoice:
+    """The packed attention path for a machine, as a pure function of what it has: the device
+    type, whether flash-attn is installed, whether torch's varlen_attn can run there, the training
+    precision, the model's attention-probability dropout and its head size.
+
+    The variable-length kernels are CUDA's and take 16-bit inputs with heads of at most 256 (a
+    multiple of 8). flash-attn's is preferred: it applies attention dropout as the padded step
+    does. torch's own applies none (its dropout is fixed at 0), so it is taken only for a model
+    trained without attention dropout; a model with some keeps SDPA, whose mask path drops out as
+    the padded step does, rather than silently training without it. Everywhere else SDPA takes the
+    block-diagonal mask (on the CPU, any precision)."""
+    def sdpa(why: str) -> AttentionChoice:
+        return AttentionChoice(SDPA, SDPA_IMPL, f"SDPA with a block-diagonal mask: {why}")
+
+    if device_type != "cuda":
+        return sdpa(f"the variable-length kernels are CUDA-only ({device_type})")
+    if precision not in ("bf16", "fp16"):
+        return sdpa(f"the variable-length kernels take fp16/bf16, the run is {precision}")
+    if head_dim > 256 or head_dim % 8:
+        return sdpa(f"the variable-length kernels take heads of <= 256 (a multiple of 8), the "
+                    f"model's are {head_dim}")
+    if flash:
+        return AttentionChoice(VARLEN, FLASH_IMPL, "flash-attn's variable-length kernel "
+                               "(flash_attention_2; flash-attn is installed)")
+    if not torch_varlen:
+        return sdpa("flash-attn is not installed and torch's varlen_attn cannot run here (it "
+                    "needs torch's flash kernel on a GPU of compute capability 8.0+)")
+    if attention_dropout > 0:
+        return sdpa(f"flash-attn is not installed, and torch's varlen_attn applies no attention "
+                    f"dropout while the model trains with {attention_dropout}; install flash-attn "
+                    f"for the variable-length path")
+    return AttentionChoice(VARLEN, TORCH_VARLEN_IMPL, "torch's own variable-length kernel "
+                           "(torch.nn.attention.varlen.varlen_attn; flash-attn is not installed)")
+
+
+def varlen_attention(kernel):
+    """A transformers attention function (AttentionInterface) over `kernel`, a variable-length
+    attention with varlen_attn's signature: (q, k, v [tokens, heads, head_dim], cu_seq_q, cu_seq_k,
+    max_q, max_k, scale=) -> [tokens, heads, head_dim]. It takes the Packer's VARLEN inputs: one
+    row holding every sample, and the cumulative lengths transformers passes through from the
+    model's forward (cu_seq_lens_q/k, max_length_q/k)."""
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                  **_):
+        if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
+            raise ValueError("variable-length attention takes one packed row and the samples' "
+                             "cumulative lengths (cmgems.data.packing.Packer, VARLEN), no mask")
+        if dropout:
+            raise ValueError("torch's varlen_attn applies no attention dropout "
+                             "(attention_path never picks it for a model with some)")
+        # [1, heads, T, d] as the model's projections lay them out: row 0 transposed back is
+        # [T, heads, d] with a contiguous last dimension, as the kernel takes it (no copy).
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+                     scale=scaling)
+        return out.unsqueeze(0), None  # [1, T, heads, d], as transformers' attention returns
+    return attention
+
+
+def register_torch_varlen() -> None:
+    """Register torch's varlen_attn with transformers as TORCH_VARLEN_IMPL (idempotent)."""
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+    AttentionInterface.register(TORCH_VARLEN_IMPL, varlen_attention(varlen_attn))
+
+
 def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
-                     precision: str) -> Packer:
+                     precision: str, fixed_shapes: bool = False) -> Packer:
     """The Packer for this run, with the model's attention implementation set to match; logs the
-    choice once. Packing off leaves the model as it is."""
+    choice and its reason once. Packing off leaves the model as it is."""
     if not enabled:
-        log.info("packing: off (one sample per row, padded to the longest of its micro-batch)")
-        return Packer(False, capacity)
-    if flash_available(device, precision):
-        model.set_attn_implementation("flash_attention_2")
-        log.info("packing: on; attention: flash_attention_2 variable-length kernel (%s, %s)",
-                 device, precision)
-        return Packer(True, capacity, VARLEN)
-    model.set_attn_implementation("sdpa")
-    log.info("packing: on, rows of %d; attention: SDPA with a block-diagonal mask (%s, %s%s)",
-             capacity, device, precision, "" if device.type == "cpu" else
-             "; flash-attention 2 not usable here")
-    return Packer(True, capacity, SDPA)
+        log.info("packing: off (one sample per row, padded to the longest of its micro-batch%s)",
+                 f", widened to a multiple of {WIDTH_BUCKET} for torch.compile"
+                 if fixed_shapes else "")
+        return Packer(False, capacity, fixed_shapes=fixed_shapes)
+    cfg = model.config
+    choice = attention_path(device.type, device.type == "cuda" and flash_installed(),
+                            torch_varlen_available(device), precision,
+                            cfg.attention_probs_dropout_prob,
+                            cfg.hidden_size // cfg.num_attention_heads)
+    if choice.implementation == TORCH_VARLEN_IMPL:
+        register_torch_varlen()
+    model.set_attn_implementation(choice.implementation)
+    rows = f", rows of {capacity}" if choice.path == SDPA else ", one row per micro-batch"
+    log.info("packing: on%s; attention: %s (%s, %s)", rows, choice.reason, device, precision)
+    return Packer(True, capacity, choice.path, fixed_shapes)
