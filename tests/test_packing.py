@@ -1,8 +1,7 @@
 """Sequence packing: the first-fit plan, the packed layout, and equivalence with one sample per row
 (loss, gradients, predicted positions; the SDPA mask path and the variable-length kernel path,
-torch's varlen_attn through cmgems' attention function included); the choice of path; the fixed
-shapes torch.compile takes; end to end, a short run packed and unpacked gives the same losses and
-perplexities."""
+torch's varlen_attn through cmgems' attention function included); the choice of path; end to
+end, a short run packed and unpacked gives the same losses and perplexities."""
 from __future__ import annotations
 
 import itertools
@@ -262,28 +261,6 @@ def test_cpu_chooses_sdpa_with_the_block_diagonal_mask(caplog):
     assert not packing.torch_varlen_available(torch.device("cpu"))
     assert not packing.choose_attention(model.model, False, 128, torch.device("cpu"),
                                         "fp32").enabled
-
-
-def test_fixed_shapes_for_compile_give_the_same_step():
-    """fixed_shapes: packed rows are always `capacity` wide, padded batches widened to a
-    WIDTH_BUCKET multiple (at most max_length); the loss and gradients stay the padded step's."""
-    batch = padded_batch([40, 37, 2, 90, 61], seed=9)   # 90 wide: 128 bucketed
-    inputs, labels, _ = masked(batch, "genemask", seed=10)
-    model = small_model(4)
-    plain = packing.Packer(False, 192)
-    ref = loss_and_grads(model, plain.model_inputs(plain.layout(batch), inputs,
-                                                   batch["attention_mask"], labels))
-    assert packing.bucketed(90, 192) == 128 and packing.bucketed(130, 160) == 160
-    assert packing.bucketed(64, 512) == 64
-    for packer, shape in ((packing.Packer(False, 192, fixed_shapes=True), (5, 128)),
-                          (packing.Packer(True, 192, fixed_shapes=True), (2, 192))):
-        layout = packer.layout(batch)
-        assert layout.slots == shape[0] * shape[1]
-        got_inputs = packer.model_inputs(layout, inputs, batch["attention_mask"], labels)
-        assert tuple(got_inputs["input_ids"].shape) == shape
-        got = loss_and_grads(model, got_inputs)
-        assert ref[2] == got[2] and abs(ref[0] - got[0]) < 1e-5
-        assert max((ref[3][k] - got[3][k]).abs().max() for k in ref[3]) < 1e-5
 
 
 CUDA_PATHS = [packing.SDPA_IMPL, packing.TORCH_VARLEN_IMPL, packing.FLASH_IMPL]

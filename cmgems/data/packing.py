@@ -36,9 +36,6 @@ SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the layouts t
 # The model's attention implementations behind them: transformers' own names, and ours for torch's
 # variable-length kernel (registered with transformers.AttentionInterface on first use).
 SDPA_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = "sdpa", "flash_attention_2", "cmgems_torch_varlen"
-# Under torch.compile (fixed_shapes) a padded batch's width is rounded up to a multiple of this, so
-# a run sees at most max_length / 64 widths instead of one per longest sample.
-WIDTH_BUCKET = 64
 
 
 def sample_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,15 +83,14 @@ class Layout:
 
 
 def plan(lengths: torch.Tensor, padded_width: int, capacity: int,
-         narrow: bool = True, full_width: bool = False) -> Layout:
+         narrow: bool = True) -> Layout:
     """The packed layout of samples with these lengths (int64 [B], CPU) in a padded batch of
     `padded_width` columns: first-fit into rows of `capacity` positions, or (`narrow`) into rows
     as wide as the longest sample where that computes no more positions (short samples only:
     three of 30 in rows of 64 would be two rows of 60, more than three rows of 30), so a packed
     batch never computes more positions than the padded one, and at equal positions takes the
     narrower rows (attention grows with the square of the width). The row width is the fullest
-    row's fill, or `capacity` with full_width (fixed shapes for torch.compile: only the number of
-    rows varies).
+    row's fill.
 
     Index arrays are built with numpy on the CPU, vectorized over tokens (several times faster
     than torch at these sizes)."""
@@ -104,13 +100,11 @@ def plan(lengths: torch.Tensor, padded_width: int, capacity: int,
     if longest > padded_width:
         raise ValueError(f"a sample of {longest} tokens in a batch of width {padded_width}")
     as_list = n.tolist()
-    widths = (capacity, longest) if narrow and not full_width and 0 < longest < capacity \
-        else (capacity,)
+    widths = (capacity, longest) if narrow and 0 < longest < capacity else (capacity,)
     fits = [first_fit(as_list, c) for c in widths]
     rows, offsets, fill = min(fits, key=lambda f: (len(f[2]) * max(f[2], default=0),
                                                    max(f[2], default=0)))
-    n_rows, total = len(fill), int(n.sum())
-    width = capacity if full_width else max(fill, default=0)
+    n_rows, width, total = len(fill), max(fill, default=0), int(n.sum())
     within = np.arange(total) - np.repeat(np.cumsum(n) - n, n)     # position inside its sample
     src = np.repeat(np.arange(b) * padded_width, n) + within
     dst = np.repeat(np.asarray(rows, np.int64) * width + np.asarray(offsets, np.int64), n) + within
@@ -136,39 +130,25 @@ def _move(values: torch.Tensor, plan: dict, n_slots: int, fill: int) -> torch.Te
     return out.index_copy_(0, plan["dst"], values.reshape(-1).index_select(0, plan["src"]))
 
 
-def bucketed(width: int, capacity: int) -> int:
-    """`width` rounded up to a multiple of WIDTH_BUCKET, never beyond `capacity` (max_length)."""
-    return min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, max(capacity, width))
-
-
 class Packer:
     """Turns a masked padded batch into the keyword arguments of MaskedLM.forward: padded as it is
     (packing off), or packed for the model's attention path: SDPA (a 4D mask: the model's
     attention implementation must be sdpa) or VARLEN (cumulative lengths: it must be a
-    variable-length one, flash_attention_2 or cmgems_torch_varlen).
+    variable-length one, flash_attention_2 or cmgems_torch_varlen)."""
 
-    fixed_shapes (torch.compile): SDPA rows are always `capacity` wide and padded batches are
-    widened to a WIDTH_BUCKET multiple, so the compiled model sees few shapes. The VARLEN row's
-    length is the micro-batch's token count whatever is done: compile marks it dynamic."""
-
-    def __init__(self, enabled: bool, capacity: int, attention: str = SDPA,
-                 fixed_shapes: bool = False):
+    def __init__(self, enabled: bool, capacity: int, attention: str = SDPA):
         if attention not in (SDPA, VARLEN):
             raise ValueError(f"unknown packed attention path {attention!r}")
         self.enabled, self.capacity, self.attention = enabled, capacity, attention
-        self.fixed_shapes = fixed_shapes
 
     def layout(self, cpu_batch: dict[str, torch.Tensor]) -> Layout:
         """The layout of a batch still on the CPU (called before it moves to the device)."""
         lengths = sample_lengths(cpu_batch)
         b, w = cpu_batch["input_ids"].shape
         if not self.enabled:
-            if self.fixed_shapes:
-                width = bucketed(w, self.capacity)
-                return Layout(b, int(lengths.sum()), b * width, rows=b, width=width)
             return Layout(b, int(lengths.sum()), b * w)
         if self.attention == SDPA:
-            return plan(lengths, w, self.capacity, full_width=self.fixed_shapes)
+            return plan(lengths, w, self.capacity)
         # The varlen kernel needs no rows: one row holds every sample, so nothing is padding, and
         # the samples' cumulative lengths tell the kernel where each one starts.
         out = plan(lengths, w, max(int(lengths.sum()), 1), narrow=False)
@@ -179,11 +159,6 @@ class Packer:
     def model_inputs(self, layout: Layout, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
         if layout.plan is None:
-            extra = layout.width - input_ids.shape[1] if layout.width else 0
-            if extra > 0:  # a bucketed width (fixed_shapes): pad columns, never attended to
-                input_ids = F.pad(input_ids, (0, extra), value=PAD_ID)
-                attention_mask = F.pad(attention_mask, (0, extra), value=0)
-                labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
             return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         dev = input_ids.device
         p = {k: v.to(dev, non_blocking=True) for k, v in layout.plan.items()
@@ -305,14 +280,12 @@ def register_torch_varlen() -> None:
 
 
 def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
-                     precision: str, fixed_shapes: bool = False) -> Packer:
+                     precision: str) -> Packer:
     """The Packer for this run, with the model's attention implementation set to match; logs the
     choice and its reason once. Packing off leaves the model as it is."""
     if not enabled:
-        log.info("packing: off (one sample per row, padded to the longest of its micro-batch%s)",
-                 f", widened to a multiple of {WIDTH_BUCKET} for torch.compile"
-                 if fixed_shapes else "")
-        return Packer(False, capacity, fixed_shapes=fixed_shapes)
+        log.info("packing: off (one sample per row, padded to the longest of its micro-batch)")
+        return Packer(False, capacity)
     cfg = model.config
     choice = attention_path(device.type, device.type == "cuda" and flash_installed(),
                             torch_varlen_available(device), precision,
@@ -323,4 +296,4 @@ def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
     model.set_attn_implementation(choice.implementation)
     rows = f", rows of {capacity}" if choice.path == SDPA else ", one row per micro-batch"
     log.info("packing: on%s; attention: %s (%s, %s)", rows, choice.reason, device, precision)
-    return Packer(True, capacity, choice.path, fixed_shapes)
+    return Packer(True, capacity, choice.path)

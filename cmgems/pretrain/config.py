@@ -130,6 +130,11 @@ class PretrainConfig:
                         "zero2-offload.json); 'auto' values are filled from this config.")
     precision: str = _f("auto", f"One of {PRECISIONS}; auto = bf16 on a GPU that has it, else "
                         "fp32.", choices=PRECISIONS)
+    compile: bool = _f(False, "torch.compile the model (DeepSpeed's engine.compile(); masking, "
+                       "packing and the loader stay eager), with dynamic shapes: a few graphs "
+                       "take every batch shape, compiled once (perf/compiled_graphs counts "
+                       "them). The first step and the first evaluation pay the compilation "
+                       "(tens of seconds on a CPU).")
     # --- evaluation, logging, checkpoints -----------------------------------------------------
     eval_interval: int = _f(500, "Steps between validation evaluations (and curriculum "
                             "decisions).", low=1, high=MAX_STEPS)
@@ -180,6 +185,8 @@ class PretrainConfig:
         if self.eval_strategy and self.eval_masking == "fresh":
             errors.append("eval_strategy names a frozen validation masking; eval_masking "
                           "'fresh' evaluates with the training masking instead: give one")
+        if not isinstance(self.compile, bool):
+            errors.append(f"compile must be true or false, got {self.compile!r}")
         if self.register_model and not self.log_model:
             errors.append("register_model needs log_model (the registry holds logged models)")
         try:  # a store MLflow cannot open is refused now, not after DeepSpeed has started
