@@ -18,6 +18,7 @@ from transformers import AttentionInterface, BertConfig, BertForMaskedLM
 from cmgems.data import packing
 from cmgems.data.loader import collate
 from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
+from cmgems.errors import InputError
 from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
 from cmgems.pretrain.trainer import MaskedLM
 
@@ -248,6 +249,24 @@ def test_attention_path_follows_what_the_machine_has(device, flash, varlen, prec
     choice = packing.attention_path(device, flash, varlen, precision, dropout, head)
     assert choice.implementation == want[0] and want[1] in choice.reason
     assert choice.path == (packing.SDPA if want[0] == packing.SDPA else packing.VARLEN)
+
+
+def test_an_asked_path_is_taken_where_it_runs_and_refused_elsewhere():
+    ask = packing.attention_path
+    assert ask("cpu", False, False, "fp32", want="sdpa").implementation == packing.SDPA_IMPL
+    got = ask("cuda", False, True, "bf16", 0.1, 64, "torch_varlen")
+    assert got.implementation == packing.TORCH_VARLEN_IMPL and "not applied" in got.reason
+    assert ask("cuda", True, True, "bf16", 0.1, 64, "torch_varlen").path == packing.VARLEN
+    assert ask("cuda", True, False, "fp16", want="flash_attn").implementation == packing.FLASH_IMPL
+    for args, why in ((("cpu", True, True, "bf16"), "CUDA-only"),
+                      (("cuda", False, True, "bf16"), "flash-attn is not installed"),
+                      (("cuda", True, True, "fp32"), "fp16/bf16")):
+        with pytest.raises(InputError, match=f"packed_attention flash_attn: .*{why}"):
+            ask(*args, want="flash_attn")
+    with pytest.raises(InputError, match="torch_varlen: .*cannot run here"):
+        ask("cuda", True, False, "bf16", want="torch_varlen")
+    with pytest.raises(InputError, match="packed_attention must be one of"):
+        ask("cuda", True, True, "bf16", want="xformers")
 
 
 def test_cpu_chooses_sdpa_with_the_block_diagonal_mask(caplog):

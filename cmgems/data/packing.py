@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cmgems.data.tokens import PAD_ID
+from cmgems.errors import InputError
 from cmgems.masking.maskings import IGNORE_INDEX
 
 log = logging.getLogger("cmgems")
@@ -36,6 +37,9 @@ SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the layouts t
 # The model's attention implementations behind them: transformers' own names, and ours for torch's
 # variable-length kernel (registered with transformers.AttentionInterface on first use).
 SDPA_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = "sdpa", "flash_attention_2", "cmgems_torch_varlen"
+# What the packed_attention option may ask for: auto (attention_path decides), or one path.
+PACKED_ATTENTION = {"auto": None, "sdpa": SDPA_IMPL, "torch_varlen": TORCH_VARLEN_IMPL,
+                    "flash_attn": FLASH_IMPL}
 
 
 def sample_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,7 +217,8 @@ class AttentionChoice:
 
 
 def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision: str,
-                   attention_dropout: float = 0.0, head_dim: int = 64) -> AttentionChoice:
+                   attention_dropout: float = 0.0, head_dim: int = 64,
+                   want: str = "auto") -> AttentionChoice:
     """The packed attention path for a machine, as a pure function of what it has: the device
     type, whether flash-attn is installed, whether torch's varlen_attn can run there, the training
     precision, the model's attention-probability dropout and its head size.
@@ -223,7 +228,14 @@ def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision:
     does. torch's own applies none (its dropout is fixed at 0), so it is taken only for a model
     trained without attention dropout; a model with some keeps SDPA, whose mask path drops out as
     the padded step does, rather than silently training without it. Everywhere else SDPA takes the
-    block-diagonal mask (on the CPU, any precision)."""
+    block-diagonal mask (on the CPU, any precision).
+
+    `want` (a PACKED_ATTENTION key) names one path instead of auto: taken where it can run (torch's
+    kernel then even with attention dropout, said in the reason), else InputError saying why."""
+    if want != "auto":
+        return _asked_path(device_type, flash, torch_varlen, precision, attention_dropout,
+                           head_dim, want)
+
     def sdpa(why: str) -> AttentionChoice:
         return AttentionChoice(SDPA, SDPA_IMPL, f"SDPA with a block-diagonal mask: {why}")
 
@@ -248,6 +260,27 @@ def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision:
                            "(torch.nn.attention.varlen.varlen_attn; flash-attn is not installed)")
 
 
+def _asked_path(device_type: str, flash: bool, torch_varlen: bool, precision: str,
+                attention_dropout: float, head_dim: int, want: str) -> AttentionChoice:
+    if want not in PACKED_ATTENTION:
+        raise InputError(f"packed_attention must be one of {tuple(PACKED_ATTENTION)}, got {want!r}")
+    if want == "sdpa":
+        return AttentionChoice(SDPA, SDPA_IMPL, "SDPA with a block-diagonal mask (asked for)")
+    auto = attention_path("cuda", want == "flash_attn", want == "torch_varlen", precision, 0.0,
+                          head_dim)
+    why = ("it is CUDA-only" if device_type != "cuda" else
+           "flash-attn is not installed" if want == "flash_attn" and not flash else
+           "torch's varlen_attn cannot run here (flash kernel, compute capability 8.0+)"
+           if want == "torch_varlen" and not torch_varlen else
+           auto.reason.split(": ", 1)[-1] if auto.path == SDPA else "")
+    if why:
+        raise InputError(f"packed_attention {want}: not usable here: {why}")
+    if want == "torch_varlen" and attention_dropout > 0:
+        return AttentionChoice(VARLEN, TORCH_VARLEN_IMPL, f"{auto.reason}, asked for: the model's "
+                               f"attention dropout ({attention_dropout}) is not applied")
+    return AttentionChoice(auto.path, auto.implementation, f"{auto.reason}, asked for")
+
+
 def varlen_attention(kernel):
     """A transformers attention function (AttentionInterface) over `kernel`, a variable-length
     attention with varlen_attn's signature: (q, k, v [tokens, heads, head_dim], cu_seq_q, cu_seq_k,
@@ -260,9 +293,8 @@ def varlen_attention(kernel):
         if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
             raise ValueError("variable-length attention takes one packed row and the samples' "
                              "cumulative lengths (cmgems.data.packing.Packer, VARLEN), no mask")
-        if dropout:
-            raise ValueError("torch's varlen_attn applies no attention dropout "
-                             "(attention_path never picks it for a model with some)")
+        # `dropout` is not applied: the kernel has none (attention_path picks this function for
+        # a model with attention dropout only where packed_attention asks for it, and says so).
         # [1, heads, T, d] as the model's projections lay them out: row 0 transposed back is
         # [T, heads, d] with a contiguous last dimension, as the kernel takes it (no copy).
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
@@ -280,7 +312,7 @@ def register_torch_varlen() -> None:
 
 
 def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
-                     precision: str) -> Packer:
+                     precision: str, want: str = "auto") -> Packer:
     """The Packer for this run, with the model's attention implementation set to match; logs the
     choice and its reason once. Packing off leaves the model as it is."""
     if not enabled:
@@ -290,7 +322,7 @@ def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
     choice = attention_path(device.type, device.type == "cuda" and flash_installed(),
                             torch_varlen_available(device), precision,
                             cfg.attention_probs_dropout_prob,
-                            cfg.hidden_size // cfg.num_attention_heads)
+                            cfg.hidden_size // cfg.num_attention_heads, want)
     if choice.implementation == TORCH_VARLEN_IMPL:
         register_torch_varlen()
     model.set_attn_implementation(choice.implementation)

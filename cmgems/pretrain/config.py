@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cmgems.data.packing import PACKED_ATTENTION
 from cmgems.masking.curriculum import CM_STEP_DRAWS, EVAL_MASKINGS, SWITCH_RULES
 from cmgems.errors import InputError
 from cmgems.masking.names import (ANCHOR_ORDERS, CM_GEMS, DEFAULT_PROBABILITY, GLOBAL_M_BINOMIAL,
@@ -49,6 +50,13 @@ class PretrainConfig:
                        "max_length as they fit (same samples, same masks, attention kept inside "
                        "each sample); --no-packing pads every sample to the longest of its "
                        "micro-batch instead.")
+    packed_attention: str = _f("auto", "Attention of a packed batch: 'auto' = flash-attn's "
+                               "variable-length kernel where installed, else torch's own "
+                               "(torch.nn.attention.varlen) on a CUDA GPU with 16-bit weights and "
+                               "no attention dropout, else SDPA with a block-diagonal mask (the "
+                               "CPU); 'sdpa', 'torch_varlen' or 'flash_attn' take that path, "
+                               "refused where it cannot run (docs/pretraining.md, Packing).",
+                               choices=tuple(PACKED_ATTENTION))
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
         self.peak_tflops = peak_tflops(self.dist.device, self.precision)
         self.packer = choose_attention(model, cfg.packing, cfg.max_length, self.dist.device,
-                                       self.precision)
+                                       self.precision, cfg.packed_attention)
         if cfg.compile:
             check_compiler(self.dist.device)
         self.engine = initialize(MaskedLM(model), self.ds_config, ds_config_path(cfg),
