@@ -32,7 +32,7 @@ def test_its_attention_paths_are_the_configs():
     spec = importlib.util.spec_from_file_location("gpu_train", GPU_TRAIN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.PACKED_ATTENTION == tuple(PACKED_ATTENTION)
+    assert module.PACKED_ATTENTION == PACKED_ATTENTION
 
 
 def test_the_script_parses():

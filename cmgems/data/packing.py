@@ -38,8 +38,7 @@ SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the layouts t
 # variable-length kernel (registered with transformers.AttentionInterface on first use).
 SDPA_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = "sdpa", "flash_attention_2", "cmgems_torch_varlen"
 # What the packed_attention option may ask for: auto (attention_path decides), or one path.
-PACKED_ATTENTION = {"auto": None, "sdpa": SDPA_IMPL, "torch_varlen": TORCH_VARLEN_IMPL,
-                    "flash_attn": FLASH_IMPL}
+PACKED_ATTENTION = ("auto", "sdpa", "torch_varlen", "flash_attn")
 
 
 def sample_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -263,7 +262,7 @@ def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision:
 def _asked_path(device_type: str, flash: bool, torch_varlen: bool, precision: str,
                 attention_dropout: float, head_dim: int, want: str) -> AttentionChoice:
     if want not in PACKED_ATTENTION:
-        raise InputError(f"packed_attention must be one of {tuple(PACKED_ATTENTION)}, got {want!r}")
+        raise InputError(f"packed_attention must be one of {PACKED_ATTENTION}, got {want!r}")
     if want == "sdpa":
         return AttentionChoice(SDPA, SDPA_IMPL, "SDPA with a block-diagonal mask (asked for)")
     auto = attention_path("cuda", want == "flash_attn", want == "torch_varlen", precision, 0.0,

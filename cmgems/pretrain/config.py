@@ -56,7 +56,7 @@ class PretrainConfig:
                                "no attention dropout, else SDPA with a block-diagonal mask (the "
                                "CPU); 'sdpa', 'torch_varlen' or 'flash_attn' take that path, "
                                "refused where it cannot run (docs/pretraining.md, Packing).",
-                               choices=tuple(PACKED_ATTENTION))
+                               choices=PACKED_ATTENTION)
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------
