@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One GPU check, about 5 minutes on one GPU (at most 8): on a machine with CUDA it runs
-#   1. the CUDA masking identity tests (tests/test_masking.py -k cuda),
-#   2. bf16 training of LOGO and DNABERT at 512 tokens, padded and packed: real tokens/s,
+# One GPU check, about 7 minutes on one GPU (at most 10): on a machine with CUDA it runs
+#   1. the CUDA masking identity tests (tests/test_masking.py -k cuda) and the CUDA packed
+#      attention tests (tests/test_packing.py -k cuda: every packed path against the padded step,
+#      loss and gradients),
+#   2. bf16 training of LOGO and DNABERT at 512 tokens, padded, and packed under each attention
+#      path (SDPA with the block-diagonal mask, torch's varlen_attn, flash-attn's kernel: a path
+#      the machine lacks is a skipped row), and DNABERT packed with torch.compile: real tokens/s,
 #      TFLOP/s, MFU against the GPU's dense bf16 peak (benchmarks/gpu_train.py train),
 #   3. the loader benchmark with pinned memory and copies to the GPU (benchmarks/bench_loader.py),
 #   4. a 300-step LOGO cm_gems run that must switch and export (benchmarks/gpu_train.py cm-gems),
@@ -73,15 +77,22 @@ step "CUDA masking identity" 120 "$PY" -m pytest tests/test_masking.py -q -p no:
     -k cuda -rs --junitxml "$RESULTS/masking.xml"
 ROW pytest-row "$RESULTS/masking.xml" --check "CUDA masking identity" \
     --setting "tests/test_masking.py -k cuda" --json "$RESULTS/0-masking.json"
+step "CUDA packed attention" 120 "$PY" -m pytest tests/test_packing.py -q -p no:cacheprovider \
+    -k cuda -rs --junitxml "$RESULTS/packing.xml"
+ROW pytest-row "$RESULTS/packing.xml" --check "CUDA packed attention" \
+    --setting "tests/test_packing.py -k cuda" --json "$RESULTS/0-packing.json"
 
-# 2. training throughput, padded and packed
-n=1
+# 2. training throughput: padded, packed under each attention path, packed and compiled
+n=10
 for model in "${MODELS[@]}"; do
     bs=$LOGO_BS
     [ "$model" = dnabert ] && bs=$DNABERT_BS
-    for packing in off on; do
-        step "training $model packing=$packing" "$LIMIT" "$PY" benchmarks/gpu_train.py train \
-            --data-dir "$DATA" --model "$model" --packing "$packing" --max-length "$LEN" \
+    for run in "off auto" "on sdpa" "on torch_varlen" "on flash_attn" "on auto compile"; do
+        set -- $run
+        [ "${3:-}" = compile ] && [ "$model" != dnabert ] && [ "$TINY" != 1 ] && continue
+        step "training $model packing=$1 attention=$2 ${3:-}" "$LIMIT" \
+            "$PY" benchmarks/gpu_train.py train --data-dir "$DATA" --model "$model" \
+            --packing "$1" --attention "$2" ${3:+--compile} --max-length "$LEN" \
             --micro-batch-size "$bs" "${TRAIN[@]}" --json "$RESULTS/1-train-$n.json"
         n=$((n + 1))
     done

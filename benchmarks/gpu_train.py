@@ -8,7 +8,8 @@ tests/test_gpu_check.py).
     python benchmarks/gpu_train.py table results/*.json [--out table.md]
     (row, pytest-row, loader-rows: the rows of gpu_check.sh's other steps)
 
-train: --steps steps of the cmgems Trainer (DeepSpeed engine, masking on the device, MLflow),
+train: --steps steps of the cmgems Trainer (packed: under --attention, the packed_attention
+option; --compile: torch.compile) (DeepSpeed engine, masking on the device, MLflow),
 timed from the end of step --warmup to the end of the last step with the device synchronised at
 those two points only. Real tokens are the non-pad tokens ([CLS]/[SEP] included) of the timed
 steps' samples; TFLOP/s = cmgems.model.architectures.flops_per_token (6 x parameters + attention, full MLM
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import add_data_dir, ensure_data, markdown_table  # noqa: E402
+
+# the packed attention paths, as the pretraining config names them (kept in step by a test)
+PACKED_ATTENTION = ("auto", "sdpa", "torch_varlen", "flash_attn")
 
 COLUMNS = [("check", "check", "{}"), ("setting", "setting", "{}"), ("status", "result", "{}"),
            ("real_tokens_per_s", "real tokens/s", "{:,.0f}"),
@@ -97,6 +101,10 @@ def main() -> None:
                        help="bf16 where CUDA is available, else fp32 (default)")
         s.add_argument("--ds-config", default="", help="DeepSpeed JSON instead of ds_configs/")
         s.add_argument("--packing", choices=("on", "off"), default="off")
+        s.add_argument("--attention", default="auto", choices=tuple(PACKED_ATTENTION),
+                       help="packed_attention of a packed run (a path this machine cannot run "
+                            "gives a skipped row)")
+        s.add_argument("--compile", action="store_true", help="torch.compile the model")
         s.add_argument("--eval-interval", type=int, default=50)
         s.add_argument("--json", type=Path, required=True, help="write the rows here")
     r = sub.add_parser("row", help="one row, e.g. a check that failed")

@@ -16,7 +16,8 @@ from cmgems.pretrain.engine import choose_adam
 from cmgems.data.loader import SampleDataset, TrainBatches
 from cmgems.model.architectures import flops_per_token
 from cmgems.data.shards import ShardSet
-from cmgems.pretrain.trainer import Trainer, peak_tflops
+from cmgems.errors import InputError
+from cmgems.pretrain.trainer import Trainer, compiled_graphs, peak_tflops
 
 
 def device_name() -> str:
@@ -77,12 +78,21 @@ def base_config(args, tmp: Path, **over) -> PretrainConfig:
 
 
 def train(args) -> list[dict]:
-    setting = (f"{args.model}, {args.packing_label}, {args.micro_batch_size} x {args.max_length}, "
-               f"{args.precision}")
+    attention = f" ({args.attention} attention)" if args.packing == "on" else ""
+    setting = (f"{args.model}, {args.packing_label}{attention}, {args.micro_batch_size} x "
+               f"{args.max_length}, {args.precision}{', compiled' if args.compile else ''}")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = base_config(args, Path(tmp), packing=args.packing == "on")
+        cfg = base_config(args, Path(tmp), packing=args.packing == "on",
+                          packed_attention=args.attention, compile=args.compile)
         counts = step_tokens(cfg)
-        trainer = TimedTrainer(cfg)
+        try:
+            trainer = TimedTrainer(cfg)
+        except InputError as e:
+            if "packed_attention" not in str(e):
+                raise
+            # a path this machine lacks (flash-attn not installed, no GPU): a row that says so
+            return [{"check": "training", "setting": setting, "status": "skipped",
+                     "note": str(e).split(": ", 1)[-1]}]
         trainer.warmup = args.warmup
         trainer.train()
         start, end = trainer.clock
@@ -93,11 +103,12 @@ def train(args) -> list[dict]:
         peak = peak_tflops(trainer.dist.device, trainer.precision)
         memory = (f", peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB"
                   if torch.cuda.is_available() else "")
+    graphs = f", {compiled_graphs()} compiled graphs" if args.compile else ""
     return [{"check": "training", "setting": setting, "status": "ok",
              "real_tokens_per_s": per_s, "samples_per_s": samples / (end - start),
              "tflops": tflops, "mfu": tflops / peak if peak else None,
              "note": f"{args.steps - args.warmup} steps timed on {device_name()}{memory}, "
-                     f"{args.optimizer}"}]
+                     f"{args.optimizer}{graphs}"}]
 
 
 def cm_gems(args) -> list[dict]:

@@ -23,6 +23,18 @@ def run_check(*args, **env):
                           env={**os.environ, "PYTHON": sys.executable, **env})
 
 
+def test_its_attention_paths_are_the_configs():
+    """gpu_train.py keeps torch out of its table commands, so it spells the packed attention
+    paths itself: they must be the pretraining config's."""
+    import importlib.util
+
+    from cmgems.data.packing import PACKED_ATTENTION
+    spec = importlib.util.spec_from_file_location("gpu_train", GPU_TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.PACKED_ATTENTION == PACKED_ATTENTION
+
+
 def test_the_script_parses():
     res = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -64,9 +76,13 @@ def test_tiny_mode_runs_every_step_and_writes_the_table(tiny_dataset, tmp_path):
     assert text in res.stdout
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
     checks = {r[0].lstrip("| ") for r in rows}
-    assert checks == {"CUDA masking identity", "training", "loader", "cm_gems run"}, text
+    assert checks == {"CUDA masking identity", "CUDA packed attention", "training", "loader",
+                      "cm_gems run"}, text
     assert "FAILED" not in text
     train = [r for r in rows if r[0] == "| training" and r[2] == "ok"]
+    # packed under each path: SDPA runs on the CPU, the variable-length kernels are skipped rows
+    assert [r[2] for r in rows if "(torch_varlen attention)" in r[1]] == ["skipped"]
+    assert any("compiled" in r[1] and r[2] == "ok" for r in rows), text
     assert train and float(train[0][3].replace(",", "")) > 0   # real tokens/s
     assert "switched genemask -> global at step [4], export loads: True" in text
     loader = [r for r in rows if r[0] == "| loader" and r[1].startswith("TrainBatches, 2")]

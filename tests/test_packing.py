@@ -1,22 +1,25 @@
 """Sequence packing: the first-fit plan, the packed layout, and equivalence with one sample per row
-(loss, gradients, predicted positions; the SDPA mask path and the variable-length kernel path);
-end to end, a short run packed and unpacked gives the same losses and perplexities."""
+(loss, gradients, predicted positions; the SDPA mask path and the variable-length kernel path,
+torch's varlen_attn through cmgems' attention function included); the choice of path; end to
+end, a short run packed and unpacked gives the same losses and perplexities."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_module
 from mlflow.tracking import MlflowClient
 from transformers import AttentionInterface, BertConfig, BertForMaskedLM
 
-from conftest import ROOT, run_module
 from cmgems.data import packing
 from cmgems.data.loader import collate
-from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
 from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
+from cmgems.errors import InputError
+from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
 from cmgems.pretrain.trainer import MaskedLM
 
 V6 = vocab_size(6)
@@ -164,10 +167,10 @@ def reference_varlen(module, query, key, value, attention_mask, scaling=None, dr
     assert attention_mask is None and query.shape[0] == 1
     assert cu_seq_lens_q is not None and torch.equal(cu_seq_lens_q, cu_seq_lens_k)
     bounds = cu_seq_lens_q.tolist()
-    assert max_length_q == max_length_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    assert max_length_q == max_length_k == max(b - a for a, b in itertools.pairwise(bounds))
     parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                             scale=scaling)
-             for a, b in zip(bounds, bounds[1:])]
+             for a, b in itertools.pairwise(bounds)]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -193,38 +196,143 @@ def test_varlen_path_equals_one_sample_per_row():
     assert max((ref[3][k] - got[3][k]).abs().max() for k in ref[3]) < 1e-5
 
 
-def test_cpu_chooses_sdpa_with_the_block_diagonal_mask():
+def segment_kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=None):
+    """varlen_attn's contract ([tokens, heads, d], cumulative lengths), one segment at a time:
+    the oracle that stands in for torch's CUDA kernel where there is none."""
+    assert q.is_contiguous() and q.dim() == 3 and cu_seq_q.dtype == torch.int32
+    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+    bounds = cu_seq_q.tolist()
+    assert max_q == max(b - a for a, b in itertools.pairwise(bounds))
+    return torch.cat([F.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1) for t in (q, k, v)), scale=scale).transpose(0, 1)
+        for a, b in itertools.pairwise(bounds)])
+
+
+def test_torch_varlen_attention_function_equals_one_sample_per_row():
+    """cmgems' attention function for torch's varlen_attn (layouts in and out, scale, the
+    cumulative lengths transformers passes through), over the segment oracle: the padded batch's
+    loss and gradients. The real kernel is CUDA-only: test_cuda_packed_paths runs it."""
+    AttentionInterface.register("cmgems_varlen_over_oracle", packing.varlen_attention(segment_kernel))
+    batch = padded_batch(LENGTHS, seed=7)
+    inputs, labels, _ = masked(batch, STRATEGIES, seed=8)
+    model = small_model(3)
+    padded = packing.Packer(False, 128)
+    ref = loss_and_grads(model, padded.model_inputs(padded.layout(batch), inputs,
+                                                    batch["attention_mask"], labels))
+    packer = packing.Packer(True, 128, packing.VARLEN)
+    model.model.set_attn_implementation("cmgems_varlen_over_oracle")
+    got = loss_and_grads(model, packer.model_inputs(packer.layout(batch), inputs,
+                                                    batch["attention_mask"], labels))
+    assert ref[2] == got[2] > 0
+    assert abs(ref[0] - got[0]) < 1e-5
+    assert max((ref[3][k] - got[3][k]).abs().max() for k in ref[3]) < 1e-5
+    # A batch in rows with a mask (the SDPA layout) is refused, not attended across samples.
+    model.model.set_attn_implementation("cmgems_varlen_over_oracle")
+    sdpa = packing.Packer(True, 128)
+    with pytest.raises(ValueError, match="one packed row"):
+        model(**sdpa.model_inputs(sdpa.layout(batch), inputs, batch["attention_mask"], labels))
+
+
+@pytest.mark.parametrize("device, flash, varlen, precision, dropout, head, want", [
+    ("cpu", False, False, "fp32", 0.0, 64, (packing.SDPA, "CUDA-only")),
+    ("cpu", True, True, "bf16", 0.0, 64, (packing.SDPA, "CUDA-only")),
+    ("cuda", True, True, "fp32", 0.0, 64, (packing.SDPA, "fp16/bf16")),
+    ("cuda", True, True, "bf16", 0.1, 64, (packing.FLASH_IMPL, "flash-attn is installed")),
+    ("cuda", True, False, "fp16", 0.0, 32, (packing.FLASH_IMPL, "flash-attn is installed")),
+    ("cuda", False, True, "bf16", 0.0, 32, (packing.TORCH_VARLEN_IMPL, "varlen_attn")),
+    ("cuda", False, True, "bf16", 0.1, 64, (packing.SDPA, "no attention dropout")),
+    ("cuda", False, False, "bf16", 0.0, 64, (packing.SDPA, "cannot run here")),
+    ("cuda", True, True, "bf16", 0.0, 320, (packing.SDPA, "heads of <= 256")),
+])
+def test_attention_path_follows_what_the_machine_has(device, flash, varlen, precision, dropout,
+                                                     head, want):
+    choice = packing.attention_path(device, flash, varlen, precision, dropout, head)
+    assert choice.implementation == want[0] and want[1] in choice.reason
+    assert choice.path == (packing.SDPA if want[0] == packing.SDPA else packing.VARLEN)
+
+
+def test_an_asked_path_is_taken_where_it_runs_and_refused_elsewhere():
+    ask = packing.attention_path
+    assert ask("cpu", False, False, "fp32", want="sdpa").implementation == packing.SDPA_IMPL
+    got = ask("cuda", False, True, "bf16", 0.1, 64, "torch_varlen")
+    assert got.implementation == packing.TORCH_VARLEN_IMPL and "not applied" in got.reason
+    assert ask("cuda", True, True, "bf16", 0.1, 64, "torch_varlen").path == packing.VARLEN
+    assert ask("cuda", True, False, "fp16", want="flash_attn").implementation == packing.FLASH_IMPL
+    for args, why in ((("cpu", True, True, "bf16"), "CUDA-only"),
+                      (("cuda", False, True, "bf16"), "flash-attn is not installed"),
+                      (("cuda", True, True, "fp32"), "fp16/bf16")):
+        with pytest.raises(InputError, match=f"packed_attention flash_attn: .*{why}"):
+            ask(*args, want="flash_attn")
+    with pytest.raises(InputError, match="torch_varlen: .*cannot run here"):
+        ask("cuda", True, False, "bf16", want="torch_varlen")
+    with pytest.raises(InputError, match="packed_attention must be one of"):
+        ask("cuda", True, True, "bf16", want="xformers")
+
+
+def test_cpu_chooses_sdpa_with_the_block_diagonal_mask(caplog):
     model = small_model()
-    packer = packing.choose_attention(model.model, True, 128, torch.device("cpu"), "fp32")
+    with caplog.at_level("INFO", logger="cmgems"):
+        packer = packing.choose_attention(model.model, True, 128, torch.device("cpu"), "fp32")
     assert packer.enabled and packer.attention == packing.SDPA
     assert model.model.config._attn_implementation == "sdpa"
+    assert "variable-length kernels are CUDA-only (cpu)" in caplog.text
     assert not packing.flash_available(torch.device("cpu"), "bf16")
+    assert not packing.torch_varlen_available(torch.device("cpu"))
     assert not packing.choose_attention(model.model, False, 128, torch.device("cpu"),
                                         "fp32").enabled
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA_PATHS = [packing.SDPA_IMPL, packing.TORCH_VARLEN_IMPL, packing.FLASH_IMPL]
+
+
+def cuda_path_unavailable(impl: str) -> str:
+    """Why the packed path `impl` cannot run here ("" when it can)."""
+    if not torch.cuda.is_available():
+        return "needs CUDA (runs in benchmarks/gpu_check.sh)"
+    dev = torch.device("cuda")
+    if impl == packing.TORCH_VARLEN_IMPL and not packing.torch_varlen_available(dev):
+        return "torch's varlen_attn cannot run on this GPU (flash kernel, sm80+)"
+    if impl == packing.FLASH_IMPL and not packing.flash_installed():
+        return "flash-attn is not installed"
+    return ""
+
+
+@pytest.mark.parametrize("impl", CUDA_PATHS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_packed_equals_one_sample_per_row(precision):
-    """On a GPU, the path choose_attention picks (SDPA with the mask, or flash-attention 2's
-    variable-length kernel where installed, bf16 only) gives the padded batch's loss."""
+def test_cuda_packed_paths(impl, precision):
+    """On a GPU, every packed path that can run there (SDPA with the mask; torch's varlen_attn
+    and flash-attn's kernel, 16-bit only) gives the padded batch's loss and gradients, and
+    choose_attention picks the path attention_path names."""
+    why = cuda_path_unavailable(impl)
+    if why:
+        pytest.skip(why)
+    if impl != packing.SDPA_IMPL and precision == "fp32":
+        pytest.skip("the variable-length kernels take fp16/bf16 only")
+    if impl == packing.TORCH_VARLEN_IMPL:
+        packing.register_torch_varlen()
     dev = torch.device("cuda")
     batch = padded_batch(LENGTHS, seed=5)
     inputs, labels, _ = masked(batch, STRATEGIES, seed=6)
     model = small_model(2).to(dev)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
+    ids, mask, lab = (t.to(dev) for t in (inputs, batch["attention_mask"], labels))
     padded = packing.Packer(False, 128)
-    on_dev = {k: v.to(dev) for k, v in (("ids", inputs), ("mask", batch["attention_mask"]),
-                                         ("labels", labels))}
-    ref = model(**padded.model_inputs(padded.layout(batch), on_dev["ids"], on_dev["mask"],
-                                      on_dev["labels"]))
-    packer = packing.choose_attention(model.model, True, 128, dev, precision)
-    got = model(**packer.model_inputs(packer.layout(batch), on_dev["ids"], on_dev["mask"],
-                                      on_dev["labels"]))
-    assert ref[2] == got[2]
+    ref = loss_and_grads(model, padded.model_inputs(padded.layout(batch), ids, mask, lab))
+    path = packing.SDPA if impl == packing.SDPA_IMPL else packing.VARLEN
+    packer = packing.Packer(True, 128, path)
+    model.model.set_attn_implementation(impl)
+    got = loss_and_grads(model, packer.model_inputs(packer.layout(batch), ids, mask, lab))
+    assert ref[2] == got[2] > 0
     tol = 1e-5 if precision == "fp32" else 2e-2
     assert abs(ref[1].item() - got[1].item()) <= tol * ref[1].item()
+    for k in ref[3]:
+        err = (ref[3][k].float() - got[3][k].float()).norm()
+        assert err <= 5 * tol * ref[3][k].float().norm() + 1e-6, k
+    chosen = packing.choose_attention(small_model(2).model.to(dev), True, 128, dev, precision)
+    expected = packing.attention_path("cuda", packing.flash_installed(),
+                                      packing.torch_varlen_available(dev), precision, 0.0, 16)
+    assert chosen.attention == expected.path
 
 
 # ------------------------------------------------------------------------------ end to end

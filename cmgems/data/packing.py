@@ -12,9 +12,11 @@ packing is one gather and one scatter with the plan's index tensors.
 
 Attention never crosses samples, and position ids restart at 0 in every sample (token type ids stay
 0): with SDPA through a block-diagonal [rows, 1, width, width] boolean mask over rows of at most
-max_length; with flash-attention 2 through its variable-length kernel, given the samples'
-cumulative lengths over one row that holds every sample (no padding at all). choose_attention
-picks the path at start-up (docs/pretraining.md, "Packing").
+max_length; or through a variable-length kernel (flash-attn's, or torch's own
+torch.nn.attention.varlen.varlen_attn where flash-attn is not installed), given the samples'
+cumulative lengths over one row that holds every sample (no padding at all). attention_path
+decides which from what the machine has, choose_attention applies it at start-up
+(docs/pretraining.md, "Packing").
 """
 from __future__ import annotations
 
@@ -25,12 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmgems.masking.maskings import IGNORE_INDEX
 from cmgems.data.tokens import PAD_ID
+from cmgems.errors import InputError
+from cmgems.masking.maskings import IGNORE_INDEX
 
 log = logging.getLogger("cmgems")
 
-SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths
+SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the layouts they take)
+# The model's attention implementations behind them: transformers' own names, and ours for torch's
+# variable-length kernel (registered with transformers.AttentionInterface on first use).
+SDPA_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = "sdpa", "flash_attention_2", "cmgems_torch_varlen"
+# What the packed_attention option may ask for: auto (attention_path decides), or one path.
+PACKED_ATTENTION = ("auto", "sdpa", "torch_varlen", "flash_attn")
 
 
 def sample_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -129,7 +137,7 @@ class Packer:
     """Turns a masked padded batch into the keyword arguments of MaskedLM.forward: padded as it is
     (packing off), or packed for the model's attention path: SDPA (a 4D mask: the model's
     attention implementation must be sdpa) or VARLEN (cumulative lengths: it must be a
-    variable-length one, flash_attention_2)."""
+    variable-length one, flash_attention_2 or cmgems_torch_varlen)."""
 
     def __init__(self, enabled: bool, capacity: int, attention: str = SDPA):
         if attention not in (SDPA, VARLEN):
@@ -175,24 +183,148 @@ def flash_available(device: torch.device, precision: str) -> bool:
     take fp16/bf16 only)."""
     if device.type != "cuda" or precision not in ("bf16", "fp16"):
         return False
+    return flash_installed()
+
+
+def flash_installed() -> bool:
+    """The flash-attn package is installed and transformers can use it."""
     from transformers.utils import is_flash_attn_2_available
     return is_flash_attn_2_available()
 
 
+def torch_varlen_available(device: torch.device) -> bool:
+    """torch's own variable-length attention can run on `device`: torch ships
+    torch.nn.attention.varlen (2.10+), and it is a CUDA device on which torch's flash kernel, the
+    one varlen_attn calls, runs (built with it, compute capability 8.0 or newer). It has no CPU
+    implementation."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    from importlib.util import find_spec
+    if find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return (torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """How a packed batch is attended: the layout (SDPA rows with a mask, or VARLEN: one row and
+    cumulative lengths), the model's attention implementation, and why, in words."""
+    path: str
+    implementation: str
+    reason: str
+
+
+def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision: str,
+                   attention_dropout: float = 0.0, head_dim: int = 64,
+                   want: str = "auto") -> AttentionChoice:
+    """The packed attention path for a machine, as a pure function of what it has: the device
+    type, whether flash-attn is installed, whether torch's varlen_attn can run there, the training
+    precision, the model's attention-probability dropout and its head size.
+
+    The variable-length kernels are CUDA's and take 16-bit inputs with heads of at most 256 (a
+    multiple of 8). flash-attn's is preferred: it applies attention dropout as the padded step
+    does. torch's own applies none (its dropout is fixed at 0), so it is taken only for a model
+    trained without attention dropout; a model with some keeps SDPA, whose mask path drops out as
+    the padded step does, rather than silently training without it. Everywhere else SDPA takes the
+    block-diagonal mask (on the CPU, any precision).
+
+    `want` (a PACKED_ATTENTION key) names one path instead of auto: taken where it can run (torch's
+    kernel then even with attention dropout, said in the reason), else InputError saying why."""
+    if want != "auto":
+        return _asked_path(device_type, flash, torch_varlen, precision, attention_dropout,
+                           head_dim, want)
+
+    def sdpa(why: str) -> AttentionChoice:
+        return AttentionChoice(SDPA, SDPA_IMPL, f"SDPA with a block-diagonal mask: {why}")
+
+    if device_type != "cuda":
+        return sdpa(f"the variable-length kernels are CUDA-only ({device_type})")
+    if precision not in ("bf16", "fp16"):
+        return sdpa(f"the variable-length kernels take fp16/bf16, the run is {precision}")
+    if head_dim > 256 or head_dim % 8:
+        return sdpa(f"the variable-length kernels take heads of <= 256 (a multiple of 8), the "
+                    f"model's are {head_dim}")
+    if flash:
+        return AttentionChoice(VARLEN, FLASH_IMPL, "flash-attn's variable-length kernel "
+                               "(flash_attention_2; flash-attn is installed)")
+    if not torch_varlen:
+        return sdpa("flash-attn is not installed and torch's varlen_attn cannot run here (it "
+                    "needs torch's flash kernel on a GPU of compute capability 8.0+)")
+    if attention_dropout > 0:
+        return sdpa(f"flash-attn is not installed, and torch's varlen_attn applies no attention "
+                    f"dropout while the model trains with {attention_dropout}; install flash-attn "
+                    f"for the variable-length path")
+    return AttentionChoice(VARLEN, TORCH_VARLEN_IMPL, "torch's own variable-length kernel "
+                           "(torch.nn.attention.varlen.varlen_attn; flash-attn is not installed)")
+
+
+def _asked_path(device_type: str, flash: bool, torch_varlen: bool, precision: str,
+                attention_dropout: float, head_dim: int, want: str) -> AttentionChoice:
+    if want not in PACKED_ATTENTION:
+        raise InputError(f"packed_attention must be one of {PACKED_ATTENTION}, got {want!r}")
+    if want == "sdpa":
+        return AttentionChoice(SDPA, SDPA_IMPL, "SDPA with a block-diagonal mask (asked for)")
+    auto = attention_path("cuda", want == "flash_attn", want == "torch_varlen", precision, 0.0,
+                          head_dim)
+    why = ("it is CUDA-only" if device_type != "cuda" else
+           "flash-attn is not installed" if want == "flash_attn" and not flash else
+           "torch's varlen_attn cannot run here (flash kernel, compute capability 8.0+)"
+           if want == "torch_varlen" and not torch_varlen else
+           auto.reason.split(": ", 1)[-1] if auto.path == SDPA else "")
+    if why:
+        raise InputError(f"packed_attention {want}: not usable here: {why}")
+    if want == "torch_varlen" and attention_dropout > 0:
+        return AttentionChoice(VARLEN, TORCH_VARLEN_IMPL, f"{auto.reason}, asked for: the model's "
+                               f"attention dropout ({attention_dropout}) is not applied")
+    return AttentionChoice(auto.path, auto.implementation, f"{auto.reason}, asked for")
+
+
+def varlen_attention(kernel):
+    """A transformers attention function (AttentionInterface) over `kernel`, a variable-length
+    attention with varlen_attn's signature: (q, k, v [tokens, heads, head_dim], cu_seq_q, cu_seq_k,
+    max_q, max_k, scale=) -> [tokens, heads, head_dim]. It takes the Packer's VARLEN inputs: one
+    row holding every sample, and the cumulative lengths transformers passes through from the
+    model's forward (cu_seq_lens_q/k, max_length_q/k)."""
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                  **_):
+        if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
+            raise ValueError("variable-length attention takes one packed row and the samples' "
+                             "cumulative lengths (cmgems.data.packing.Packer, VARLEN), no mask")
+        # `dropout` is not applied: the kernel has none (attention_path picks this function for
+        # a model with attention dropout only where packed_attention asks for it, and says so).
+        # [1, heads, T, d] as the model's projections lay them out: row 0 transposed back is
+        # [T, heads, d] with a contiguous last dimension, as the kernel takes it (no copy).
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+                     scale=scaling)
+        return out.unsqueeze(0), None  # [1, T, heads, d], as transformers' attention returns
+    return attention
+
+
+def register_torch_varlen() -> None:
+    """Register torch's varlen_attn with transformers as TORCH_VARLEN_IMPL (idempotent)."""
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+    AttentionInterface.register(TORCH_VARLEN_IMPL, varlen_attention(varlen_attn))
+
+
 def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
-                     precision: str) -> Packer:
+                     precision: str, want: str = "auto") -> Packer:
     """The Packer for this run, with the model's attention implementation set to match; logs the
-    choice once. Packing off leaves the model as it is."""
+    choice and its reason once. Packing off leaves the model as it is."""
     if not enabled:
         log.info("packing: off (one sample per row, padded to the longest of its micro-batch)")
         return Packer(False, capacity)
-    if flash_available(device, precision):
-        model.set_attn_implementation("flash_attention_2")
-        log.info("packing: on; attention: flash_attention_2 variable-length kernel (%s, %s)",
-                 device, precision)
-        return Packer(True, capacity, VARLEN)
-    model.set_attn_implementation("sdpa")
-    log.info("packing: on, rows of %d; attention: SDPA with a block-diagonal mask (%s, %s%s)",
-             capacity, device, precision, "" if device.type == "cpu" else
-             "; flash-attention 2 not usable here")
-    return Packer(True, capacity, SDPA)
+    cfg = model.config
+    choice = attention_path(device.type, device.type == "cuda" and flash_installed(),
+                            torch_varlen_available(device), precision,
+                            cfg.attention_probs_dropout_prob,
+                            cfg.hidden_size // cfg.num_attention_heads, want)
+    if choice.implementation == TORCH_VARLEN_IMPL:
+        register_torch_varlen()
+    model.set_attn_implementation(choice.implementation)
+    rows = f", rows of {capacity}" if choice.path == SDPA else ", one row per micro-batch"
+    log.info("packing: on%s; attention: %s (%s, %s)", rows, choice.reason, device, precision)
+    return Packer(True, capacity, choice.path)

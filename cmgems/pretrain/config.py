@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cmgems.data.packing import PACKED_ATTENTION
 from cmgems.masking.curriculum import CM_STEP_DRAWS, EVAL_MASKINGS, SWITCH_RULES
 from cmgems.errors import InputError
 from cmgems.masking.names import (ANCHOR_ORDERS, CM_GEMS, DEFAULT_PROBABILITY, GLOBAL_M_BINOMIAL,
@@ -49,6 +50,13 @@ class PretrainConfig:
                        "max_length as they fit (same samples, same masks, attention kept inside "
                        "each sample); --no-packing pads every sample to the longest of its "
                        "micro-batch instead.")
+    packed_attention: str = _f("auto", "Attention of a packed batch: 'auto' = flash-attn's "
+                               "variable-length kernel where installed, else torch's own "
+                               "(torch.nn.attention.varlen) on a CUDA GPU with 16-bit weights and "
+                               "no attention dropout, else SDPA with a block-diagonal mask (the "
+                               "CPU); 'sdpa', 'torch_varlen' or 'flash_attn' take that path, "
+                               "refused where it cannot run (docs/pretraining.md, Packing).",
+                               choices=PACKED_ATTENTION)
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "
                            "(--no-verify-data skips it, at your own risk).")
     # --- model ------------------------------------------------------------------------------
@@ -130,6 +138,11 @@ class PretrainConfig:
                         "zero2-offload.json); 'auto' values are filled from this config.")
     precision: str = _f("auto", f"One of {PRECISIONS}; auto = bf16 on a GPU that has it, else "
                         "fp32.", choices=PRECISIONS)
+    compile: bool = _f(False, "torch.compile the model (DeepSpeed's engine.compile(); masking, "
+                       "packing and the loader stay eager), with dynamic shapes: a few graphs "
+                       "take every batch shape, compiled once (perf/compiled_graphs counts "
+                       "them). The first step and the first evaluation pay the compilation "
+                       "(tens of seconds on a CPU).")
     # --- evaluation, logging, checkpoints -----------------------------------------------------
     eval_interval: int = _f(500, "Steps between validation evaluations (and curriculum "
                             "decisions).", low=1, high=MAX_STEPS)
@@ -180,6 +193,8 @@ class PretrainConfig:
         if self.eval_strategy and self.eval_masking == "fresh":
             errors.append("eval_strategy names a frozen validation masking; eval_masking "
                           "'fresh' evaluates with the training masking instead: give one")
+        if not isinstance(self.compile, bool):
+            errors.append(f"compile must be true or false, got {self.compile!r}")
         if self.register_model and not self.log_model:
             errors.append("register_model needs log_model (the registry holds logged models)")
         try:  # a store MLflow cannot open is refused now, not after DeepSpeed has started

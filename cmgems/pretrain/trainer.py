@@ -97,6 +97,29 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return torch.stack(norms).norm().item() if norms else 0.0
 
 
+def check_compiler(device: torch.device) -> None:
+    """compile on a CPU needs a C++ compiler for inductor's kernels: refused up front without one
+    (inductor would fail at the first step, deep in a traceback)."""
+    if device.type != "cpu":
+        return
+    import shutil
+
+    from torch._inductor import config as inductor_config
+    cxx = inductor_config.cpp.cxx
+    names = [c for c in (cxx if isinstance(cxx, (tuple, list)) else (cxx,)) if c]
+    if not any(shutil.which(c) for c in names or ("g++", "clang++", "c++")):
+        raise InputError(f"compile: torch.compile on a CPU needs a C++ compiler "
+                         f"({' or '.join(names) or 'g++ or clang++'}) on PATH; install one or "
+                         f"drop --compile")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process: the first ones plus one per
+    recompilation (a new shape, a train/eval switch), so it stays flat once shapes settle."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def peak_tflops(device: torch.device, precision: str) -> float | None:
     """The device's dense peak at a 16-bit precision, where MFU is reported; None elsewhere."""
     if device.type != "cuda" or precision not in ("bf16", "fp16"):
@@ -289,9 +312,29 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.bert_config, cfg.max_length)
         self.peak_tflops = peak_tflops(self.dist.device, self.precision)
         self.packer = choose_attention(model, cfg.packing, cfg.max_length, self.dist.device,
-                                       self.precision)
+                                       self.precision, cfg.packed_attention)
+        if cfg.compile:
+            check_compiler(self.dist.device)
         self.engine = initialize(MaskedLM(model), self.ds_config, ds_config_path(cfg),
                                  cfg.weight_decay)
+        if cfg.compile:
+            # DeepSpeed's engine.compile() rather than torch.compile(model) before initialize: it
+            # compiles the engine's module in place (nn.Module.compile), after ZeRO has
+            # installed its hooks (ZeRO-3's parameter gathering is compiler-disabled there, so
+            # the graph calls it as DeepSpeed expects), and the parameter names keep no
+            # "_orig_mod." prefix, so checkpoints and exports are those of an eager run. Only
+            # the model's forward is compiled; masking and packing run before it, eager.
+            # dynamic=True: batch shapes vary (rows and width of a packed batch, the longest
+            # sample of a padded one, the count of selected positions the head runs at), and
+            # one graph with symbolic sizes takes them all; torch's default (a static graph,
+            # then a recompilation for each dimension seen changing) recompiled at steps 2 and
+            # 5 of an 8-step run for the same losses. Bucketing shapes instead would add
+            # padding for nothing the dynamic graph needs.
+            from deepspeed.accelerator import get_accelerator
+            backend = get_accelerator().get_compile_backend()
+            self.engine.compile(backend=backend, compile_kwargs={"dynamic": True})
+            log.info("compile: the model's forward through torch.compile (DeepSpeed "
+                     "engine.compile, %s backend)", backend)
 
     def _start_tracking(self, resumed: bool) -> None:
         cfg = self.cfg
@@ -535,6 +578,8 @@ class Trainer:
         metrics["perf/tflops_per_device"] = tflops
         if self.peak_tflops is not None:
             metrics["perf/mfu"] = tflops / self.peak_tflops
+        if self.cfg.compile:
+            metrics["perf/compiled_graphs"] = compiled_graphs()
         metrics.update({f"mask/{k}": v for k, v in result.mask_stats.items()})
         return metrics
 
