@@ -107,7 +107,10 @@ exec {sys.executable} "$@"
     res = run_check(table, GPU_CHECK_TINY="1", PYTHON=str(python))
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     text = table.read_text()
-    for check in ("CUDA masking identity", "training logo packing=off",
-                  "training logo packing=on", "loader", "cm_gems run"):
-        assert f"| {check} | - | FAILED | " in text, text
-    assert text.count("exit 3") == 5, text
+    checks = ["CUDA masking identity", "CUDA packed attention",
+              *(f"training logo packing={p} attention={a}" for p, a in
+                (("off", "auto"), ("on", "sdpa"), ("on", "torch_varlen"), ("on", "flash_attn"),
+                 ("on", "auto compile"))), "loader", "cm_gems run"]
+    for check in checks:
+        assert f"| {check} | - | FAILED | exit 3 |" in text.replace(" | - | - | - | - | ", " | "), text
+    assert text.count("exit 3") == len(checks), text  # one row each
