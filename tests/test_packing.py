@@ -305,9 +305,9 @@ def test_cuda_packed_paths(impl, precision):
     choose_attention picks the path attention_path names."""
     why = cuda_path_unavailable(impl)
     if why:
-        pytest.skip(why)
+        pytest.skip(reason=why)
     if impl != packing.SDPA_IMPL and precision == "fp32":
-        pytest.skip("the variable-length kernels take fp16/bf16 only")
+        pytest.skip(reason="the variable-length kernels take fp16/bf16 only")
     if impl == packing.TORCH_VARLEN_IMPL:
         packing.register_torch_varlen()
     dev = torch.device("cuda")
