@@ -19,10 +19,9 @@ import numpy as np
 from cmgems.data.layout import DatasetDir
 from cmgems.data.shards import Manifest, ShardReader, verify
 from cmgems.errors import InputError
-from cmgems.evaluation.tasks import OVERFLOW_MODES, encode, read_examples
+from cmgems.evaluation.tasks import OVERFLOW_MODES, encode, read_examples, task_file
 
 TASK_SPLITS = ("train", "dev", "test")
-TASK_SUFFIXES = (".csv", ".tsv")
 
 
 def _require_datasets():
@@ -73,12 +72,7 @@ def _task_files(path: Path) -> dict[str, Path]:
         return {"train": path}
     if not path.is_dir():
         raise InputError(f"{path}: no such task file or folder")
-    found = {}
-    for split in TASK_SPLITS:
-        for suffix in TASK_SUFFIXES:
-            if (path / f"{split}{suffix}").is_file():
-                found[split] = path / f"{split}{suffix}"
-                break
+    found = {split: f for split in TASK_SPLITS if (f := task_file(path, split)) is not None}
     if not found:
         raise InputError(f"{path}: no train/dev/test .csv or .tsv in the folder")
     return found

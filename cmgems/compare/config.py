@@ -14,6 +14,7 @@ from cmgems.pretrain.config import MODELS
 from cmgems.options import DEFAULT_SEED, option
 from cmgems.masking.names import MODE_OF_SHORT_NAME, PMI_LOOKUPS
 from cmgems.errors import InputError
+from cmgems.evaluation.tasks import TASK_FILE_SUFFIXES, task_file
 from cmgems.pretrain.layout import RunLayout
 
 # A comparison's strategies are the modes under their short names (fixed:<s> named <s>), in the
@@ -23,7 +24,6 @@ DEFAULT_STRATEGIES = tuple(STRATEGY_MODES)
 # A PMI strategy may name where it reads NPMI, STRATEGY@LOOKUP (global@position): one comparison
 # then holds both readings of the same strategy, paired like any two strategies.
 LOOKUP_SEPARATOR = "@"
-TASK_FILE_SUFFIXES = (".tsv", ".csv")
 
 
 def split_strategy(name: str) -> tuple[str, str | None]:
@@ -115,18 +115,11 @@ class FewshotTask:
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.name)
 
 
-def _task_file(folder: Path, stem: str) -> Path | None:
-    for suffix in TASK_FILE_SUFFIXES:
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    return None
-
-
 def _task_from_folder(name: str | None, folder: Path, spec: str) -> FewshotTask:
     """A folder holding train.tsv/.csv; its test file sits beside it or, as in GeneMask's
     prom-core/<shots>/train.tsv + prom-core/test.tsv layout, one level up."""
-    train = _task_file(folder, "train")
-    test = _task_file(folder, "test") or _task_file(folder.parent, "test")
+    train = task_file(folder, "train")
+    test = task_file(folder, "test") or task_file(folder.parent, "test")
     if train is None or test is None:
         raise InputError(f"--fewshot {spec}: folder {folder} needs train.tsv (or .csv) and a "
                          f"test.tsv (or .csv) beside it or in its parent")

@@ -166,6 +166,17 @@ def encode(seqs: list[str], k: int, max_length: int, overflow: str, path: Path,
     return out, keep + 2, truncated
 
 
+TASK_FILE_SUFFIXES = (".tsv", ".csv")  # few-shot k-mer text, GUE CSV
+
+
+def task_file(folder: Path, stem: str) -> Path | None:
+    """folder/stem.tsv or folder/stem.csv, whichever exists (the .tsv first), else None."""
+    for suffix in TASK_FILE_SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
 def load_task_file(path: str | Path, k: int, max_length: int = 512,
                    overflow: str = "truncate") -> TaskData:
     """Read and encode one task file (.csv or .tsv)."""
