@@ -10,7 +10,8 @@ batch (or, with --device cuda, copy it to the GPU from pinned memory). Time to t
 (worker start-up) is left out and reported apart. Each figure is the median of --runs timed runs.
 
 "packed" adds the CPU packing plan of every batch (cmgems.data.packing.plan, rows of --max-length) and
-reports the share of real tokens in the positions the model computes.
+reports the share of real tokens in the positions attention covers (the rest of the model
+computes the real tokens only).
 
     python benchmarks/bench_loader.py                     # 0, 1, 2 workers, 3 runs
     python benchmarks/bench_loader.py --device cuda       # pinned memory, copy to the GPU
@@ -125,7 +126,7 @@ def time_stream(stream, batches: int, device: str, max_length: int, packed: bool
         samples += len(lengths)
         real += int(lengths.sum())
         if packed:
-            slots += packing.plan(lengths, b["input_ids"].shape[1], max_length).slots
+            slots += packing.plan(lengths, b["input_ids"].shape[1], max_length).attention_slots
         else:
             slots += b["input_ids"].numel()
         if device != "cpu":

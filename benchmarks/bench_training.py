@@ -19,10 +19,11 @@ masked before the clock starts: what the system around the step costs.
 Rows (--rows picks some; the HF route's eager fp32 row, the baseline of every ratio, always runs):
 hf, hf-compile (the HF Trainer's own torch_compile=True), padded, packed, padded-compile,
 packed-compile (cmgems' compile option), and with bf16: hf-bf16 (the HF Trainer's bf16=True,
-CPU autocast), packed-bf16, packed-compile-bf16 (cmgems' precision bf16); the bf16 rows run by
-default only where the CPU has AMX (bf16 matrix units: torch.cpu._is_amx_tile_supported(), the
-amx_bf16 flag of /proc/cpuinfo). Ratios: to the HF route eager, and to the HF route compiled where
-that row ran.
+CPU autocast), packed-bf16, packed-compile-bf16 (cmgems' precision bf16). By default: hf,
+padded, packed, and where the CPU has bf16 hardware (AMX tiles or AVX512-BF16: torch.cpu's probes,
+else the amx_bf16 / avx512_bf16 flags of /proc/cpuinfo) hf-bf16 and packed-bf16; the compile rows
+on request (compiling buys nothing on a CPU: docs/performance.md). Ratios: to the HF route eager,
+and to the HF route compiled where that row ran.
 
 Real tokens are the non-pad tokens ([CLS] and [SEP] included) of each step's samples; real
 tokens/s is the median over steps after --warmup of (real tokens of the step / its wall time, data
@@ -76,7 +77,8 @@ ROWS = {
     "packed-bf16": ("cmgems", {"packing": True, "precision": "bf16"}),
     "packed-compile-bf16": ("cmgems", {"packing": True, "compile": True, "precision": "bf16"}),
 }
-BF16_ROWS = tuple(r for r in ROWS if r.endswith("bf16"))
+DEFAULT_ROWS = ("hf", "padded", "packed")
+DEFAULT_BF16_ROWS = ("hf-bf16", "packed-bf16")
 TARGET_VS_BARE = 1.10   # full-system step time over the bare loop's
 # name: (cmgems model, layers; None keeps the architecture's own), default batch, steps
 MODELS = {"logo": ("logo", None, 8, 10), "dnabert4": ("dnabert", 4, 4, 5)}
@@ -172,19 +174,24 @@ def run_bare(cfg: PretrainConfig, batches: list[dict], vocab_size: int) -> list[
     return times
 
 
-def cpu_has_amx() -> bool:
-    """The CPU has AMX bf16 matrix units (torch's probe, or the kernel's cpuinfo flag)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None and probe():
-        return True
+def cpu_bf16() -> str:
+    """The CPU's bf16 hardware: "AMX" (matrix tiles), "AVX512-BF16" (vector dot products) or ""
+    (none): torch's probes, else the kernel's cpuinfo flags."""
+    flags = set()
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
+        pass
+    for name, probe, flag in (("AMX", "_is_amx_tile_supported", "amx_bf16"),
+                              ("AVX512-BF16", "_is_avx512_bf16_supported", "avx512_bf16")):
+        found = getattr(torch.cpu, probe, None)
+        if (found is not None and found()) or flag in flags:
+            return name
+    return ""
 
 
 def default_rows() -> list[str]:
-    return [r for r in ROWS if cpu_has_amx() or r not in BF16_ROWS]
+    return [*DEFAULT_ROWS, *(DEFAULT_BF16_ROWS if cpu_bf16() else ())]
 
 
 def setting(row: str) -> str:
@@ -302,8 +309,8 @@ def main() -> None:
     p.add_argument("--log-interval", type=int, default=10, help="cmgems' MLflow log interval")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=default_rows(),
-                   help="rows to run (hf, the baseline, always runs; default: all but the bf16 "
-                        "ones, which run by default where the CPU has AMX)")
+                   help="rows to run (hf, the baseline, always runs; the bf16 ones by "
+                        "default where the CPU has bf16 hardware; here: %(default)s)")
     p.add_argument("--no-bare", dest="bare", action="store_false",
                    help="leave out the bare PyTorch loop (LOGO)")
     p.add_argument("--json", type=Path, help="also write the rows here as JSON")
@@ -329,7 +336,7 @@ def main() -> None:
             rows += bench_model(name, args, Path(tmp))
     threads = torch.get_num_threads()
     print(f"training on the CPU, {threads} torch threads, {args.workers} loader worker(s), "
-          f"{args.rounds} round(s), AMX: {'yes' if cpu_has_amx() else 'no'}, load average "
+          f"{args.rounds} round(s), bf16 hardware: {cpu_bf16() or 'none'}, load average "
           f"{os.getloadavg()[0]:.2f}; HF route: transformers Trainer + "
           f"DataCollatorForLanguageModeling (plain token masking, 15 %) + BertForMaskedLM")
     print(markdown_table(rows, [

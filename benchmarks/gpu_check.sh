@@ -4,8 +4,8 @@
 #      attention tests (tests/test_packing.py -k cuda: every packed path against the padded step,
 #      loss and gradients),
 #   2. bf16 training of LOGO and DNABERT at 512 tokens, padded, and packed under each attention
-#      path (SDPA with the block-diagonal mask, torch's varlen_attn, flash-attn's kernel: a path
-#      the machine lacks is a skipped row), and DNABERT packed with torch.compile: real tokens/s,
+#      path (SDPA over rows with the block-diagonal mask, torch's varlen_attn, flash-attn's
+#      kernel: a path the machine lacks is a skipped row), and DNABERT packed with torch.compile: real tokens/s,
 #      TFLOP/s, MFU against the GPU's dense bf16 peak (benchmarks/gpu_train.py train),
 #   3. the loader benchmark with pinned memory and copies to the GPU (benchmarks/bench_loader.py),
 #   4. a 300-step LOGO cm_gems run that must switch and export (benchmarks/gpu_train.py cm-gems),

@@ -44,11 +44,11 @@ def test_compiled_run_gives_the_eager_losses_and_compiles_once(tiny_dataset, tmp
         history[flag] = {key: [m.value for m in sorted(client.get_metric_history(run_id, key),
                                                        key=lambda m: m.step)]
                          for key in ("train/loss", "perf/compiled_graphs",
-                                     "perf/real_token_share")}
+                                     "perf/attention_token_share")}
     eager, compiled = history["--no-compile"], history["--compile"]
     assert len(eager["train/loss"]) == len(compiled["train/loss"]) == 8
     assert np.allclose(compiled["train/loss"], eager["train/loss"], rtol=1e-4, atol=0)
     assert eager["perf/compiled_graphs"] == []
     graphs = compiled["perf/compiled_graphs"]
     assert len(graphs) == 8 and graphs[0] >= 1 and graphs == [graphs[0]] * 8, graphs
-    assert len(set(compiled["perf/real_token_share"])) > 1  # the shapes did change
+    assert len(set(compiled["perf/attention_token_share"])) > 1  # the shapes did change

@@ -17,9 +17,9 @@ from transformers import AttentionInterface, BertConfig, BertForMaskedLM
 
 from cmgems.data import packing
 from cmgems.data.loader import collate
-from cmgems.data.tokens import CLS_ID, PAD_ID, SEP_ID, vocab_size
+from cmgems.data.tokens import CLS_ID, SEP_ID, vocab_size
 from cmgems.errors import InputError
-from cmgems.masking.maskings import IGNORE_INDEX, mask_batch
+from cmgems.masking.maskings import mask_batch
 from cmgems.pretrain.trainer import MaskedLM
 
 V6 = vocab_size(6)
@@ -73,19 +73,27 @@ def test_plan_lays_whole_samples_back_to_back_with_restarting_positions():
     rows, offsets, fill = packing.first_fit(lengths, 128)
     assert (rows, offsets, fill) == ([0, 1, 1, 2, 3, 1], [0, 0, 40, 0, 0, 42], [128, 49, 90, 128])
     assert (layout.samples, layout.real_tokens, layout.rows, layout.width) == (6, 395, 4, 128)
-    assert layout.real_token_share == pytest.approx(395 / (4 * 128))
+    # The dense layers compute the real tokens only; attention covers the rows.
+    assert layout.slots == 395 and layout.real_token_share == 1.0
+    assert layout.attention_slots == 4 * 128
     labels = torch.arange(batch["input_ids"].numel()).view(batch["input_ids"].shape)
     out = packer.model_inputs(layout, batch["input_ids"], batch["attention_mask"], labels)
-    ids, pos = out["input_ids"], out["position_ids"]
-    covered = torch.zeros_like(ids, dtype=torch.bool)
+    ids, pos, slots = out["input_ids"], out["position_ids"], out["packed_slots"]
+    assert ids.shape == pos.shape == out["labels"].shape == (1, 395)
+    assert out["attention_mask"] is None
+    covered = torch.zeros(4 * 128, dtype=torch.bool)
+    start = 0
     for b, (n, r, o) in enumerate(zip(lengths, rows, offsets)):
-        assert torch.equal(ids[r, o:o + n], batch["input_ids"][b, :n])
-        assert ids[r, o] == CLS_ID and ids[r, o + n - 1] == SEP_ID
-        assert torch.equal(pos[r, o:o + n], torch.arange(n))
-        assert torch.equal(out["labels"][r, o:o + n], labels[b, :n])
-        covered[r, o:o + n] = True
-    assert (ids[~covered] == PAD_ID).all() and (out["labels"][~covered] == IGNORE_INDEX).all()
-    mask = out["attention_mask"]
+        # Sample b: next in the one row, and at offset o of attention row r.
+        assert torch.equal(ids[0, start:start + n], batch["input_ids"][b, :n])
+        assert ids[0, start] == CLS_ID and ids[0, start + n - 1] == SEP_ID
+        assert torch.equal(pos[0, start:start + n], torch.arange(n))
+        assert torch.equal(out["labels"][0, start:start + n], labels[b, :n])
+        assert torch.equal(slots[start:start + n], r * 128 + o + torch.arange(n))
+        covered[slots[start:start + n]] = True
+        start += n
+    assert start == 395 and int(covered.sum()) == 395  # every token in a slot of its own
+    mask = out["packed_mask"]
     assert mask.shape == (4, 1, 128, 128) and mask.dtype == torch.bool
     # Row 1 holds samples 1 (0..39), 2 (40..41) and 5 (42..48), then padding (49..127).
     row = mask[1, 0]
@@ -99,18 +107,18 @@ def test_plan_lays_whole_samples_back_to_back_with_restarting_positions():
 def test_short_samples_never_cost_more_positions_than_padding():
     # Rows of 128 hold 4 + 4 + 2 samples of 30 (3 x 120 positions): 10 rows of 30 are fewer.
     layout = packing.plan(torch.full((10,), 30), 30, 128)
-    assert (layout.rows, layout.width, layout.slots) == (10, 30, 300)
+    assert (layout.rows, layout.width, layout.attention_slots) == (10, 30, 300)
     layout = packing.plan(torch.full((8,), 30), 30, 120)  # 2 x 120 = 8 x 30: the narrower rows
     assert (layout.rows, layout.width) == (8, 30)
     layout = packing.plan(torch.tensor([30, 30, 60, 120, 60]), 120, 120)
-    assert (layout.rows, layout.width, layout.slots) == (3, 120, 360)  # padded: 5 x 120
+    assert (layout.rows, layout.width, layout.attention_slots) == (3, 120, 360)  # padded: 5 x 120
     layout = packing.plan(torch.tensor([30, 10, 20]), 30, 64)  # 1 x 60 or 2 x 30: the narrower
     assert (layout.rows, layout.width) == (2, 30)
     rng = np.random.default_rng(0)
     for _ in range(200):
         lengths = torch.from_numpy(rng.integers(2, 129, rng.integers(1, 20)))
         longest = int(lengths.max())
-        assert packing.plan(lengths, longest, 128).slots <= len(lengths) * longest
+        assert packing.plan(lengths, longest, 128).attention_slots <= len(lengths) * longest
 
 
 def test_lengths_come_from_the_loader_when_it_gives_them():
@@ -119,7 +127,7 @@ def test_lengths_come_from_the_loader_when_it_gives_them():
     batch["lengths"] = torch.tensor([10, 20], dtype=torch.int32)
     assert packing.sample_lengths(batch).dtype == torch.int64
     off = packing.Packer(False, 128).layout(batch)
-    assert (off.plan, off.real_tokens, off.slots) == (None, 30, 2 * 20)
+    assert (off.plan, off.real_tokens, off.slots, off.attention_slots) == (None, 30, 40, 40)
     assert off.real_token_share == pytest.approx(0.75)
 
 
@@ -141,6 +149,8 @@ def test_packed_batch_equals_one_sample_per_row():
     padded = packing.Packer(False, 128)
     ref = loss_and_grads(model, padded.model_inputs(padded.layout(batch), inputs,
                                                     batch["attention_mask"], labels))
+    packing.register_attention(packing.ROWS_IMPL)
+    model.model.set_attn_implementation(packing.ROWS_IMPL)
     packed_inputs = packer.model_inputs(layout, inputs, batch["attention_mask"], labels)
     got = loss_and_grads(model, packed_inputs)
     assert ref[2] == got[2] == selected.sum() > 0
@@ -148,11 +158,66 @@ def test_packed_batch_equals_one_sample_per_row():
     assert ref[3].keys() == got[3].keys()
     worst = max(ref[3], key=lambda k: (ref[3][k] - got[3][k]).abs().max())
     assert (ref[3][worst] - got[3][worst]).abs().max() < 1e-5, worst
-    # Per sample: the packed labels at the sample's slots are its own labels, position by position.
-    rows, offsets, _ = packing.first_fit(LENGTHS, 128)
-    for b, (n, r, o) in enumerate(zip(LENGTHS, rows, offsets)):
-        assert torch.equal(packed_inputs["labels"][r, o:o + n], labels[b, :n])
-        assert torch.equal(packed_inputs["input_ids"][r, o:o + n], inputs[b, :n])
+    # Per sample: the packed labels of the sample are its own labels, position by position.
+    starts = np.cumsum([0, *LENGTHS])
+    for b, n in enumerate(LENGTHS):
+        assert torch.equal(packed_inputs["labels"][0, starts[b]:starts[b] + n], labels[b, :n])
+        assert torch.equal(packed_inputs["input_ids"][0, starts[b]:starts[b] + n], inputs[b, :n])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rows_attention_drops_out_as_the_padded_step(precision):
+    """With attention dropout on and samples that fill their rows, the packed step draws its
+    dropout masks over the same elements in the same order as the padded one: its loss and
+    gradients equal the padded step's, in training (where dropout changes them) and in eval.
+    fp32 attends through SDPA, as the padded step's sdpa implementation; bf16 on the CPU through
+    transformers' eager attention (packing.rows_kernel), as the padded step's eager one."""
+    batch = padded_batch([64] * 6, seed=9)
+    inputs, labels, _ = masked(batch, "random", seed=10)
+    model = small_model(4)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    for layer in model.model.bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.3
+    kernel = packing.rows_kernel("cpu", next(model.parameters()).dtype, 0.3)
+    assert kernel == {"fp32": "sdpa", "bf16": "eager"}[precision]
+    padded = packing.Packer(False, 64)
+    packer = packing.Packer(True, 64)
+    layout = packer.layout(batch)
+    assert (layout.rows, layout.width) == (6, 64)
+    packed_inputs = packer.model_inputs(layout, inputs, batch["attention_mask"], labels)
+    padded_inputs = padded.model_inputs(padded.layout(batch), inputs, batch["attention_mask"],
+                                        labels)
+    if kernel == "sdpa":  # the all-true mask SDPA takes over these rows: the same kernel path
+        padded_inputs["attention_mask"] = torch.ones(6, 1, 64, 64, dtype=torch.bool)
+    results = {}
+    for train in (True, False):
+        model.train(train)
+        for name, inp, impl in (("padded", padded_inputs, kernel if train else "sdpa"),
+                                ("packed", packed_inputs, packing.ROWS_IMPL)):
+            packing.register_attention(impl)
+            model.model.set_attn_implementation(impl)
+            torch.manual_seed(11)
+            results[train, name] = loss_and_grads(model, inp)
+
+    def gap(a, b):
+        return max((a[3][k].float() - b[3][k].float()).abs().max() for k in a[3])
+
+    tol = 1e-5 if precision == "fp32" else 1e-3
+    for train in (True, False):
+        ref, got = results[train, "padded"], results[train, "packed"]
+        assert abs(ref[0].float() - got[0].float()) < tol and gap(ref, got) < tol, train
+    assert gap(results[True, "packed"], results[False, "packed"]) > 1e-4  # dropout was on
+
+
+def test_rows_attention_refuses_a_batch_without_the_rows():
+    model = small_model()
+    packing.register_attention(packing.ROWS_IMPL)
+    model.model.set_attn_implementation(packing.ROWS_IMPL)
+    batch = padded_batch([20, 30])
+    with pytest.raises(ValueError, match="SDPA over rows takes one packed row"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              labels=batch["input_ids"])
 
 
 VARLEN_CALLS: list[int] = []
@@ -234,26 +299,26 @@ def test_torch_varlen_attention_function_equals_one_sample_per_row():
 
 
 @pytest.mark.parametrize("device, flash, varlen, precision, dropout, head, want", [
-    ("cpu", False, False, "fp32", 0.0, 64, (packing.SDPA, "CUDA-only")),
-    ("cpu", True, True, "bf16", 0.0, 64, (packing.SDPA, "CUDA-only")),
-    ("cuda", True, True, "fp32", 0.0, 64, (packing.SDPA, "fp16/bf16")),
+    ("cpu", False, False, "fp32", 0.0, 64, (packing.ROWS_IMPL, "CUDA-only")),
+    ("cpu", True, True, "bf16", 0.0, 64, (packing.ROWS_IMPL, "CUDA-only")),
+    ("cuda", True, True, "fp32", 0.0, 64, (packing.ROWS_IMPL, "fp16/bf16")),
     ("cuda", True, True, "bf16", 0.1, 64, (packing.FLASH_IMPL, "flash-attn is installed")),
     ("cuda", True, False, "fp16", 0.0, 32, (packing.FLASH_IMPL, "flash-attn is installed")),
     ("cuda", False, True, "bf16", 0.0, 32, (packing.TORCH_VARLEN_IMPL, "varlen_attn")),
-    ("cuda", False, True, "bf16", 0.1, 64, (packing.SDPA, "no attention dropout")),
-    ("cuda", False, False, "bf16", 0.0, 64, (packing.SDPA, "cannot run here")),
-    ("cuda", True, True, "bf16", 0.0, 320, (packing.SDPA, "heads of <= 256")),
+    ("cuda", False, True, "bf16", 0.1, 64, (packing.ROWS_IMPL, "no attention dropout")),
+    ("cuda", False, False, "bf16", 0.0, 64, (packing.ROWS_IMPL, "cannot run here")),
+    ("cuda", True, True, "bf16", 0.0, 320, (packing.ROWS_IMPL, "heads of <= 256")),
 ])
 def test_attention_path_follows_what_the_machine_has(device, flash, varlen, precision, dropout,
                                                      head, want):
     choice = packing.attention_path(device, flash, varlen, precision, dropout, head)
     assert choice.implementation == want[0] and want[1] in choice.reason
-    assert choice.path == (packing.SDPA if want[0] == packing.SDPA else packing.VARLEN)
+    assert choice.path == (packing.SDPA if want[0] == packing.ROWS_IMPL else packing.VARLEN)
 
 
 def test_an_asked_path_is_taken_where_it_runs_and_refused_elsewhere():
     ask = packing.attention_path
-    assert ask("cpu", False, False, "fp32", want="sdpa").implementation == packing.SDPA_IMPL
+    assert ask("cpu", False, False, "fp32", want="sdpa").implementation == packing.ROWS_IMPL
     got = ask("cuda", False, True, "bf16", 0.1, 64, "torch_varlen")
     assert got.implementation == packing.TORCH_VARLEN_IMPL and "not applied" in got.reason
     assert ask("cuda", True, True, "bf16", 0.1, 64, "torch_varlen").path == packing.VARLEN
@@ -274,15 +339,24 @@ def test_cpu_chooses_sdpa_with_the_block_diagonal_mask(caplog):
     with caplog.at_level("INFO", logger="cmgems"):
         packer = packing.choose_attention(model.model, True, 128, torch.device("cpu"), "fp32")
     assert packer.enabled and packer.attention == packing.SDPA
-    assert model.model.config._attn_implementation == "sdpa"
+    assert model.model.config._attn_implementation == packing.ROWS_IMPL
     assert "variable-length kernels are CUDA-only (cpu)" in caplog.text
+    assert "eager attention" not in caplog.text  # fp32 (and no dropout): SDPA
+    model.model.config.attention_probs_dropout_prob = 0.1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cmgems"):
+        packing.choose_attention(model.model, True, 128, torch.device("cpu"), "bf16")
+    assert "in training through transformers' eager attention" in caplog.text
+    assert [packing.rows_kernel(*a) for a in (("cpu", torch.bfloat16, 0.0),
+                                              ("cuda", torch.bfloat16, 0.1),
+                                              ("cpu", torch.float32, 0.1))] == ["sdpa"] * 3
     assert not packing.flash_available(torch.device("cpu"), "bf16")
     assert not packing.torch_varlen_available(torch.device("cpu"))
     assert not packing.choose_attention(model.model, False, 128, torch.device("cpu"),
                                         "fp32").enabled
 
 
-CUDA_PATHS = [packing.SDPA_IMPL, packing.TORCH_VARLEN_IMPL, packing.FLASH_IMPL]
+CUDA_PATHS = [packing.ROWS_IMPL, packing.TORCH_VARLEN_IMPL, packing.FLASH_IMPL]
 
 
 def cuda_path_unavailable(impl: str) -> str:
@@ -306,10 +380,9 @@ def test_cuda_packed_paths(impl, precision):
     why = cuda_path_unavailable(impl)
     if why:
         pytest.skip(reason=why)
-    if impl != packing.SDPA_IMPL and precision == "fp32":
+    if impl != packing.ROWS_IMPL and precision == "fp32":
         pytest.skip(reason="the variable-length kernels take fp16/bf16 only")
-    if impl == packing.TORCH_VARLEN_IMPL:
-        packing.register_torch_varlen()
+    packing.register_attention(impl)
     dev = torch.device("cuda")
     batch = padded_batch(LENGTHS, seed=5)
     inputs, labels, _ = masked(batch, STRATEGIES, seed=6)
@@ -319,7 +392,7 @@ def test_cuda_packed_paths(impl, precision):
     ids, mask, lab = (t.to(dev) for t in (inputs, batch["attention_mask"], labels))
     padded = packing.Packer(False, 128)
     ref = loss_and_grads(model, padded.model_inputs(padded.layout(batch), ids, mask, lab))
-    path = packing.SDPA if impl == packing.SDPA_IMPL else packing.VARLEN
+    path = packing.SDPA if impl == packing.ROWS_IMPL else packing.VARLEN
     packer = packing.Packer(True, 128, path)
     model.model.set_attn_implementation(impl)
     got = loss_and_grads(model, packer.model_inputs(packer.layout(batch), ids, mask, lab))

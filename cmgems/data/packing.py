@@ -1,22 +1,24 @@
 """Sequence packing: the samples of a micro-batch laid back to back ([CLS] s1 [SEP] [CLS] s2 [SEP]
-...) into as few rows as they fit, so the model computes on real tokens instead of [PAD].
+...) into one row of real tokens, so the model computes on real tokens instead of [PAD].
 
 Masking never sees the packed layout: it runs per sample on the padded batch, as without packing
 (spans stay inside their sample, GLOBAL's m counts the sample's own tokens, [CLS]/[SEP] are never
-chosen), and only its result (inputs and labels) is moved into the packed rows. The samples, the
+chosen), and only its result (inputs and labels) is moved into the packed row. The samples, the
 predicted positions and their labels are therefore exactly those of the unpacked step.
 
-The plan (which row and offset each sample takes) is computed on the CPU from the samples'
-lengths, before the batch goes to the device: no device value is read back to pack. On the device
-packing is one gather and one scatter with the plan's index tensors.
+The plan (where each sample's tokens go) is computed on the CPU from the samples' lengths, before
+the batch goes to the device: no device value is read back to pack. On the device packing is one
+gather with the plan's index tensor.
 
-Attention never crosses samples, and position ids restart at 0 in every sample (token type ids stay
-0): with SDPA through a block-diagonal [rows, 1, width, width] boolean mask over rows of at most
-max_length; or through a variable-length kernel (flash-attn's, or torch's own
-torch.nn.attention.varlen.varlen_attn where flash-attn is not installed), given the samples'
-cumulative lengths over one row that holds every sample (no padding at all). attention_path
-decides which from what the machine has, choose_attention applies it at start-up
-(docs/pretraining.md, "Packing").
+Every layer but attention (the embeddings, the projections, the feed-forward blocks, about 90 % of
+a BERT's FLOPs) runs on that one row: no padding at all. Attention never crosses samples, and
+position ids restart at 0 in every sample (token type ids stay 0). It runs either through a
+variable-length kernel (flash-attn's, or torch's own torch.nn.attention.varlen.varlen_attn where
+flash-attn is not installed), given the samples' cumulative lengths; or through SDPA over rows:
+the samples first-fit into rows of at most max_length, attended with a block-diagonal
+[rows, 1, width, width] boolean mask, the row layout made and undone inside the attention function
+(ROWS_IMPL), so only attention computes the rows' padding. attention_path decides which from what
+the machine has, choose_attention applies it at start-up (docs/pretraining.md, "Packing").
 """
 from __future__ import annotations
 
@@ -27,16 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmgems.data.tokens import PAD_ID
 from cmgems.errors import InputError
-from cmgems.masking.maskings import IGNORE_INDEX
 
 log = logging.getLogger("cmgems")
 
-SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the layouts they take)
-# The model's attention implementations behind them: transformers' own names, and ours for torch's
-# variable-length kernel (registered with transformers.AttentionInterface on first use).
-SDPA_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = "sdpa", "flash_attention_2", "cmgems_torch_varlen"
+SDPA, VARLEN = "sdpa", "varlen"  # the two packed attention paths (the inputs they take)
+# The model's attention implementations behind them: ours for SDPA over rows and for torch's
+# variable-length kernel (registered with transformers.AttentionInterface on first use), and
+# transformers' own name for flash-attn's.
+ROWS_IMPL, FLASH_IMPL, TORCH_VARLEN_IMPL = ("cmgems_sdpa_rows", "flash_attention_2",
+                                            "cmgems_torch_varlen")
 # What the packed_attention option may ask for: auto (attention_path decides), or one path.
 PACKED_ATTENTION = ("auto", "sdpa", "torch_varlen", "flash_attn")
 
@@ -74,9 +76,9 @@ class Layout:
     padded layout itself (packing off)."""
     samples: int
     real_tokens: int             # tokens of the samples, [CLS]/[SEP] included
-    slots: int                   # positions the model computes: rows x width
+    slots: int                   # positions the model's dense layers compute
     plan: dict[str, torch.Tensor] | None = None
-    rows: int = 0
+    rows: int = 0                # the rows SDPA attends over (packed)
     width: int = 0
     max_seqlen: int = 0          # the longest sample, with plan["cu_seqlens"] (varlen path)
 
@@ -84,16 +86,23 @@ class Layout:
     def real_token_share(self) -> float:
         return self.real_tokens / self.slots if self.slots else 0.0
 
+    @property
+    def attention_slots(self) -> int:
+        """Positions SDPA attends over: the rows (packed), the padded batch (packing off)."""
+        return self.rows * self.width if self.plan is not None else self.slots
+
 
 def plan(lengths: torch.Tensor, padded_width: int, capacity: int,
          narrow: bool = True) -> Layout:
     """The packed layout of samples with these lengths (int64 [B], CPU) in a padded batch of
-    `padded_width` columns: first-fit into rows of `capacity` positions, or (`narrow`) into rows
-    as wide as the longest sample where that computes no more positions (short samples only:
-    three of 30 in rows of 64 would be two rows of 60, more than three rows of 30), so a packed
-    batch never computes more positions than the padded one, and at equal positions takes the
-    narrower rows (attention grows with the square of the width). The row width is the fullest
-    row's fill.
+    `padded_width` columns: every sample's tokens in one row, in data order (`src`: where each
+    comes from in the padded batch; `positions`: its place inside its sample), and for SDPA the
+    rows it is attended in: first-fit into rows of `capacity` positions, or (`narrow`) into rows
+    as wide as the longest sample where that attends over no more positions (short samples only:
+    three of 30 in rows of 64 would be two rows of 60, more than three rows of 30), so attention
+    never covers more positions than in the padded batch, and at equal positions takes the
+    narrower rows (its cost grows with the square of the width). The row width is the fullest
+    row's fill; `dst` is each token's slot in the rows, `segments` the rows' sample numbers.
 
     Index arrays are built with numpy on the CPU, vectorized over tokens (several times faster
     than torch at these sizes)."""
@@ -111,14 +120,11 @@ def plan(lengths: torch.Tensor, padded_width: int, capacity: int,
     within = np.arange(total) - np.repeat(np.cumsum(n) - n, n)     # position inside its sample
     src = np.repeat(np.arange(b) * padded_width, n) + within
     dst = np.repeat(np.asarray(rows, np.int64) * width + np.asarray(offsets, np.int64), n) + within
-    position_ids = np.zeros(n_rows * width, np.int64)
-    position_ids[dst] = within
     segments = np.zeros(n_rows * width, np.int64)                 # 0 = padding slot
     segments[dst] = np.repeat(np.arange(1, b + 1), n)
-    return Layout(b, total, n_rows * width, rows=n_rows, width=width, plan={
-        "src": torch.from_numpy(src), "dst": torch.from_numpy(dst),
-        "position_ids": torch.from_numpy(position_ids).view(n_rows, width),
-        "segments": torch.from_numpy(segments).view(n_rows, width)})
+    return Layout(b, total, total, rows=n_rows, width=width, plan={
+        "src": torch.from_numpy(src), "positions": torch.from_numpy(within),
+        "dst": torch.from_numpy(dst), "segments": torch.from_numpy(segments).view(n_rows, width)})
 
 
 def block_diagonal_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -128,16 +134,11 @@ def block_diagonal_mask(segments: torch.Tensor) -> torch.Tensor:
     return (segments.unsqueeze(2) == segments.unsqueeze(1)).unsqueeze(1)
 
 
-def _move(values: torch.Tensor, plan: dict, n_slots: int, fill: int) -> torch.Tensor:
-    out = torch.full((n_slots,), fill, dtype=values.dtype, device=values.device)
-    return out.index_copy_(0, plan["dst"], values.reshape(-1).index_select(0, plan["src"]))
-
-
 class Packer:
     """Turns a masked padded batch into the keyword arguments of MaskedLM.forward: padded as it is
-    (packing off), or packed for the model's attention path: SDPA (a 4D mask: the model's
-    attention implementation must be sdpa) or VARLEN (cumulative lengths: it must be a
-    variable-length one, flash_attention_2 or cmgems_torch_varlen)."""
+    (packing off), or packed for the model's attention path: SDPA (the rows' token slots and
+    block-diagonal mask: its attention implementation must be ROWS_IMPL) or VARLEN (cumulative
+    lengths: a variable-length one, flash_attention_2 or cmgems_torch_varlen)."""
 
     def __init__(self, enabled: bool, capacity: int, attention: str = SDPA):
         if attention not in (SDPA, VARLEN):
@@ -150,13 +151,13 @@ class Packer:
         b, w = cpu_batch["input_ids"].shape
         if not self.enabled:
             return Layout(b, int(lengths.sum()), b * w)
-        if self.attention == SDPA:
-            return plan(lengths, w, self.capacity)
-        # The varlen kernel needs no rows: one row holds every sample, so nothing is padding, and
-        # the samples' cumulative lengths tell the kernel where each one starts.
-        out = plan(lengths, w, max(int(lengths.sum()), 1), narrow=False)
-        out.plan["cu_seqlens"] = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-        out.max_seqlen = int(lengths.max()) if b else 0
+        out = plan(lengths, w, self.capacity)
+        if self.attention == VARLEN:
+            # The kernel attends within each sample from where it starts: no rows at all.
+            out.plan = {"src": out.plan["src"], "positions": out.plan["positions"],
+                        "cu_seqlens": F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)}
+            out.rows, out.width = 1, out.real_tokens
+            out.max_seqlen = int(lengths.max()) if b else 0
         return out
 
     def model_inputs(self, layout: Layout, input_ids: torch.Tensor,
@@ -164,18 +165,58 @@ class Packer:
         if layout.plan is None:
             return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         dev = input_ids.device
-        p = {k: v.to(dev, non_blocking=True) for k, v in layout.plan.items()
-             if k != ("cu_seqlens" if self.attention == SDPA else "segments")}
-        shape = (layout.rows, layout.width)
-        ids = _move(input_ids, p, layout.slots, PAD_ID).view(shape)
-        lab = _move(labels, p, layout.slots, IGNORE_INDEX).view(shape)
+        p = {k: v.to(dev, non_blocking=True) for k, v in layout.plan.items()}
+        out = {"input_ids": input_ids.reshape(-1).index_select(0, p["src"]).unsqueeze(0),
+               "labels": labels.reshape(-1).index_select(0, p["src"]).unsqueeze(0),
+               "position_ids": p["positions"].unsqueeze(0), "attention_mask": None}
         if self.attention == SDPA:
-            return {"input_ids": ids, "labels": lab, "position_ids": p["position_ids"],
-                    "attention_mask": block_diagonal_mask(p["segments"])}
+            return out | {"packed_slots": p["dst"],
+                          "packed_mask": block_diagonal_mask(p["segments"])}
         cu = p["cu_seqlens"]
-        return {"input_ids": ids, "labels": lab, "position_ids": p["position_ids"],
-                "attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": layout.max_seqlen, "max_length_k": layout.max_seqlen}
+        return out | {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                      "max_length_q": layout.max_seqlen, "max_length_k": layout.max_seqlen}
+
+
+def rows_kernel(device_type: str, dtype: torch.dtype, dropout: float) -> str:
+    """The kernel SDPA over rows attends with: "eager" (transformers' eager attention: the
+    scores, softmax and dropout as plain tensor operations, in the model's dtype) for 16-bit
+    training with attention dropout on a CPU, where SDPA has no fused kernel with dropout and its
+    fallback runs at half eager's speed (docs/performance.md); "sdpa" everywhere else."""
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and dropout > 0:
+        return "eager"
+    return "sdpa"
+
+
+def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   packed_slots=None, packed_mask=None, **_):
+    """A transformers attention function (AttentionInterface, ROWS_IMPL): SDPA over the Packer's
+    rows, for a model whose other layers run on the one packed row. query, key and value
+    [1, heads, T, d] go to their tokens' slots in the rows (`packed_slots`, [T]), attention runs
+    under the block-diagonal mask `packed_mask` [rows, 1, width, width] with the model's
+    attention dropout (through rows_kernel's kernel), and the tokens' outputs come back in row
+    order: [1, T, heads, d]."""
+    if packed_slots is None or query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError("SDPA over rows takes one packed row, its tokens' slots in the rows and "
+                         "the rows' block-diagonal mask (cmgems.data.packing.Packer, SDPA)")
+    rows, width = packed_mask.shape[0], packed_mask.shape[-1]
+
+    def to_rows(t):  # [1, heads, T, d] -> [rows, heads, width, d]; padding slots are zero
+        t = t[0].transpose(0, 1)
+        slots = t.new_zeros((rows * width, *t.shape[1:])).index_copy_(0, packed_slots, t)
+        return slots.view(rows, width, *t.shape[1:]).transpose(1, 2)
+
+    q, k, v = map(to_rows, (query, key, value))
+    if rows_kernel(query.device.type, query.dtype, dropout) == "eager":
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+        additive = torch.zeros(packed_mask.shape, dtype=q.dtype, device=q.device)
+        additive.masked_fill_(~packed_mask, torch.finfo(q.dtype).min)
+        out = eager_attention_forward(module, q, k, v, additive, scaling=scaling,
+                                      dropout=dropout)[0]         # [rows, width, heads, d]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask, dropout_p=dropout,
+                                             scale=scaling).transpose(1, 2)
+    out = out.reshape(rows * width, *out.shape[2:])
+    return out.index_select(0, packed_slots).unsqueeze(0), None
 
 
 def flash_available(device: torch.device, precision: str) -> bool:
@@ -225,9 +266,9 @@ def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision:
     The variable-length kernels are CUDA's and take 16-bit inputs with heads of at most 256 (a
     multiple of 8). flash-attn's is preferred: it applies attention dropout as the padded step
     does. torch's own applies none (its dropout is fixed at 0), so it is taken only for a model
-    trained without attention dropout; a model with some keeps SDPA, whose mask path drops out as
-    the padded step does, rather than silently training without it. Everywhere else SDPA takes the
-    block-diagonal mask (on the CPU, any precision).
+    trained without attention dropout; a model with some keeps SDPA, which drops out as the padded
+    step does, rather than silently training without it. Everywhere else SDPA attends over rows
+    with the block-diagonal mask (on the CPU, any precision).
 
     `want` (a PACKED_ATTENTION key) names one path instead of auto: taken where it can run (torch's
     kernel then even with attention dropout, said in the reason), else InputError saying why."""
@@ -236,7 +277,8 @@ def attention_path(device_type: str, flash: bool, torch_varlen: bool, precision:
                            head_dim, want)
 
     def sdpa(why: str) -> AttentionChoice:
-        return AttentionChoice(SDPA, SDPA_IMPL, f"SDPA with a block-diagonal mask: {why}")
+        return AttentionChoice(SDPA, ROWS_IMPL, f"SDPA over rows with a block-diagonal mask: "
+                                                f"{why}")
 
     if device_type != "cuda":
         return sdpa(f"the variable-length kernels are CUDA-only ({device_type})")
@@ -264,7 +306,8 @@ def _asked_path(device_type: str, flash: bool, torch_varlen: bool, precision: st
     if want not in PACKED_ATTENTION:
         raise InputError(f"packed_attention must be one of {PACKED_ATTENTION}, got {want!r}")
     if want == "sdpa":
-        return AttentionChoice(SDPA, SDPA_IMPL, "SDPA with a block-diagonal mask (asked for)")
+        return AttentionChoice(SDPA, ROWS_IMPL, "SDPA over rows with a block-diagonal mask "
+                                                "(asked for)")
     auto = attention_path("cuda", want == "flash_attn", want == "torch_varlen", precision, 0.0,
                           head_dim)
     why = ("it is CUDA-only" if device_type != "cuda" else
@@ -303,11 +346,15 @@ def varlen_attention(kernel):
     return attention
 
 
-def register_torch_varlen() -> None:
-    """Register torch's varlen_attn with transformers as TORCH_VARLEN_IMPL (idempotent)."""
-    from torch.nn.attention.varlen import varlen_attn
+def register_attention(implementation: str) -> None:
+    """Register cmgems' attention function `implementation` (ROWS_IMPL, TORCH_VARLEN_IMPL) with
+    transformers (idempotent); transformers' own names need none."""
     from transformers import AttentionInterface
-    AttentionInterface.register(TORCH_VARLEN_IMPL, varlen_attention(varlen_attn))
+    if implementation == ROWS_IMPL:
+        AttentionInterface.register(ROWS_IMPL, rows_attention)
+    elif implementation == TORCH_VARLEN_IMPL:
+        from torch.nn.attention.varlen import varlen_attn
+        AttentionInterface.register(TORCH_VARLEN_IMPL, varlen_attention(varlen_attn))
 
 
 def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
@@ -322,9 +369,15 @@ def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
                             torch_varlen_available(device), precision,
                             cfg.attention_probs_dropout_prob,
                             cfg.hidden_size // cfg.num_attention_heads, want)
-    if choice.implementation == TORCH_VARLEN_IMPL:
-        register_torch_varlen()
+    register_attention(choice.implementation)
     model.set_attn_implementation(choice.implementation)
     rows = f", rows of {capacity}" if choice.path == SDPA else ", one row per micro-batch"
-    log.info("packing: on%s; attention: %s (%s, %s)", rows, choice.reason, device, precision)
+    kernel = ""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if (choice.path == SDPA
+            and rows_kernel(device.type, dtype, cfg.attention_probs_dropout_prob) == "eager"):
+        kernel = ("; in training through transformers' eager attention (16-bit on a CPU with "
+                  "attention dropout, where SDPA's dropout path is the slower)")
+    log.info("packing: on%s; attention: %s (%s, %s)%s", rows, choice.reason, device, precision,
+             kernel)
     return Packer(True, capacity, choice.path)

@@ -46,15 +46,15 @@ class PretrainConfig:
                          "cut to their first max_length-2 tokens.", resume=True, low=8, high=512)
     num_workers: int = _f(2, "DataLoader worker processes per rank (each opens the HDF5 shards "
                           "itself); 0 reads in the training process.", low=0, high=256)
-    packing: bool = _f(True, "Lay each micro-batch's samples back to back into as few rows of "
-                       "max_length as they fit (same samples, same masks, attention kept inside "
-                       "each sample); --no-packing pads every sample to the longest of its "
+    packing: bool = _f(True, "Lay each micro-batch's samples back to back, so the model computes "
+                       "real tokens only (same samples, same masks, attention kept inside each "
+                       "sample); --no-packing pads every sample to the longest of its "
                        "micro-batch instead.")
     packed_attention: str = _f("auto", "Attention of a packed batch: 'auto' = flash-attn's "
                                "variable-length kernel where installed, else torch's own "
                                "(torch.nn.attention.varlen) on a CUDA GPU with 16-bit weights and "
-                               "no attention dropout, else SDPA with a block-diagonal mask (the "
-                               "CPU); 'sdpa', 'torch_varlen' or 'flash_attn' take that path, "
+                               "no attention dropout, else SDPA over rows of max_length with a "
+                               "block-diagonal mask (the CPU); 'sdpa', 'torch_varlen' or 'flash_attn' take that path, "
                                "refused where it cannot run (docs/pretraining.md, Packing).",
                                choices=PACKED_ATTENTION)
     verify_data: bool = _f(True, "Check every shard's sha256 against the manifest before step 0 "

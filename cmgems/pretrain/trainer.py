@@ -68,9 +68,9 @@ class MaskedLM(torch.nn.Module):
     """BertForMaskedLM that runs its vocabulary projection only at the selected positions
     (about 15 % of tokens): the head is a fifth of LOGO's compute over all positions.
 
-    Takes a padded batch (2D attention mask) or a packed one (cmgems.data.packing: position ids that
-    restart in every sample, and a 4D block-diagonal mask or the variable-length kernel's
-    cumulative lengths among `attention_kwargs`)."""
+    Takes a padded batch (2D attention mask) or a packed one (cmgems.data.packing: one row, position
+    ids that restart in every sample, and among `attention_kwargs` the rows' token slots and
+    block-diagonal mask or the variable-length kernel's cumulative lengths)."""
 
     def __init__(self, model):
         super().__init__()
@@ -135,7 +135,8 @@ class StepResult:
     n_predicted: torch.Tensor        # predicted (selected) tokens (float64)
     samples: int = 0
     tokens: int = 0                  # real (non-pad) tokens, [CLS] [SEP] included
-    slots: int = 0                   # positions the model computed (rows x width)
+    slots: int = 0                   # positions the dense layers computed
+    attention_slots: int = 0         # positions attention covered (packed: rows x width)
     data_seconds: float = 0.0        # reading, masking and packing
     mask_stats: dict = field(default_factory=dict)  # of the first micro-batch, on logged steps
     grad_norm: float | None = None   # measured here on logged ZeRO-0 steps
@@ -144,21 +145,22 @@ class StepResult:
 
 
 class Throughput:
-    """Samples, real tokens, computed positions and data seconds since the last reset, over the
-    wall time spent training: what runs inside paused() is not counted. Counts come from the CPU
-    side of each batch, so counting never waits on the device."""
+    """Samples, real tokens, computed positions (dense layers, attention) and data seconds since
+    the last reset, over the wall time spent training: what runs inside paused() is not counted.
+    Counts come from the CPU side of each batch, so counting never waits on the device."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.start, self.data_seconds = time.perf_counter(), 0.0
-        self.samples = self.tokens = self.slots = 0
+        self.samples = self.tokens = self.slots = self.attention_slots = 0
 
     def add(self, result: StepResult) -> None:
         self.samples += result.samples
         self.tokens += result.tokens
         self.slots += result.slots
+        self.attention_slots += result.attention_slots
         self.data_seconds += result.data_seconds
 
     @contextlib.contextmanager
@@ -175,6 +177,8 @@ class Throughput:
         return {"perf/samples_per_s": self.samples * world_size / elapsed,
                 "perf/tokens_per_s": self.tokens * world_size / elapsed,
                 "perf/real_token_share": self.tokens / self.slots if self.slots else float("nan"),
+                "perf/attention_token_share": (self.tokens / self.attention_slots
+                                               if self.attention_slots else float("nan")),
                 "perf/data_share": self.data_seconds / elapsed}
 
 
@@ -517,6 +521,7 @@ class Trainer:
             result.samples += layout.samples
             result.tokens += layout.real_tokens
             result.slots += layout.slots
+            result.attention_slots += layout.attention_slots
             if micro == cfg.grad_accum - 1:
                 # The step's one host sync, before its update: a non-finite loss never reaches
                 # the weights.
