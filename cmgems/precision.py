@@ -14,3 +14,9 @@ def auto_precision(device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a resolved precision ("fp32", "bf16", "fp16")."""
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

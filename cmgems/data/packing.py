@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cmgems.errors import InputError
+from cmgems.precision import torch_dtype
 
 log = logging.getLogger("cmgems")
 
@@ -373,9 +374,8 @@ def choose_attention(model, enabled: bool, capacity: int, device: torch.device,
     model.set_attn_implementation(choice.implementation)
     rows = f", rows of {capacity}" if choice.path == SDPA else ", one row per micro-batch"
     kernel = ""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if (choice.path == SDPA
-            and rows_kernel(device.type, dtype, cfg.attention_probs_dropout_prob) == "eager"):
+    if choice.path == SDPA and rows_kernel(device.type, torch_dtype(precision),
+                                           cfg.attention_probs_dropout_prob) == "eager":
         kernel = ("; in training through transformers' eager attention (16-bit on a CPU with "
                   "attention dropout, where SDPA's dropout path is the slower)")
     log.info("packing: on%s; attention: %s (%s, %s)%s", rows, choice.reason, device, precision,

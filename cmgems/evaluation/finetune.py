@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cmgems.errors import InputError
-from cmgems.precision import auto_precision
+from cmgems.precision import auto_precision, torch_dtype
 from cmgems.evaluation.progress import RunProgress
 from cmgems.evaluation.report import predictions_path, write_predictions
 from cmgems.evaluation.tracking import Tracking, finish_task_run, log_run, start_task_run
@@ -222,8 +222,7 @@ def _autocast(device, precision: str):
     import torch
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16"
-                          else torch.float16)
+    return torch.autocast(device.type, dtype=torch_dtype(precision))
 
 
 def _batches(data: TaskData, order: np.ndarray, size: int):
